@@ -1,0 +1,144 @@
+"""The backup record: a pydantic model and its JSON form, stored as ``<id>/manifest.json``.
+
+The manifest is the commit marker of a backup: it is written after every data object is durable
+and it is deleted before any data object. It never holds a secret: the server is recorded as
+``host:port`` and the database by name only.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from pgkeeper import naming
+
+MANIFEST_VERSION = 1
+
+
+class StoredObject(BaseModel):
+    """One data object of a backup: its name relative to the backup folder, size and sha256."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+class CheckResult(BaseModel):
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+class Verification(BaseModel):
+    """The outcome of the newest ``verify`` of this backup."""
+
+    ok: bool
+    at: datetime
+    level: Literal["full", "quick"] = "full"
+    checks: list[CheckResult] = Field(default_factory=list)
+
+
+class RestoreTest(BaseModel):
+    """The outcome of one restore test of this backup against a staging server."""
+
+    ok: bool
+    at: datetime
+    duration_seconds: float
+    server: str
+    tables_compared: int = 0
+    mismatches: list[str] = Field(default_factory=list)
+    checks: list[CheckResult] = Field(default_factory=list)
+
+
+class Manifest(BaseModel):
+    """Everything known about one complete backup."""
+
+    manifest_version: int = MANIFEST_VERSION
+    id: str
+    name: str
+    database: str
+    server: str = Field(description="host:port of the source server, never credentials")
+    server_version: str = ""
+    pg_dump_version: str = ""
+    format: Literal["custom", "plain", "directory", "tar"]
+    compression: Literal["zstd", "gzip", "none"]
+    compression_level: int | None = None
+    encryption: str | None = None
+    objects: list[StoredObject]
+    size: int
+    raw_size: int | None = Field(default=None, description="bytes pg_dump wrote, before compression")
+    started_at: datetime
+    finished_at: datetime
+    trigger: str = "manual"
+    status: Literal["complete"] = "complete"
+    options: dict[str, Any] = Field(default_factory=dict)
+    table_counts: dict[str, int] | None = None
+    verification: Verification | None = None
+    restore_tests: list[RestoreTest] = Field(default_factory=list)
+    pinned: bool = False
+    pgkeeper_version: str = ""
+
+    # -- derived views -------------------------------------------------------------------------
+    @property
+    def filename(self) -> str:
+        return naming.data_name(self.id, self.format, self.compression)
+
+    @property
+    def sha256(self) -> str:
+        """The checksum of the single data object; for directory backups, of the TOC entry list."""
+        if len(self.objects) == 1:
+            return self.objects[0].sha256
+        import hashlib
+
+        joined = "\n".join(f"{o.sha256}  {o.name}" for o in sorted(self.objects, key=lambda o: o.name))
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+    @property
+    def verified(self) -> bool:
+        return self.verification is not None and self.verification.ok
+
+    @property
+    def verification_failed(self) -> bool:
+        return self.verification is not None and not self.verification.ok
+
+    @property
+    def last_restore_test(self) -> RestoreTest | None:
+        return self.restore_tests[-1] if self.restore_tests else None
+
+    @property
+    def state(self) -> str:
+        """One word for listings: verified, unverified or corrupt."""
+        if self.verification is None:
+            return "unverified"
+        return "verified" if self.verification.ok else "corrupt"
+
+    def to_public(self) -> dict[str, Any]:
+        """The JSON shape of the front doors: the seed's fields first, then the full record."""
+        data = self.model_dump(mode="json")
+        public: dict[str, Any] = {
+            "id": self.id,
+            "filename": self.filename,
+            "size": self.size,
+            "timestamp": self.started_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "database": self.database,
+            "compressed": self.compression != "none",
+            "sha256": self.sha256,
+            "state": self.state,
+        }
+        for key, value in data.items():
+            public.setdefault(key, value)
+        return public
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        return cls.model_validate_json(raw)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

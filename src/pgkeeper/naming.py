@@ -1,0 +1,128 @@
+"""The only place that formats and parses backup ids and storage keys.
+
+A backup id is ``<name>_<UTC timestamp>``, e.g. ``auto_backup_2025-10-02T10-00-00Z``; when two
+backups with one name start in the same second the later one carries milliseconds
+(``..._2025-10-02T10-00-00.123Z``). Ids are sortable by time within a name, but ordering always
+uses the manifest's recorded time, never the id.
+
+Storage layout under a target's prefix, one folder per backup::
+
+    <id>/manifest.json        the commit marker, written last, deleted first
+    <id>/pending.json         written first, removed at commit: who is writing this backup
+    <id>/<id>.dump.zst        custom format (zstd);  .dump.gz / .dump for gzip / none
+    <id>/<id>.sql.zst         plain format (zstd);   .sql.gz / .sql
+    <id>/<id>.dir/...         directory format: pg_dump's own files, compressed by pg_dump
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+from pgkeeper.errors import InvalidBackupIdError, UsageError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+_TS = r"(?P<ts>\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d{3})?Z)"
+ID_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,62})_" + _TS + "$")
+
+MANIFEST = "manifest.json"
+PENDING = "pending.json"
+
+FORMATS = ("custom", "plain", "directory")
+COMPRESSIONS = ("zstd", "gzip", "none")
+
+_EXT = {
+    ("custom", "zstd"): ".dump.zst",
+    ("custom", "gzip"): ".dump.gz",
+    ("custom", "none"): ".dump",
+    ("plain", "zstd"): ".sql.zst",
+    ("plain", "gzip"): ".sql.gz",
+    ("plain", "none"): ".sql",
+    ("directory", "zstd"): ".dir",
+    ("directory", "gzip"): ".dir",
+    ("directory", "none"): ".dir",
+    ("tar", "zstd"): ".tar.zst",
+    ("tar", "gzip"): ".tar.gz",
+    ("tar", "none"): ".tar",
+}
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it can start a backup id; raise UsageError otherwise."""
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"backup name {name!r} is not allowed "
+            "(use 1-63 letters, digits, '_' or '-', starting with a letter or digit)"
+        )
+    return name
+
+
+def validate_id(backup_id: str) -> str:
+    """Return ``backup_id`` if it has the backup id shape; raise InvalidBackupIdError otherwise.
+
+    This is the gate every user-supplied id passes before it reaches storage: nothing that
+    fails it (a path, an empty string, a URL) is ever used to build a key.
+    """
+    if not isinstance(backup_id, str) or not ID_RE.match(backup_id):
+        shown = backup_id if isinstance(backup_id, str) and len(backup_id) < 120 else "<id>"
+        raise InvalidBackupIdError(
+            f"{shown!r} is not a backup id (ids look like 'auto_backup_2025-10-02T10-00-00Z'; "
+            "run 'pgkeeper list' to see them)"
+        )
+    return backup_id
+
+
+def format_timestamp(when: datetime, millis: bool = False) -> str:
+    when = when.astimezone(UTC)
+    text = when.strftime("%Y-%m-%dT%H-%M-%S")
+    if millis:
+        text += f".{when.microsecond // 1000:03d}"
+    return text + "Z"
+
+
+def make_id(name: str, when: datetime, millis: bool = False) -> str:
+    """Build a backup id from a name and a start time."""
+    return f"{validate_name(name)}_{format_timestamp(when, millis)}"
+
+
+def parse_id(backup_id: str) -> tuple[str, datetime]:
+    """Split an id into its name and UTC start time."""
+    match = ID_RE.match(validate_id(backup_id))
+    assert match is not None  # validate_id guarantees it
+    ts = match.group("ts")
+    fmt = "%Y-%m-%dT%H-%M-%S.%fZ" if "." in ts else "%Y-%m-%dT%H-%M-%SZ"
+    return match.group("name"), datetime.strptime(ts, fmt).replace(tzinfo=UTC)
+
+
+def extension(fmt: str, compression: str) -> str:
+    return _EXT[(fmt, compression)]
+
+
+def data_name(backup_id: str, fmt: str, compression: str) -> str:
+    """The file (or folder, for directory format) name of a backup's data."""
+    return validate_id(backup_id) + extension(fmt, compression)
+
+
+def backup_prefix(backup_id: str) -> str:
+    return validate_id(backup_id) + "/"
+
+
+def manifest_key(backup_id: str) -> str:
+    return backup_prefix(backup_id) + MANIFEST
+
+
+def pending_key(backup_id: str) -> str:
+    return backup_prefix(backup_id) + PENDING
+
+
+def object_key(backup_id: str, relative: str) -> str:
+    """Key of one data object of a backup, ``relative`` being the manifest's object name."""
+    if relative.startswith("/") or ".." in relative.split("/") or not relative:
+        raise InvalidBackupIdError(f"object name {relative!r} in backup {backup_id!r} is unsafe")
+    return backup_prefix(backup_id) + relative
+
+
+def id_from_key(key: str) -> str | None:
+    """The backup id a storage key belongs to, or None for keys outside the layout."""
+    head = key.split("/", 1)[0]
+    return head if ID_RE.match(head) else None

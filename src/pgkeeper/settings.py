@@ -1,0 +1,146 @@
+"""Every knob pgkeeper has, read from the environment or a ``.env`` file (pydantic-settings).
+
+Names are a contract: the seed's names (``DATABASE_URL``, ``BACKUP_ENABLED``, ``BACKUP_SCHEDULE``,
+``BACKUP_DIR``, ``BACKUP_MAX_BACKUPS``, ``AWS_S3_BUCKET``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``GCS_BUCKET``, ``GCS_KEYFILE``) keep working; every new knob has the
+``BACKUP_`` prefix (plus ``STAGING_DATABASE_URL`` and ``PG_BIN_DIR``). A field named ``foo_bar``
+is read from ``FOO_BAR``. Secrets are ``SecretStr``: never printed, logged or stored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+from pgkeeper.errors import ConfigError
+
+Format = Literal["custom", "plain", "directory"]
+Compression = Literal["zstd", "gzip", "none"]
+
+
+def _split_list(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """pgkeeper's configuration; see the README's configuration table for each knob."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # --- the database ---------------------------------------------------------------------
+    database_url: SecretStr | None = Field(
+        default=None, description="libpq URL of the database to back up."
+    )
+    staging_database_url: SecretStr | None = Field(
+        default=None, description="server for restore tests (default: the source server)."
+    )
+    pg_bin_dir: Path | None = Field(
+        default=None, description="folder holding pg_dump/pg_restore/psql (default: newest found)."
+    )
+
+    # --- backups --------------------------------------------------------------------------
+    backup_enabled: bool = True
+    backup_schedule: str = "daily"
+    backup_timezone: str = "UTC"
+    backup_name: str = "auto_backup"
+    backup_dir: str = Field(
+        default="backups", description="primary target: a folder, file://, s3:// or gs:// URL."
+    )
+    backup_targets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="extra storage URLs, comma separated (offsite copies)."
+    )
+    backup_format: Format = "custom"
+    backup_compression: Compression = "zstd"
+    backup_compression_level: int | None = Field(default=None, ge=-7, le=22)
+    backup_compression_threads: int = Field(
+        default=0, ge=0, description="zstd worker threads; 0 means one per core."
+    )
+    backup_jobs: int = Field(default=2, ge=1, le=64)
+    backup_row_counts: bool = Field(
+        default=True, description="count rows per table in the dump's snapshot."
+    )
+    backup_lock_timeout: float = Field(
+        default=0.0, ge=0, description="seconds to wait for another backup of the same database."
+    )
+    backup_verify: Literal["full", "quick", "off"] = "full"
+
+    # --- retention ------------------------------------------------------------------------
+    backup_max_backups: int = Field(default=30, ge=0)
+    backup_keep_hourly: int = Field(default=0, ge=0)
+    backup_keep_daily: int = Field(default=0, ge=0)
+    backup_keep_weekly: int = Field(default=0, ge=0)
+    backup_keep_monthly: int = Field(default=0, ge=0)
+    backup_keep_yearly: int = Field(default=0, ge=0)
+    backup_keep_within: str | None = Field(default=None, description="e.g. '7d', '12h', '2w'.")
+    backup_max_total_size: str | None = Field(default=None, description="e.g. '50GB'.")
+    backup_min_backups: int = Field(default=1, ge=0)
+    backup_failed_grace: str = "24h"
+    backup_usage_warn_bytes: str | None = None
+
+    # --- offsite storage ------------------------------------------------------------------
+    aws_s3_bucket: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+    backup_s3_prefix: str = ""
+    backup_s3_endpoint_url: str | None = None
+    backup_s3_region: str | None = None
+    backup_s3_sse: Literal["AES256", "aws:kms"] | None = None
+    backup_s3_kms_key_id: str | None = None
+    backup_s3_storage_class: str | None = None
+    backup_s3_object_lock_days: int | None = Field(default=None, ge=1)
+    backup_s3_max_attempts: int = Field(default=5, ge=1)
+    gcs_bucket: str | None = None
+    gcs_keyfile: Path | None = None
+    backup_gcs_prefix: str = ""
+
+    # --- restore tests --------------------------------------------------------------------
+    backup_checks_dir: Path | None = Field(
+        default=None, description="folder of .sql files; each must return true after a restore."
+    )
+
+    # --- HTTP API -------------------------------------------------------------------------
+    backup_api_token: SecretStr | None = None
+    backup_api_read_token: SecretStr | None = None
+    backup_api_host: str = "127.0.0.1"
+    backup_api_port: int = 8080
+    backup_api_max_import_bytes: int = Field(default=10 * 1024**3, ge=1)
+
+    @field_validator("backup_targets", mode="before")
+    @classmethod
+    def _targets(cls, value: object) -> object:
+        return _split_list(value)
+
+    def require_database_url(self) -> str:
+        """The source database URL; raise ConfigError when it is not set."""
+        if self.database_url is None or not self.database_url.get_secret_value():
+            raise ConfigError(
+                "DATABASE_URL is not set (set it in the environment or .env, "
+                "or pass --database-url)"
+            )
+        return self.database_url.get_secret_value()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment and ``.env``; bad values become one-line ConfigErrors."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "setting"
+        raise ConfigError(
+            f"{field.upper()} is invalid: {first['msg'].lower()} "
+            "(fix it in the environment or .env)"
+        ) from None
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in {"1", "true", "yes", "on"}

@@ -1,0 +1,112 @@
+"""The one storage protocol every backend implements, and helpers built only on it.
+
+A backend stores opaque objects under ``/``-separated keys relative to its prefix. Writes are
+atomic: ``open_write`` returns a context manager whose data becomes visible under the key only
+when the block exits cleanly (local: temp name + fsync + rename; S3: multipart complete; GCS:
+resumable upload finalised); on an exception nothing is visible and any partial upload is
+aborted. Backends translate their SDK's errors into ``pgkeeper.errors.StorageError`` subclasses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from pgkeeper.errors import StoragePermissionError
+
+CHUNK = 1024 * 1024  # 1 MiB: the unit of every streamed read and write
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing or stat knows of one stored object."""
+
+    key: str
+    size: int
+    modified: datetime | None = None
+
+
+class Writer(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Open for read, open for write, list, stat, delete: nothing more."""
+
+    url: str  # where this target is, without credentials, for messages and listings
+    kind: str  # "local", "s3" or "gcs"
+
+    def open_write(
+        self, key: str, size_hint: int | None = None
+    ) -> AbstractContextManager[Writer]: ...
+
+    def open_read(self, key: str) -> AbstractContextManager[BinaryIO]: ...
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+
+    def stat(self, key: str) -> ObjectInfo | None: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def local_path(self, key: str) -> Path | None:
+        """A filesystem path for the key when the backend is a local folder, else None."""
+        ...
+
+
+def put_bytes(storage: Storage, key: str, data: bytes) -> None:
+    with storage.open_write(key, size_hint=len(data)) as out:
+        out.write(data)
+
+
+def get_bytes(storage: Storage, key: str) -> bytes:
+    with storage.open_read(key) as src:
+        return src.read()
+
+
+def sha256_of(storage: Storage, key: str) -> tuple[str, int]:
+    """Re-read an object and return its sha256 and size."""
+    digest = hashlib.sha256()
+    size = 0
+    with storage.open_read(key) as src:
+        while chunk := src.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+class ReadOnlyStorage:
+    """A view of a storage target that refuses every change: how dry runs are enforced."""
+
+    def __init__(self, inner: Storage) -> None:
+        self._inner = inner
+        self.url = inner.url
+        self.kind = inner.kind
+
+    def _refuse(self, what: str, key: str) -> StoragePermissionError:
+        return StoragePermissionError(
+            f"dry run: refused to {what} {key!r} in {self.url} (this is a bug; please report it)"
+        )
+
+    def open_write(self, key: str, size_hint: int | None = None) -> AbstractContextManager[Writer]:
+        raise self._refuse("write", key)
+
+    def open_read(self, key: str) -> AbstractContextManager[BinaryIO]:
+        return self._inner.open_read(key)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self._inner.list(prefix)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        return self._inner.stat(key)
+
+    def delete(self, key: str) -> None:
+        raise self._refuse("delete", key)
+
+    def local_path(self, key: str) -> Path | None:
+        return self._inner.local_path(key)
