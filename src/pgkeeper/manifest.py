@@ -69,7 +69,7 @@ class Manifest(BaseModel):
     encryption: str | None = None
     objects: list[StoredObject]
     size: int
-    raw_size: int | None = Field(default=None, description="bytes pg_dump wrote, before compression")
+    raw_size: int | None = Field(default=None, description="bytes pg_dump wrote, uncompressed")
     started_at: datetime
     finished_at: datetime
     trigger: str = "manual"
@@ -93,7 +93,8 @@ class Manifest(BaseModel):
             return self.objects[0].sha256
         import hashlib
 
-        joined = "\n".join(f"{o.sha256}  {o.name}" for o in sorted(self.objects, key=lambda o: o.name))
+        ordered = sorted(self.objects, key=lambda o: o.name)
+        joined = "\n".join(f"{o.sha256}  {o.name}" for o in ordered)
         return hashlib.sha256(joined.encode()).hexdigest()
 
     @property

@@ -88,7 +88,8 @@ def make_id(name: str, when: datetime, millis: bool = False) -> str:
 def parse_id(backup_id: str) -> tuple[str, datetime]:
     """Split an id into its name and UTC start time."""
     match = ID_RE.match(validate_id(backup_id))
-    assert match is not None  # validate_id guarantees it
+    if match is None:  # unreachable: validate_id accepted it
+        raise InvalidBackupIdError(f"{backup_id!r} is not a backup id")
     ts = match.group("ts")
     fmt = "%Y-%m-%dT%H-%M-%S.%fZ" if "." in ts else "%Y-%m-%dT%H-%M-%SZ"
     return match.group("name"), datetime.strptime(ts, fmt).replace(tzinfo=UTC)

@@ -43,8 +43,10 @@ class Storage(Protocol):
     kind: str  # "local", "s3" or "gcs"
 
     def open_write(
-        self, key: str, size_hint: int | None = None
-    ) -> AbstractContextManager[Writer]: ...
+        self, key: str, size_hint: int | None = None, metadata: dict[str, str] | None = None
+    ) -> AbstractContextManager[Writer]:
+        """Write an object atomically; ``metadata`` (e.g. the sha256) is kept where supported."""
+        ...
 
     def open_read(self, key: str) -> AbstractContextManager[BinaryIO]: ...
 
@@ -93,7 +95,9 @@ class ReadOnlyStorage:
             f"dry run: refused to {what} {key!r} in {self.url} (this is a bug; please report it)"
         )
 
-    def open_write(self, key: str, size_hint: int | None = None) -> AbstractContextManager[Writer]:
+    def open_write(
+        self, key: str, size_hint: int | None = None, metadata: dict[str, str] | None = None
+    ) -> AbstractContextManager[Writer]:
         raise self._refuse("write", key)
 
     def open_read(self, key: str) -> AbstractContextManager[BinaryIO]:

@@ -25,7 +25,9 @@ TEMP_MARK = ".tmp-"
 def translate_os_error(exc: OSError, what: str) -> StorageError:
     """Turn an OSError into the project's storage error with a what-to-do message."""
     if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
-        return StorageFullError(f"no space left writing {what} (free disk space or move BACKUP_DIR)")
+        return StorageFullError(
+            f"no space left writing {what} (free disk space or move BACKUP_DIR)"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StoragePermissionError(
             f"cannot write {what}: permission denied (make the folder writable for this user "
@@ -69,7 +71,9 @@ class LocalStorage:
         return self._path(key)
 
     @contextmanager
-    def open_write(self, key: str, size_hint: int | None = None) -> Iterator[_FileWriter]:
+    def open_write(
+        self, key: str, size_hint: int | None = None, metadata: dict[str, str] | None = None
+    ) -> Iterator[_FileWriter]:
         final = self._path(key)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +98,7 @@ class LocalStorage:
     def open_read(self, key: str) -> Iterator[BinaryIO]:
         path = self._path(key)
         try:
-            handle = open(path, "rb")
+            handle = open(path, "rb")  # noqa: SIM115 - closed by the with below, after yield
         except FileNotFoundError:
             raise StorageError(f"{key!r} not found in {self.url}") from None
         except OSError as exc:

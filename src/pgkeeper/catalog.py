@@ -1,0 +1,187 @@
+"""List, find, record and delete backups across storage targets, and total their usage.
+
+Only manifests make a backup visible: a folder without ``manifest.json`` is an incomplete backup
+(still being written, or left by a killed run) and is never listed as good. Deletion removes the
+manifest first, so an interrupted delete leaves an incomplete folder that cleanup finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from pgkeeper import naming
+from pgkeeper.errors import BackupNotFoundError, StorageError
+from pgkeeper.manifest import Manifest, utcnow
+from pgkeeper.storage.base import ObjectInfo, Storage, get_bytes, put_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry:
+    """One backup as the catalog sees it: its manifest and every target that holds it."""
+
+    manifest: Manifest
+    locations: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+
+def list_backups(storage: Storage) -> list[Manifest]:
+    """Every complete backup on one target, newest first by recorded start time.
+
+    A manifest that cannot be parsed is logged and skipped (it is not a good backup).
+    """
+    manifests: list[Manifest] = []
+    for info in storage.list():
+        parts = info.key.split("/")
+        if len(parts) != 2 or parts[1] != naming.MANIFEST or naming.id_from_key(info.key) is None:
+            continue
+        try:
+            manifests.append(Manifest.from_json(get_bytes(storage, info.key)))
+        except StorageError as exc:
+            log.warning("skipping unreadable manifest %s in %s: %s", info.key, storage.url, exc)
+        except ValueError as exc:
+            log.warning("skipping malformed manifest %s in %s: %s", info.key, storage.url, exc)
+    manifests.sort(key=lambda m: m.started_at, reverse=True)
+    return manifests
+
+
+def list_all(storages: Iterable[Storage]) -> list[Entry]:
+    """Every complete backup on any target, newest first, with where each is stored.
+
+    The record shown is the primary's (the first target holding it)."""
+    entries: dict[str, Entry] = {}
+    for storage in storages:
+        for manifest in list_backups(storage):
+            entry = entries.setdefault(manifest.id, Entry(manifest))
+            entry.locations.append(storage.url)
+    return sorted(entries.values(), key=lambda e: e.manifest.started_at, reverse=True)
+
+
+def read_manifest(storage: Storage, backup_id: str) -> Manifest | None:
+    """The manifest of one backup on one target, or None when that target lacks it."""
+    key = naming.manifest_key(backup_id)
+    if storage.stat(key) is None:
+        return None
+    return Manifest.from_json(get_bytes(storage, key))
+
+
+def find(storages: Iterable[Storage], backup_id: str) -> tuple[Manifest, Storage]:
+    """The first target (in order, primary first) that holds a complete copy of ``backup_id``.
+
+    Raises InvalidBackupIdError for a malformed id, BackupNotFoundError when no target has it.
+    """
+    naming.validate_id(backup_id)
+    storages = list(storages)
+    for storage in storages:
+        manifest = read_manifest(storage, backup_id)
+        if manifest is not None:
+            return manifest, storage
+    where = ", ".join(s.url for s in storages) or "no storage target"
+    raise BackupNotFoundError(f"backup {backup_id!r} not found in {where} (run 'pgkeeper list')")
+
+
+def write_manifest(storage: Storage, manifest: Manifest) -> None:
+    """Write (or atomically replace) a backup's manifest: the commit marker."""
+    put_bytes(storage, naming.manifest_key(manifest.id), manifest.to_json())
+
+
+def backup_objects(storage: Storage, backup_id: str) -> list[ObjectInfo]:
+    return list(storage.list(naming.backup_prefix(backup_id)))
+
+
+def delete_backup(storage: Storage, backup_id: str) -> None:
+    """Delete one backup from one target: the manifest first, then every other object."""
+    naming.validate_id(backup_id)
+    storage.delete(naming.manifest_key(backup_id))
+    for info in backup_objects(storage, backup_id):
+        storage.delete(info.key)
+
+
+def write_pending(storage: Storage, backup_id: str, database: str, server: str) -> None:
+    """Mark a backup as being written (who and since when), before any data object."""
+    body = {"id": backup_id, "database": database, "server": server, "since": utcnow().isoformat()}
+    put_bytes(storage, naming.pending_key(backup_id), json.dumps(body).encode())
+
+
+def clear_pending(storage: Storage, backup_id: str) -> None:
+    storage.delete(naming.pending_key(backup_id))
+
+
+@dataclass(frozen=True)
+class Incomplete:
+    """A backup folder without a manifest."""
+
+    backup_id: str
+    database: str | None
+    server: str | None
+    since: datetime | None
+    keys: tuple[str, ...]
+
+
+def _incomplete(storage: Storage) -> Iterator[Incomplete]:
+    by_id: dict[str, list[ObjectInfo]] = {}
+    for info in storage.list():
+        backup_id = naming.id_from_key(info.key)
+        if backup_id is not None:
+            by_id.setdefault(backup_id, []).append(info)
+    for backup_id, infos in sorted(by_id.items()):
+        keys = tuple(i.key for i in infos)
+        if naming.manifest_key(backup_id) in keys:
+            continue
+        database = server = None
+        since = max((i.modified for i in infos if i.modified), default=None)
+        if naming.pending_key(backup_id) in keys:
+            try:
+                pending = json.loads(get_bytes(storage, naming.pending_key(backup_id)))
+                database, server = pending.get("database"), pending.get("server")
+                since = datetime.fromisoformat(pending["since"])
+            except (StorageError, ValueError, KeyError, TypeError):
+                pass
+        yield Incomplete(backup_id, database, server, since, keys)
+
+
+def list_incomplete(storage: Storage) -> list[Incomplete]:
+    """Backup folders on a target that have no manifest (in progress or abandoned)."""
+    return list(_incomplete(storage))
+
+
+def clean_incomplete(
+    storage: Storage,
+    database: str | None,
+    server: str | None,
+    grace: timedelta = timedelta(hours=24),
+    now: datetime | None = None,
+) -> list[str]:
+    """Remove incomplete backups that are certainly abandoned; return their ids.
+
+    Safe to call while holding the backup lock of ``database`` on ``server``: folders that a
+    run of that same database left are removed at once (the lock proves no such run is alive);
+    any other folder only once it is older than ``grace``.
+    """
+    now = now or utcnow()
+    removed: list[str] = []
+    for item in _incomplete(storage):
+        mine = database is not None and item.database == database and item.server == server
+        stale = item.since is not None and now - item.since > grace
+        if not (mine or stale):
+            continue
+        for key in item.keys:
+            if key != naming.pending_key(item.backup_id):
+                storage.delete(key)
+        storage.delete(naming.pending_key(item.backup_id))
+        log.info("removed incomplete backup %s from %s", item.backup_id, storage.url)
+        removed.append(item.backup_id)
+    return removed
+
+
+def usage(storage: Storage) -> int:
+    """Bytes used by complete backups on one target."""
+    return sum(m.size for m in list_backups(storage))
