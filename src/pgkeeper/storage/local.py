@@ -62,7 +62,7 @@ class LocalStorage:
         self.url = str(self.root)
 
     def _path(self, key: str) -> Path:
-        parts = key.split("/")
+        parts = key.rstrip("/").split("/")  # a trailing "/" names a folder
         if not key or any(part in ("", ".", "..") for part in parts):
             raise StorageError(f"unsafe storage key {key!r}")
         return self.root.joinpath(*parts)

@@ -1,0 +1,331 @@
+"""Make one backup of one database onto the primary storage target.
+
+The procedure, in order (each step's safety reason beside it):
+  1. take the database's backup lock           -> two backups of one database never overlap
+  2. check pg_dump is not older than the server -> a clear error instead of pg_dump's refusal
+  3. remove this database's incomplete backups  -> the lock proves no run of ours is writing them
+  4. write ``pending.json``                     -> an abandoned folder says whose it is
+  5. export a snapshot; count rows in it while pg_dump streams the same snapshot
+  6. stream pg_dump -> compress -> sha256 -> storage (temp name, then atomic commit)
+  7. write the manifest                         -> the commit marker: only now is it listed
+On any failure or interruption the partial objects are removed before the error propagates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgkeeper import __version__, catalog, naming, postgres
+from pgkeeper.errors import DumpError, PgkeeperError, UsageError
+from pgkeeper.manifest import Manifest, StoredObject, utcnow
+from pgkeeper.pipeline import ClientProcess, Progress, compress_stream
+from pgkeeper.postgres import ConnInfo
+from pgkeeper.settings import Settings
+from pgkeeper.storage import Storage, targets
+from pgkeeper.storage.base import CHUNK
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackupOptions:
+    """What to dump and how; ``None`` fields take the settings' defaults."""
+
+    name: str | None = None
+    database_url: str | None = None
+    format: str | None = None
+    compression: str | None = None
+    compression_level: int | None = None
+    schema_only: bool = False
+    data_only: bool = False
+    tables: Sequence[str] = field(default_factory=tuple)
+    exclude_tables: Sequence[str] = field(default_factory=tuple)
+    jobs: int | None = None
+    trigger: str = "manual"
+
+
+def _resolve(settings: Settings, options: BackupOptions) -> tuple[str, str, str, str, int]:
+    name = naming.validate_name(options.name or settings.backup_name)
+    url = options.database_url or settings.require_database_url()
+    fmt = options.format or settings.backup_format
+    compression = options.compression or settings.backup_compression
+    if fmt not in naming.FORMATS:
+        raise UsageError(f"format {fmt!r} is unknown (use custom, plain or directory)")
+    if compression not in naming.COMPRESSIONS:
+        raise UsageError(f"compression {compression!r} is unknown (use zstd, gzip or none)")
+    if options.schema_only and options.data_only:
+        raise UsageError("--schema-only and --data-only exclude each other (choose one)")
+    jobs = options.jobs or settings.backup_jobs
+    return name, url, fmt, compression, jobs
+
+
+def _new_id(storage: Storage, name: str) -> tuple[str, Any]:
+    started = utcnow()
+    backup_id = naming.make_id(name, started)
+    if any(True for _ in storage.list(naming.backup_prefix(backup_id))):
+        backup_id = naming.make_id(name, started, millis=True)
+    return backup_id, started
+
+
+def _dump_argv(
+    pg_dump: postgres.Client, fmt: str, snapshot: str | None, options: BackupOptions
+) -> list[str]:
+    argv = [pg_dump.argv0, "--no-password", "--verbose" if log.isEnabledFor(logging.DEBUG) else ""]
+    argv = [a for a in argv if a]
+    if snapshot:
+        argv.append(f"--snapshot={snapshot}")
+    if options.schema_only:
+        argv.append("--schema-only")
+    if options.data_only:
+        argv.append("--data-only")
+    argv += [f"--table={t}" for t in options.tables]
+    argv += [f"--exclude-table={t}" for t in options.exclude_tables]
+    if fmt == "custom":
+        argv += ["--format=custom", "--compress=0"]  # we compress the whole stream ourselves
+    elif fmt == "plain":
+        argv += ["--format=plain"]
+    return argv
+
+
+def run_backup(
+    settings: Settings,
+    options: BackupOptions | None = None,
+    *,
+    storage: Storage | None = None,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Back up one database to the primary target and return its manifest.
+
+    Raises ConfigError/UsageError for bad options, the connection errors of
+    ``postgres.connect``, BackupRunningError when another backup of the database runs,
+    ClientVersionError when pg_dump is too old, DumpError when pg_dump fails, StorageError
+    (incl. StorageFullError) when the target fails. Nothing partial is left listed.
+    """
+    options = options or BackupOptions()
+    name, url, fmt, compression, jobs = _resolve(settings, options)
+    conn = ConnInfo.parse(url)
+    primary = storage if storage is not None else targets(settings)[0]
+    pg_dump = postgres.find_client("pg_dump", settings.pg_bin_dir)
+    if fmt == "directory" and compression == "zstd" and pg_dump.major < 16:
+        raise UsageError(
+            f"directory format with zstd needs pg_dump 16 or newer (this is {pg_dump.version}); "
+            "use --compression gzip or --format custom"
+        )
+
+    with postgres.backup_lock(conn, settings.backup_lock_timeout) as lock_conn:
+        server = postgres.server_info(lock_conn)
+        postgres.check_client(pg_dump, server.major, server.version)
+        catalog.clean_incomplete(primary, conn.dbname, conn.server)
+        backup_id, started = _new_id(primary, name)
+        log.info("backup %s of %s to %s started", backup_id, conn.display(), primary.url)
+        catalog.write_pending(primary, backup_id, conn.dbname, conn.server)
+        try:
+            snapshot = postgres.begin_snapshot(lock_conn)
+            counts: dict[str, int] | None = None
+            counter: threading.Thread | None = None
+            count_error: list[BaseException] = []
+            want_counts = settings.backup_row_counts and not (
+                options.schema_only or options.tables or options.exclude_tables
+            )
+            if want_counts:
+                result_box: dict[str, dict[str, int]] = {}
+
+                def count() -> None:
+                    try:
+                        result_box["counts"] = postgres.table_counts(lock_conn)
+                    except BaseException as exc:  # reported after the dump, never lost
+                        count_error.append(exc)
+
+                # Counting runs in the exported snapshot's own transaction, alongside pg_dump,
+                # so the counts describe exactly the rows the dump holds.
+                counter = threading.Thread(target=count, name="pgkeeper-row-counts", daemon=True)
+                counter.start()
+            argv = _dump_argv(pg_dump, fmt, snapshot, options)
+            env = conn.env()
+            level = options.compression_level
+            if level is None:
+                level = settings.backup_compression_level
+            if fmt == "directory":
+                objects, size, raw = _dump_directory(
+                    primary, backup_id, argv, env, compression, level, jobs
+                )
+            else:
+                objects, size, raw = _dump_stream(
+                    primary, backup_id, fmt, compression, level, settings, argv, env, progress
+                )
+            if counter is not None:
+                counter.join()
+                if count_error:
+                    log.warning("row counts skipped: %s", count_error[0])
+                else:
+                    counts = result_box.get("counts")
+            postgres.end_snapshot(lock_conn)
+            manifest = Manifest(
+                id=backup_id,
+                name=name,
+                database=conn.dbname,
+                server=conn.server,
+                server_version=server.version,
+                pg_dump_version=pg_dump.version,
+                format=fmt,  # type: ignore[arg-type]
+                compression=compression,  # type: ignore[arg-type]
+                compression_level=level,
+                objects=objects,
+                size=size,
+                raw_size=raw,
+                started_at=started,
+                finished_at=utcnow(),
+                trigger=options.trigger,
+                options={
+                    "schema_only": options.schema_only,
+                    "data_only": options.data_only,
+                    "tables": list(options.tables),
+                    "exclude_tables": list(options.exclude_tables),
+                    "encoding": server.encoding,
+                    "jobs": jobs if fmt == "directory" else 1,
+                },
+                table_counts=counts,
+                pgkeeper_version=__version__,
+            )
+            catalog.write_manifest(primary, manifest)
+        except BaseException:
+            _discard(primary, backup_id)
+            raise
+        catalog.clear_pending(primary, backup_id)
+    log.info("backup %s finished: %d bytes", backup_id, manifest.size)
+    return manifest
+
+
+def _discard(storage: Storage, backup_id: str) -> None:
+    """Best-effort removal of a failed backup's objects (the next run finishes the job)."""
+    try:
+        for info in catalog.backup_objects(storage, backup_id):
+            if info.key != naming.pending_key(backup_id):
+                storage.delete(info.key)
+        local = storage.local_path(naming.backup_prefix(backup_id))
+        if local is not None and local.is_dir():
+            shutil.rmtree(local, ignore_errors=True)
+        storage.delete(naming.pending_key(backup_id))
+    except (PgkeeperError, OSError) as exc:
+        log.warning("could not remove the partial backup %s: %s", backup_id, exc)
+
+
+def _dump_failed(proc: ClientProcess) -> DumpError:
+    return DumpError(f"pg_dump failed: {proc.last_error()}")
+
+
+def _dump_stream(
+    storage: Storage,
+    backup_id: str,
+    fmt: str,
+    compression: str,
+    level: int | None,
+    settings: Settings,
+    argv: list[str],
+    env: dict[str, str],
+    progress: Progress | None,
+) -> tuple[list[StoredObject], int, int]:
+    relative = naming.data_name(backup_id, fmt, compression)
+    key = naming.object_key(backup_id, relative)
+    with ClientProcess(argv, env) as proc, storage.open_write(key) as out:
+        stdout = proc.proc.stdout
+        assert stdout is not None  # noqa: S101 - ClientProcess pipes stdout by default
+        result = compress_stream(
+            stdout.read, out, compression, level, settings.backup_compression_threads, progress
+        )
+        if proc.wait() != 0:
+            raise _dump_failed(proc)  # raised inside open_write: the object is never committed
+    return [StoredObject(name=relative, size=result.size, sha256=result.sha256)], result.size, (
+        result.raw_size
+    )
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _dump_directory(
+    storage: Storage,
+    backup_id: str,
+    argv: list[str],
+    env: dict[str, str],
+    compression: str,
+    level: int | None,
+    jobs: int,
+) -> tuple[list[StoredObject], int, int]:
+    """Directory format: ``pg_dump -Fd -j`` writes pg_dump-compressed files, which we store.
+
+    On a local target pg_dump writes straight into the backup folder under a temporary name
+    that is renamed once complete; elsewhere it writes to a temporary folder that is uploaded
+    file by file and removed.
+    """
+    relative = naming.data_name(backup_id, "directory", compression)
+    if compression == "zstd":
+        compress_arg = f"--compress=zstd:{level}" if level is not None else "--compress=zstd"
+    elif compression == "gzip":
+        compress_arg = f"--compress={6 if level is None else level}"
+    else:
+        compress_arg = "--compress=0"
+    local_root = storage.local_path(naming.backup_prefix(backup_id))
+    if local_root is not None:
+        local_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{relative}.tmp-", dir=local_root))
+    else:
+        staging = Path(tempfile.mkdtemp(prefix="pgkeeper-dir-"))
+    out_dir = staging / "dump"
+    full = [*argv, "--format=directory", f"--jobs={jobs}", compress_arg, f"--file={out_dir}"]
+    try:
+        with ClientProcess(full, env, stdout=subprocess.DEVNULL) as proc:
+            if proc.wait() != 0:
+                raise _dump_failed(proc)
+        objects: list[StoredObject] = []
+        raw = 0
+        for path in sorted(out_dir.rglob("*")):
+            if not path.is_file():
+                continue
+            inner = path.relative_to(out_dir).as_posix()
+            name = f"{relative}/{inner}"
+            if local_root is not None:
+                sha, size = _hash_file(path)
+            else:
+                sha, size = _upload_file(storage, naming.object_key(backup_id, name), path)
+            objects.append(StoredObject(name=name, size=size, sha256=sha))
+            raw += size
+        if local_root is not None:
+            final = local_root / relative
+            os.replace(out_dir, final)
+            fd = os.open(local_root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return objects, sum(o.size for o in objects), raw
+
+
+def _upload_file(storage: Storage, key: str, path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle, storage.open_write(key, size_hint=path.stat().st_size) as out:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size

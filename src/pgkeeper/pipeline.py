@@ -1,0 +1,219 @@
+"""Streaming: a client process's stdout -> compress -> sha256 -> storage writer, and back.
+
+Memory is bounded by one chunk (1 MiB) plus the compressor's window, whatever the database
+size; nothing uncompressed touches disk. The sha256 is of the stored (compressed) bytes, so
+``sha256sum`` on the stored file reproduces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import threading
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, Protocol
+
+import zstandard
+
+from pgkeeper.errors import DumpError, VerificationError
+from pgkeeper.storage.base import CHUNK, Writer
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]  # called with the number of new bytes handled
+
+DEFAULT_LEVEL = {"zstd": 3, "gzip": 6, "none": 0}
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class Codec(Protocol):
+    def compress(self, data: bytes, /) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+class _Identity:
+    def compress(self, data: bytes, /) -> bytes:
+        return data
+
+    def flush(self) -> bytes:
+        return b""
+
+
+def make_compressor(kind: str, level: int | None = None, threads: int = 0) -> Codec:
+    """A streaming compressor; ``threads`` 0 means one zstd worker per core."""
+    if kind == "zstd":
+        workers = threads or (os.cpu_count() or 1)
+        # With workers > 1 zstd compresses in its own threads while we keep reading pg_dump,
+        # which is what lets the stream keep up with one server process on two cores.
+        compressor = zstandard.ZstdCompressor(
+            level=DEFAULT_LEVEL["zstd"] if level is None else level,
+            threads=workers if workers > 1 else 0,
+            write_checksum=True,
+        )
+        return compressor.compressobj()
+    if kind == "gzip":
+        return zlib.compressobj(DEFAULT_LEVEL["gzip"] if level is None else level, zlib.DEFLATED, 31)
+    if kind == "none":
+        return _Identity()
+    raise ValueError(f"unknown compression {kind!r}")
+
+
+class Decoder:
+    """Streaming decompression of zstd / gzip / none, across concatenated frames/members.
+
+    ``finish()`` raises VerificationError when the stream ends inside a frame (truncation).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._obj: object | None = None
+        self._started = False
+
+    def _new(self) -> object:
+        if self.kind == "zstd":
+            return zstandard.ZstdDecompressor().decompressobj()
+        return zlib.decompressobj(31)
+
+    def decompress(self, data: bytes) -> bytes:
+        if self.kind == "none":
+            return data
+        out: list[bytes] = []
+        try:
+            while data:
+                if self._obj is None:
+                    self._obj = self._new()
+                    self._started = True
+                out.append(self._obj.decompress(data))  # type: ignore[attr-defined]
+                if self._obj.eof:  # type: ignore[attr-defined]
+                    data = self._obj.unused_data  # type: ignore[attr-defined]
+                    self._obj = None
+                else:
+                    data = b""
+        except (zstandard.ZstdError, zlib.error) as exc:
+            raise VerificationError(
+                f"the {self.kind} stream is corrupt ({exc})", check="compression"
+            ) from exc
+        return b"".join(out)
+
+    def finish(self) -> None:
+        if self.kind == "none":
+            return
+        if self._obj is not None or not self._started:
+            raise VerificationError(
+                f"the {self.kind} stream is truncated (it ends inside a frame)", check="compression"
+            )
+
+
+@dataclass
+class StreamResult:
+    size: int  # bytes stored
+    raw_size: int  # bytes read from the source, before compression
+    sha256: str  # of the stored bytes
+
+
+def compress_stream(
+    read: Callable[[int], bytes],
+    out: Writer,
+    compression: str,
+    level: int | None = None,
+    threads: int = 0,
+    progress: Progress | None = None,
+) -> StreamResult:
+    """Copy ``read`` to ``out`` through a compressor, hashing what is written."""
+    codec = make_compressor(compression, level, threads)
+    digest = hashlib.sha256()
+    size = raw = 0
+
+    def emit(block: bytes) -> None:
+        nonlocal size
+        if block:
+            digest.update(block)
+            out.write(block)
+            size += len(block)
+
+    while chunk := read(CHUNK):
+        raw += len(chunk)
+        emit(codec.compress(chunk))
+        if progress:
+            progress(len(chunk))
+    emit(codec.flush())
+    return StreamResult(size, raw, digest.hexdigest())
+
+
+class ClientProcess:
+    """A pg client process whose stderr is collected (bounded) and which never outlives us.
+
+    Used as a context manager: leaving the block by an exception terminates the process and
+    waits for it, so an interrupted backup leaves no orphan ``pg_dump``.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str],
+        stdin: int | IO[bytes] | None = subprocess.DEVNULL,
+        stdout: int | IO[bytes] | None = subprocess.PIPE,
+    ) -> None:
+        self.argv = list(argv)
+        self.name = os.path.basename(self.argv[0])
+        self._tail: deque[str] = deque(maxlen=50)
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env
+            )
+        except OSError as exc:
+            raise DumpError(f"cannot start {self.name}: {exc} (check PG_BIN_DIR)") from exc
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None  # noqa: S101 - Popen was given stderr=PIPE
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self._tail.append(line)
+                log.debug("%s: %s", self.name, line)
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        return list(self._tail)
+
+    def last_error(self) -> str:
+        for line in reversed(self._tail):
+            if "error" in line.lower() or "fatal" in line.lower():
+                return line
+        return self._tail[-1] if self._tail else f"{self.name} exited without a message"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        self._reader.join(timeout=5)
+        return code
+
+    def __enter__(self) -> ClientProcess:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.kill()
+        for stream in (self.proc.stdout, self.proc.stdin):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        self.wait()

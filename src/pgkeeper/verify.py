@@ -1,0 +1,264 @@
+"""Verify a stored backup: its bytes, its compression stream and its dump structure.
+
+Checks, in order, each named in results and errors:
+  ``objects``      every object of the manifest exists with the recorded size
+  ``checksum``     the stored bytes hash to the manifest's sha256 (re-read, never cached)
+  ``compression``  the zstd/gzip stream decodes end to end (zstd frames carry their own checksum)
+  ``structure``    custom/tar/directory: ``pg_restore --list`` reads the archive's table of
+                   contents; plain: the dump's header and its "dump complete" trailer are there
+A ``quick`` verification skips decoding beyond what the structure check needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from pgkeeper import catalog, naming, postgres
+from pgkeeper.errors import PgkeeperError, StorageError, VerificationError
+from pgkeeper.manifest import CheckResult, Manifest, StoredObject, Verification, utcnow
+from pgkeeper.pipeline import ClientProcess, Decoder, Progress
+from pgkeeper.settings import Settings
+from pgkeeper.storage import Storage, targets
+from pgkeeper.storage.base import CHUNK
+
+log = logging.getLogger(__name__)
+
+PLAIN_HEADER = b"-- PostgreSQL database dump"
+PLAIN_TRAILER = b"-- PostgreSQL database dump complete"
+
+
+def _fail(checks: list[CheckResult], name: str, detail: str) -> None:
+    checks.append(CheckResult(name=name, ok=False, detail=detail))
+
+
+class _StructureSink:
+    """Receives the decoded dump stream and judges its structure."""
+
+    def __init__(self, fmt: str, pg_restore: postgres.Client | None) -> None:
+        self.fmt = fmt
+        self.head = b""
+        self.tail = b""
+        self.proc: ClientProcess | None = None
+        self.listing = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        if fmt in ("custom", "tar") and pg_restore is not None:
+            self.proc = ClientProcess(
+                [pg_restore.argv0, "--list"], dict(os.environ), stdin=subprocess.PIPE, stdout=self.listing
+            )
+
+    @property
+    def satisfied(self) -> bool:
+        """True once the structure check needs no more bytes (for quick verification)."""
+        if self.proc is not None:
+            return self.proc.proc.poll() is not None
+        return len(self.head) >= len(PLAIN_HEADER) + 16
+
+    def feed(self, data: bytes) -> None:
+        if len(self.head) < 4096:
+            self.head += data[: 4096 - len(self.head)]
+        self.tail = (self.tail + data)[-4096:]
+        proc = self.proc
+        if proc is not None and proc.proc.poll() is None and proc.proc.stdin is not None:
+            try:
+                proc.proc.stdin.write(data)
+            except (BrokenPipeError, OSError):
+                pass  # pg_restore --list stops reading after the table of contents
+
+    def result(self, complete: bool) -> CheckResult:
+        if self.proc is not None:
+            if self.proc.proc.stdin is not None:
+                try:
+                    self.proc.proc.stdin.close()
+                except OSError:
+                    pass
+            code = self.proc.wait()
+            self.listing.seek(0)
+            entries = sum(1 for line in self.listing if line[:1] not in (b";", b"\n"))
+            if code != 0:
+                return CheckResult(
+                    name="structure", ok=False, detail=f"pg_restore --list: {self.proc.last_error()}"
+                )
+            return CheckResult(name="structure", ok=True, detail=f"{entries} archive entries")
+        if self.fmt == "plain":
+            if PLAIN_HEADER not in self.head:
+                return CheckResult(name="structure", ok=False, detail="plain dump header missing")
+            if complete and PLAIN_TRAILER not in self.tail:
+                return CheckResult(
+                    name="structure", ok=False, detail="plain dump is truncated (no trailer)"
+                )
+            return CheckResult(name="structure", ok=True, detail="header and trailer present")
+        return CheckResult(name="structure", ok=True, detail="not checked")
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.proc.poll() is None:
+            self.proc.kill()
+        self.listing.close()
+
+
+def _check_object(
+    storage: Storage,
+    manifest: Manifest,
+    obj: StoredObject,
+    checks: list[CheckResult],
+    sink: _StructureSink | None,
+    decode: bool,
+    progress: Progress | None,
+) -> None:
+    key = naming.object_key(manifest.id, obj.name)
+    digest = hashlib.sha256()
+    size = 0
+    decoder = Decoder(manifest.compression) if (decode or sink is not None) else None
+    decoding = decoder is not None
+    try:
+        with storage.open_read(key) as src:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                if progress:
+                    progress(len(chunk))
+                if decoding and decoder is not None:
+                    data = decoder.decompress(chunk)
+                    if sink is not None:
+                        sink.feed(data)
+                        if not decode and sink.satisfied:
+                            decoding = False
+        if decoding and decoder is not None:
+            decoder.finish()
+    except VerificationError as exc:
+        _fail(checks, "compression", f"{obj.name}: {exc}")
+        return
+    except StorageError as exc:
+        _fail(checks, "objects", f"{obj.name}: {exc}")
+        return
+    if size != obj.size:
+        _fail(checks, "checksum", f"{obj.name}: {size} bytes stored, manifest says {obj.size}")
+    elif digest.hexdigest() != obj.sha256:
+        _fail(checks, "checksum", f"{obj.name}: sha256 {digest.hexdigest()[:12]}... != manifest")
+
+
+def check_backup(
+    storage: Storage,
+    manifest: Manifest,
+    level: str = "full",
+    pg_bin_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> Verification:
+    """Run every check on one stored copy and return the results (raises nothing for bad data).
+
+    Storage failures while reading are reported as failed checks, not raised.
+    """
+    checks: list[CheckResult] = []
+    present = {info.key: info.size for info in catalog.backup_objects(storage, manifest.id)}
+    for obj in manifest.objects:
+        key = naming.object_key(manifest.id, obj.name)
+        if key not in present:
+            _fail(checks, "objects", f"{obj.name} is missing from {storage.url}")
+        elif present[key] != obj.size:
+            _fail(checks, "objects", f"{obj.name}: {present[key]} bytes, manifest says {obj.size}")
+    if not checks:
+        checks.append(CheckResult(name="objects", ok=True, detail=f"{len(manifest.objects)}"))
+        pg_restore = None
+        if manifest.format in ("custom", "tar", "directory"):
+            pg_restore = postgres.find_client("pg_restore", pg_bin_dir)
+        if manifest.format == "directory":
+            for obj in manifest.objects:
+                _check_object(storage, manifest, obj, checks, None, False, progress)
+            if not any(not c.ok for c in checks):
+                checks.append(_directory_structure(storage, manifest, pg_restore))
+        else:
+            sink = _StructureSink(manifest.format, pg_restore)
+            try:
+                _check_object(
+                    storage, manifest, manifest.objects[0], checks, sink, level == "full", progress
+                )
+                failed = any(not c.ok for c in checks)
+                if not failed:
+                    checks.append(CheckResult(name="checksum", ok=True, detail=manifest.sha256))
+                    if manifest.compression != "none":
+                        detail = "decoded end to end" if level == "full" else "header decoded"
+                        checks.append(CheckResult(name="compression", ok=True, detail=detail))
+                    checks.append(sink.result(complete=level == "full"))
+            finally:
+                sink.close()
+        if manifest.format == "directory" and all(c.ok for c in checks):
+            checks.insert(1, CheckResult(name="checksum", ok=True, detail="every object"))
+    ok = all(c.ok for c in checks)
+    return Verification(ok=ok, at=utcnow(), level="full" if level == "full" else "quick", checks=checks)
+
+
+def _directory_structure(
+    storage: Storage, manifest: Manifest, pg_restore: postgres.Client | None
+) -> CheckResult:
+    if pg_restore is None:
+        return CheckResult(name="structure", ok=True, detail="not checked")
+    folder = naming.data_name(manifest.id, manifest.format, manifest.compression)
+    with tempfile.TemporaryDirectory(prefix="pgkeeper-verify-") as tmp:
+        toc = Path(tmp) / "toc.dat"
+        try:
+            with storage.open_read(naming.object_key(manifest.id, f"{folder}/toc.dat")) as src:
+                toc.write_bytes(src.read())
+        except StorageError as exc:
+            return CheckResult(name="structure", ok=False, detail=f"toc.dat unreadable: {exc}")
+        out = subprocess.run(
+            [pg_restore.argv0, "--list", tmp], capture_output=True, text=True, timeout=300
+        )
+        if out.returncode != 0:
+            return CheckResult(
+                name="structure", ok=False, detail=f"pg_restore --list: {out.stderr.strip()}"
+            )
+        entries = sum(1 for line in out.stdout.splitlines() if line and not line.startswith(";"))
+        return CheckResult(name="structure", ok=True, detail=f"{entries} archive entries")
+
+
+def failed_check(verification: Verification) -> CheckResult | None:
+    return next((c for c in verification.checks if not c.ok), None)
+
+
+def verify_backup(
+    settings: Settings,
+    backup_id: str,
+    *,
+    storages: list[Storage] | None = None,
+    level: str = "full",
+    progress: Progress | None = None,
+    record: bool = True,
+) -> Manifest:
+    """Verify a backup on the first target holding it and record the result in its manifest.
+
+    Raises InvalidBackupIdError/BackupNotFoundError for bad ids, and VerificationError naming
+    the failed check when the stored backup is bad (the failure is recorded first).
+    """
+    storages = storages if storages is not None else targets(settings)
+    manifest, storage = catalog.find(storages, backup_id)
+    return verify_copy(settings, storage, manifest, level=level, progress=progress, record=record)
+
+
+def verify_copy(
+    settings: Settings,
+    storage: Storage,
+    manifest: Manifest,
+    *,
+    level: str = "full",
+    progress: Progress | None = None,
+    record: bool = True,
+) -> Manifest:
+    """Verify one copy, record the outcome on that copy's manifest, raise if it is bad."""
+    result = check_backup(storage, manifest, level, settings.pg_bin_dir, progress)
+    updated = manifest.model_copy(update={"verification": result})
+    if record:
+        try:
+            catalog.write_manifest(storage, updated)
+        except PgkeeperError as exc:
+            log.warning("could not record the verification of %s: %s", manifest.id, exc)
+    bad = failed_check(result)
+    if bad is not None:
+        raise VerificationError(
+            f"backup {manifest.id!r} in {storage.url} failed the {bad.name} check: {bad.detail} "
+            "(do not restore it; take a new backup or use another copy)",
+            check=bad.name,
+        )
+    return updated
