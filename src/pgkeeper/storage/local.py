@@ -68,7 +68,7 @@ class LocalStorage:
         return self.root.joinpath(*parts)
 
     def local_path(self, key: str) -> Path | None:
-        return self._path(key)
+        return self._path(key) if key else self.root
 
     @contextmanager
     def open_write(

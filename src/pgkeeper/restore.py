@@ -1,0 +1,487 @@
+"""Restore a backup into a database, leaving the target as it was if anything fails.
+
+The procedure, in order:
+  1. pick the first target holding a copy (primary first); a copy failing verification is
+     skipped for the next one
+  2. refuse a target that has data unless ``confirm`` names it
+  3. restore into a new scratch database ``pgk_restore_<random>`` on the target's server;
+     the stored bytes are hashed while they are read, and the restore is abandoned
+     (scratch dropped) if the sha256 differs from the manifest
+  4. take a safety backup of the existing target (when it has data)
+  5. swap names in one transaction: target -> pgk_old_<random>, scratch -> target; drop the old
+The target is untouched until step 5, and step 5 is one transaction: a failed restore leaves it
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import psycopg
+from psycopg import sql
+
+from pgkeeper import catalog, naming, postgres
+from pgkeeper.backup import BackupOptions, run_backup
+from pgkeeper.errors import (
+    BackupNotFoundError,
+    ConfirmationRequiredError,
+    DatabaseMissingError,
+    PgkeeperError,
+    RestoreError,
+    UsageError,
+    VerificationError,
+)
+from pgkeeper.manifest import Manifest, StoredObject, utcnow
+from pgkeeper.pipeline import ClientProcess, Decoder, Progress
+from pgkeeper.postgres import ConnInfo
+from pgkeeper.settings import Settings
+from pgkeeper.storage import Storage, targets
+from pgkeeper.storage.base import CHUNK
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RestoreResult:
+    backup_id: str
+    target: str  # display URL, no password
+    database: str
+    duration_seconds: float
+    safety_backup_id: str | None
+    replaced: bool
+    source: str  # the storage target the backup was read from
+
+
+# --- choosing what to restore -----------------------------------------------------------------
+
+
+def newest_backup(storages: list[Storage]) -> Manifest:
+    """The newest verified backup; if none is verified yet, the newest not known to be corrupt.
+
+    Raises BackupNotFoundError when there is none.
+    """
+    entries = catalog.list_all(storages)
+    for entry in entries:
+        if entry.manifest.verified:
+            return entry.manifest
+    for entry in entries:
+        if not entry.manifest.verification_failed:
+            return entry.manifest
+    where = ", ".join(s.url for s in storages)
+    raise BackupNotFoundError(f"no usable backup in {where} (run 'pgkeeper backup' first)")
+
+
+def copies(storages: list[Storage], backup_id: str) -> list[tuple[Manifest, Storage]]:
+    """Every target holding a complete copy of the backup, in target order."""
+    naming.validate_id(backup_id)
+    found = []
+    for storage in storages:
+        manifest = catalog.read_manifest(storage, backup_id)
+        if manifest is not None:
+            found.append((manifest, storage))
+    if not found:
+        where = ", ".join(s.url for s in storages)
+        raise BackupNotFoundError(f"backup {backup_id!r} not found in {where} (run 'pgkeeper list')")
+    return found
+
+
+# --- reading a stored copy --------------------------------------------------------------------
+
+
+class _HashingReader:
+    """Reads one stored object, hashing it; ``check()`` compares with the manifest."""
+
+    def __init__(self, src: BinaryIO, obj: StoredObject, progress: Progress | None) -> None:
+        self._src = src
+        self._obj = obj
+        self._digest = hashlib.sha256()
+        self._size = 0
+        self._progress = progress
+
+    def read(self, n: int) -> bytes:
+        chunk = self._src.read(n)
+        self._digest.update(chunk)
+        self._size += len(chunk)
+        if self._progress and chunk:
+            self._progress(len(chunk))
+        return chunk
+
+    def check(self) -> None:
+        if self._size != self._obj.size or self._digest.hexdigest() != self._obj.sha256:
+            raise VerificationError(
+                f"{self._obj.name} does not match its manifest (checksum check failed: "
+                f"{self._size} bytes, sha256 {self._digest.hexdigest()[:12]}...); "
+                "nothing was restored (use another copy or another backup)",
+                check="checksum",
+            )
+
+
+def _stream_object(
+    storage: Storage,
+    manifest: Manifest,
+    obj: StoredObject,
+    sink: Callable[[bytes], None],
+    progress: Progress | None,
+) -> None:
+    """Decode one object into ``sink``; raise VerificationError if its bytes are not the
+    manifest's (checked at the end: callers must not commit anything before this returns)."""
+    decoder = Decoder(manifest.compression)
+    with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
+        reader = _HashingReader(src, obj, progress)
+        while chunk := reader.read(CHUNK):
+            sink(decoder.decompress(chunk))
+    decoder.finish()
+    reader.check()
+
+
+def _stage_object(
+    storage: Storage,
+    manifest: Manifest,
+    obj: StoredObject,
+    dest: Path,
+    decode: bool,
+    progress: Progress | None,
+) -> None:
+    """Write one object (decoded when ``decode``) to a local file, verifying its checksum."""
+    decoder = Decoder(manifest.compression if decode else "none")
+    with storage.open_read(naming.object_key(manifest.id, obj.name)) as src, open(
+        dest, "wb"
+    ) as out:
+        reader = _HashingReader(src, obj, progress)
+        while chunk := reader.read(CHUNK):
+            out.write(decoder.decompress(chunk))
+    decoder.finish()
+    reader.check()
+
+
+def _verify_local_object(path: Path, obj: StoredObject, progress: Progress | None) -> None:
+    with open(path, "rb") as src:
+        reader = _HashingReader(src, obj, progress)  # type: ignore[arg-type]
+        while reader.read(CHUNK):
+            pass
+    reader.check()
+
+
+@contextmanager
+def _scratch_dir(storage: Storage) -> Iterator[Path]:
+    """Where decoded files are staged: beside a local backup folder, else the temp folder."""
+    base = storage.local_path("")
+    parent = base if base is not None and base.is_dir() else None
+    path = Path(tempfile.mkdtemp(prefix=".pgkeeper-restore-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --- running pg_restore / psql ----------------------------------------------------------------
+
+
+def _restore_failed(proc: ClientProcess) -> RestoreError:
+    return RestoreError(f"{proc.name} failed: {proc.last_error()}")
+
+
+def _load(
+    settings: Settings,
+    manifest: Manifest,
+    storage: Storage,
+    conn: ConnInfo,
+    dbname: str,
+    jobs: int,
+    progress: Progress | None,
+) -> None:
+    """Load a stored backup into the (new, empty) database ``dbname``.
+
+    Raises VerificationError when the stored bytes do not match the manifest (the database may
+    then hold a partial load: callers drop it), RestoreError when pg_restore/psql fail.
+    """
+    env = conn.with_dbname(dbname).env()
+    if manifest.format == "plain":
+        psql = postgres.find_client("psql", settings.pg_bin_dir)
+        argv = [psql.argv0, "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                "--single-transaction", f"--dbname={dbname}"]
+        _pipe_into(argv, env, settings, manifest, storage, progress)
+        return
+    pg_restore = postgres.find_client("pg_restore", settings.pg_bin_dir)
+    _check_archive_version(pg_restore, manifest)
+    base = [pg_restore.argv0, "--no-password", "--exit-on-error", f"--dbname={dbname}"]
+    if manifest.format == "directory":
+        folder = naming.data_name(manifest.id, manifest.format, manifest.compression)
+        local = storage.local_path(naming.object_key(manifest.id, folder))
+        with _scratch_dir(storage) as tmp:
+            if local is not None and local.is_dir():
+                for obj in manifest.objects:
+                    path = storage.local_path(naming.object_key(manifest.id, obj.name))
+                    assert path is not None  # noqa: S101 - local storage has local paths
+                    _verify_local_object(path, obj, progress)
+                source = local
+            else:
+                source = tmp / "dump"
+                for obj in manifest.objects:
+                    dest = tmp / "dump" / obj.name[len(folder) + 1 :]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    _stage_object(storage, manifest, obj, dest, False, progress)
+            _run([*base, f"--jobs={jobs}", str(source)], env)
+        return
+    obj = manifest.objects[0]
+    if manifest.format == "custom" and jobs > 1:
+        # pg_restore -j needs a seekable file: stage the decoded archive (hashing as we go),
+        # or use the stored file itself when it is local and uncompressed.
+        local = storage.local_path(naming.object_key(manifest.id, obj.name))
+        if manifest.compression == "none" and local is not None and local.is_file():
+            _verify_local_object(local, obj, progress)
+            _run([*base, f"--jobs={jobs}", str(local)], env)
+            return
+        with _scratch_dir(storage) as tmp:
+            staged = tmp / "archive.dump"
+            _stage_object(storage, manifest, obj, staged, True, progress)
+            _run([*base, f"--jobs={jobs}", str(staged)], env)
+        return
+    _pipe_into(base, env, settings, manifest, storage, progress)
+
+
+def _check_archive_version(pg_restore: postgres.Client, manifest: Manifest) -> None:
+    try:
+        dumped_by = int(manifest.pg_dump_version.split(".")[0])
+    except ValueError:
+        return
+    if pg_restore.major < dumped_by:
+        raise UsageError(
+            f"pg_restore {pg_restore.version} cannot read a dump made by pg_dump "
+            f"{manifest.pg_dump_version}: install postgresql-client-{dumped_by} and set PG_BIN_DIR"
+        )
+
+
+def _run(argv: list[str], env: dict[str, str]) -> None:
+    with ClientProcess(argv, env, stdout=subprocess.DEVNULL) as proc:
+        if proc.wait() != 0:
+            raise _restore_failed(proc)
+
+
+def _pipe_into(
+    argv: list[str],
+    env: dict[str, str],
+    settings: Settings,
+    manifest: Manifest,
+    storage: Storage,
+    progress: Progress | None,
+) -> None:
+    with ClientProcess(argv, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as proc:
+        stdin = proc.proc.stdin
+        assert stdin is not None  # noqa: S101 - stdin=PIPE
+
+        def sink(data: bytes) -> None:
+            try:
+                stdin.write(data)
+            except BrokenPipeError:
+                raise _restore_failed(proc) from None
+
+        _stream_object(storage, manifest, manifest.objects[0], sink, progress)
+        try:
+            stdin.close()
+        except BrokenPipeError:
+            pass
+        if proc.wait() != 0:
+            raise _restore_failed(proc)
+
+
+# --- databases --------------------------------------------------------------------------------
+
+
+def _admin(conn: ConnInfo) -> psycopg.Connection[Any]:
+    """A connection to the target server's maintenance database (postgres, else template1)."""
+    try:
+        return postgres.connect(conn, dbname="postgres")
+    except DatabaseMissingError:
+        return postgres.connect(conn, dbname="template1")
+
+
+def _create_database(
+    admin: psycopg.Connection[Any], dbname: str, owner: str | None, encoding: str | None
+) -> None:
+    query = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname))
+    if owner:
+        query += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
+    if encoding:
+        try:
+            admin.execute(query + sql.SQL(" ENCODING {}").format(sql.Literal(encoding)))
+            return
+        except psycopg.errors.InvalidParameterValue:
+            log.warning("encoding %s is not usable with the server's locale; using default", encoding)
+    try:
+        admin.execute(query)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise RestoreError(
+            f"cannot create database {dbname!r}: permission denied "
+            "(the restore user needs CREATEDB, or restore as a superuser)"
+        ) from exc
+
+
+def _owner_of(admin: psycopg.Connection[Any], dbname: str) -> str | None:
+    row = admin.execute(
+        "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (dbname,)
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
+def _swap(admin: psycopg.Connection[Any], target: str, scratch: str, exists: bool) -> None:
+    """Make ``scratch`` the ``target`` in one transaction; drop the old target afterwards."""
+    old = f"pgk_old_{secrets.token_hex(4)}"
+    for attempt in range(5):
+        try:
+            if exists:
+                postgres.terminate_connections(admin, target)
+            with admin.transaction():
+                if exists:
+                    admin.execute(
+                        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                            sql.Identifier(target), sql.Identifier(old)
+                        )
+                    )
+                admin.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                        sql.Identifier(scratch), sql.Identifier(target)
+                    )
+                )
+            break
+        except psycopg.errors.ObjectInUse:
+            if attempt == 4:
+                raise RestoreError(
+                    f"database {target!r} keeps getting new connections; stop the applications "
+                    "using it and retry (it was left as it was)"
+                ) from None
+            time.sleep(0.5)
+    if exists:
+        try:
+            postgres.drop_database(admin, old)
+        except psycopg.Error as exc:
+            log.warning("restored, but could not drop the replaced database %s: %s", old, exc)
+
+
+def _default_target(settings: Settings, manifest: Manifest) -> str:
+    """A new database ``<db>_restored_<timestamp>`` on the source server."""
+    source = ConnInfo.parse(settings.require_database_url())
+    stamp = utcnow().strftime("%Y%m%d_%H%M%S")
+    name = f"{manifest.database[:40]}_restored_{stamp}"
+    return source.with_dbname(name).conninfo()
+
+
+def restore_into_new_database(
+    settings: Settings,
+    manifest: Manifest,
+    storage: Storage,
+    server_url: str,
+    dbname: str,
+    jobs: int | None = None,
+    progress: Progress | None = None,
+) -> float:
+    """Restore a copy into a new database ``dbname`` on ``server_url``; return the seconds taken.
+
+    The database must not exist. On failure it is dropped and the error propagates.
+    """
+    conn = ConnInfo.parse(server_url)
+    started = time.monotonic()
+    with _admin(conn) as admin:
+        if postgres.database_exists(admin, dbname):
+            raise UsageError(f"database {dbname!r} already exists on {conn.server} (pick a new name)")
+        _create_database(admin, dbname, None, manifest.options.get("encoding"))
+        try:
+            _load(settings, manifest, storage, conn, dbname, jobs or settings.backup_jobs, progress)
+        except BaseException:
+            postgres.drop_database(admin, dbname)
+            raise
+    return time.monotonic() - started
+
+
+def restore_backup(
+    settings: Settings,
+    backup_id: str | None,
+    target_url: str | None,
+    *,
+    confirm: str | None = None,
+    jobs: int | None = None,
+    safety_backup: bool = True,
+    storages: list[Storage] | None = None,
+    progress: Progress | None = None,
+) -> RestoreResult:
+    """Restore a backup (default: the newest verified) into ``target_url`` (default: a new
+    database on the source server). See the module docstring for the procedure.
+
+    Raises BackupNotFoundError/InvalidBackupIdError, ConfirmationRequiredError, connection
+    errors, VerificationError (every copy is bad), RestoreError. The target is unchanged on
+    any error.
+    """
+    storages = storages if storages is not None else targets(settings)
+    if backup_id is None:
+        backup_id = newest_backup(storages).id
+    found = copies(storages, backup_id)
+    manifest = found[0][0]
+    target_url = target_url or _default_target(settings, manifest)
+    conn = ConnInfo.parse(target_url)
+    target = conn.dbname
+    jobs = jobs or settings.backup_jobs
+    started = time.monotonic()
+
+    with _admin(conn) as admin:
+        exists = postgres.database_exists(admin, target)
+        has_data = exists and postgres.database_has_data(conn, target)
+        if has_data and confirm != target:
+            raise ConfirmationRequiredError(
+                f"database {target!r} on {conn.server} already has data; restoring replaces it "
+                f"(pass --confirm {target} to proceed; a safety backup is taken first)"
+            )
+        owner = _owner_of(admin, target) if exists else None
+        last_error: PgkeeperError | None = None
+        for copy_manifest, storage in found:
+            scratch = f"pgk_restore_{secrets.token_hex(4)}"
+            _create_database(admin, scratch, owner, copy_manifest.options.get("encoding"))
+            try:
+                log.info("restoring %s from %s into %s", backup_id, storage.url, conn.display())
+                _load(settings, copy_manifest, storage, conn, scratch, jobs, progress)
+            except VerificationError as exc:
+                postgres.drop_database(admin, scratch)
+                log.warning("copy of %s in %s is bad: %s", backup_id, storage.url, exc)
+                last_error = exc
+                continue
+            except BaseException:
+                postgres.drop_database(admin, scratch)
+                raise
+            try:
+                safety_id = None
+                if has_data and safety_backup:
+                    safety = run_backup(
+                        settings,
+                        BackupOptions(
+                            name="pre_restore",
+                            database_url=target_url,
+                            trigger=f"safety before restoring {backup_id}",
+                        ),
+                    )
+                    safety_id = safety.id
+                    log.info("safety backup of %s taken: %s", target, safety_id)
+                _swap(admin, target, scratch, exists)
+            except BaseException:
+                postgres.drop_database(admin, scratch)
+                raise
+            return RestoreResult(
+                backup_id=backup_id,
+                target=conn.display(),
+                database=target,
+                duration_seconds=time.monotonic() - started,
+                safety_backup_id=safety_id,
+                replaced=exists,
+                source=storage.url,
+            )
+    assert last_error is not None  # noqa: S101 - the loop ran at least once
+    raise last_error
