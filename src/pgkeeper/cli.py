@@ -1,0 +1,491 @@
+"""The ``pgkeeper`` command line: a front door over the core, usable without a Prefect server.
+
+Exit codes: 0 ok, 1 failure, 2 bad usage or input. Errors are one line on stderr (``--debug``
+adds the traceback). Progress bars go to stderr on a terminal only; ``--json`` prints
+machine-readable records on stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from pgkeeper import catalog, naming
+from pgkeeper.errors import PgkeeperError, UsageError
+from pgkeeper.manifest import Manifest
+from pgkeeper.pipeline import Progress
+from pgkeeper.settings import Settings, load_settings
+from pgkeeper.storage import targets
+
+app = typer.Typer(
+    name="pgkeeper",
+    help="Automated PostgreSQL backups: backup, verify, upload, rotate, restore, restore-test.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+_state: dict[str, Any] = {"debug": False}
+log = logging.getLogger("pgkeeper")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn the project's errors into one-line messages and exit codes at the boundary."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PgkeeperError as exc:
+            if _state["debug"]:
+                raise
+            _fail(exc.message, exc.exit_code)
+        except KeyboardInterrupt:
+            typer.echo("interrupted: partial output removed", err=True)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # the last line of defence: still one line, never a secret
+            if _state["debug"]:
+                raise
+            from pgkeeper.postgres import redact_url
+
+            text = redact_url(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            _fail(f"unexpected {type(exc).__name__}: {text} (rerun with --debug for details)", 1)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else (logging.ERROR if quiet else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def settings_from_env(**overrides: Any) -> Settings:
+    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+# --- output helpers -----------------------------------------------------------------------------
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def human_age(when: datetime, now: datetime | None = None) -> str:
+    seconds = int(((now or datetime.now(UTC)) - when).total_seconds())
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds // span}{unit} ago"
+    return f"{max(seconds, 0)}s ago"
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for column in columns:
+        table.add_column(column, no_wrap=True, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    # Piped output keeps whole ids: a pipe has no width to fit.
+    console = Console() if sys.stdout.isatty() else Console(width=400, no_color=True)
+    console.print(table)
+
+
+@contextmanager
+def progress_bar(label: str, total: int | None = None) -> Iterator[Progress | None]:
+    """A bytes-and-rate progress bar on stderr when it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+    from rich.progress import Progress as RichProgress
+
+    with RichProgress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+        console=__import__("rich.console").console.Console(stderr=True),
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> None:
+    rows = [
+        ("id", manifest.id),
+        ("database", f"{manifest.database} on {manifest.server}"),
+        ("format", f"{manifest.format}, {manifest.compression}"),
+        ("size", f"{human_size(manifest.size)} ({manifest.size} bytes)"),
+        ("started", manifest.started_at.isoformat()),
+        ("took", f"{(manifest.finished_at - manifest.started_at).total_seconds():.1f}s"),
+        ("state", manifest.state),
+        ("sha256", manifest.sha256),
+        ("trigger", manifest.trigger),
+    ]
+    if manifest.pinned:
+        rows.append(("pinned", "yes"))
+    if manifest.table_counts is not None:
+        rows.append(("tables", f"{len(manifest.table_counts)} (row counts recorded)"))
+    if manifest.last_restore_test is not None:
+        test = manifest.last_restore_test
+        rows.append(
+            ("restore test", f"{'passed' if test.ok else 'FAILED'} {test.at:%Y-%m-%d %H:%M}Z, "
+             f"{test.duration_seconds:.1f}s")
+        )
+    if locations:
+        rows.append(("stored in", ", ".join(locations)))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def _resolve_id(backup_id: str, settings: Settings) -> str:
+    if backup_id == "latest":
+        from pgkeeper.restore import newest_backup
+
+        return newest_backup(targets(settings)).id
+    return naming.validate_id(backup_id)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def backup(
+    name: Annotated[str | None, typer.Option(help="Backup name (the id's prefix).")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Database to back up (default: DATABASE_URL).")
+    ] = None,
+    format: Annotated[
+        str | None, typer.Option("--format", "-F", help="custom (default), plain or directory.")
+    ] = None,
+    compression: Annotated[
+        str | None, typer.Option("--compression", "-C", help="zstd (default), gzip or none.")
+    ] = None,
+    level: Annotated[int | None, typer.Option(help="Compression level.")] = None,
+    schema_only: Annotated[bool, typer.Option("--schema-only", help="Only the schema.")] = False,
+    data_only: Annotated[bool, typer.Option("--data-only", help="Only the data.")] = False,
+    table: Annotated[
+        list[str] | None, typer.Option("--table", "-t", help="Only tables matching (repeatable).")
+    ] = None,
+    exclude_table: Annotated[
+        list[str] | None, typer.Option("--exclude-table", "-T", help="Skip tables (repeatable).")
+    ] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel jobs.")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip verification.")] = False,
+    no_upload: Annotated[
+        bool, typer.Option("--no-upload", help="Do not copy to offsite targets.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Back up the database now: dump, verify, and copy to offsite targets."""
+    from pgkeeper.backup import BackupOptions, run_backup
+    from pgkeeper.verify import verify_backup
+
+    settings = settings_from_env()
+    options = BackupOptions(
+        name=name,
+        database_url=database_url,
+        format=format,
+        compression=compression,
+        compression_level=level,
+        schema_only=schema_only,
+        data_only=data_only,
+        tables=table or (),
+        exclude_tables=exclude_table or (),
+        jobs=jobs,
+        trigger="cli",
+    )
+    primary = targets(settings)[0]
+    with progress_bar("backup") as progress:
+        manifest = run_backup(settings, options, storage=primary, progress=progress)
+    if not no_verify and settings.backup_verify != "off":
+        with progress_bar("verify", manifest.size) as progress:
+            manifest = verify_backup(
+                settings, manifest.id, storages=[primary], level=settings.backup_verify,
+                progress=progress,
+            )
+    locations = [primary.url]
+    if not no_upload:
+        locations += _upload_offsite(settings, manifest.id)
+    if as_json:
+        print_json({**manifest.to_public(), "locations": locations})
+    else:
+        _print_manifest(manifest, locations)
+
+
+def _upload_offsite(settings: Settings, backup_id: str) -> list[str]:
+    """Copy a backup to every offsite target, when the upload core and targets exist."""
+    if len(targets(settings)) < 2:
+        return []
+    try:
+        from pgkeeper import upload  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - the upload core lands with offsite storage
+        return []
+    report = upload.upload_backup(settings, backup_id)
+    return [str(url) for url in getattr(report, "copied_to", [])]
+
+
+@app.command("list")
+@handle_errors
+def list_(as_json: JsonOpt = False) -> None:
+    """List every complete backup, newest first, with size, age, format and state."""
+    settings = settings_from_env()
+    storages = targets(settings)
+    entries = catalog.list_all(storages)
+    total = sum(e.manifest.size for e in entries)
+    if as_json:
+        print_json(
+            {
+                "backups": [{**e.manifest.to_public(), "locations": e.locations} for e in entries],
+                "total": len(entries),
+                "totalSize": total,
+            }
+        )
+        return
+    if not entries:
+        typer.echo(f"no backups in {', '.join(s.url for s in storages)}")
+        return
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "id": e.id,
+            "database": e.manifest.database,
+            "size": human_size(e.manifest.size),
+            "age": human_age(e.manifest.started_at, now),
+            "format": f"{e.manifest.format}/{e.manifest.compression}",
+            "state": e.manifest.state + (" pinned" if e.manifest.pinned else ""),
+            "restore test": (
+                "-" if e.manifest.last_restore_test is None
+                else ("passed" if e.manifest.last_restore_test.ok else "FAILED")
+            ),
+            "stored in": ", ".join(e.locations),
+        }
+        for e in entries
+    ]
+    print_table(rows, list(rows[0]))
+    typer.echo(f"\n{len(entries)} backups, {human_size(total)} in total")
+
+
+@app.command()
+@handle_errors
+def show(backup_id: Annotated[str, typer.Argument(help="Backup id.")], as_json: JsonOpt = False) -> None:
+    """Show one backup's record."""
+    settings = settings_from_env()
+    backup_id = _resolve_id(backup_id, settings)
+    entries = [e for e in catalog.list_all(targets(settings)) if e.id == backup_id]
+    if not entries:
+        catalog.find(targets(settings), backup_id)  # raises the not-found error
+    entry = entries[0]
+    if as_json:
+        print_json({**entry.manifest.to_public(), "locations": entry.locations})
+    else:
+        _print_manifest(entry.manifest, entry.locations)
+
+
+@app.command()
+@handle_errors
+def verify(
+    backup_id: Annotated[str, typer.Argument(help="Backup id (or 'latest').")],
+    quick: Annotated[bool, typer.Option("--quick", help="Checksums and header only.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-read a backup and check its checksum, compression stream and dump structure."""
+    from pgkeeper.verify import verify_backup
+
+    settings = settings_from_env()
+    backup_id = _resolve_id(backup_id, settings)
+    manifest, _ = catalog.find(targets(settings), backup_id)
+    with progress_bar("verify", manifest.size) as progress:
+        try:
+            manifest = verify_backup(
+                settings, backup_id, level="quick" if quick else "full", progress=progress
+            )
+        except PgkeeperError:
+            if as_json:
+                found, _ = catalog.find(targets(settings), backup_id)
+                print_json(found.verification.model_dump(mode="json") if found.verification else {})
+            raise
+    assert manifest.verification is not None  # noqa: S101 - verify_backup records it
+    if as_json:
+        print_json(manifest.verification.model_dump(mode="json"))
+        return
+    for check in manifest.verification.checks:
+        typer.echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name:<12} {check.detail}")
+    typer.echo(f"backup {backup_id} is good")
+
+
+@app.command()
+@handle_errors
+def restore(
+    backup_id: Annotated[str, typer.Argument(help="Backup id, or 'latest' (newest verified).")],
+    target_url: Annotated[
+        str | None,
+        typer.Option(help="Database to restore into (default: a new <db>_restored_<time>)."),
+    ] = None,
+    confirm: Annotated[
+        str | None, typer.Option(help="Name of the target database, to replace its data.")
+    ] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel jobs.")] = None,
+    no_safety_backup: Annotated[
+        bool, typer.Option("--no-safety-backup", help="Do not back up the target first.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore a backup; a failed restore leaves the target as it was."""
+    from pgkeeper.restore import restore_backup
+
+    settings = settings_from_env()
+    resolved = _resolve_id(backup_id, settings)
+    manifest, _ = catalog.find(targets(settings), resolved)
+    with progress_bar("restore", manifest.size) as progress:
+        result = restore_backup(
+            settings,
+            resolved,
+            target_url,
+            confirm=confirm,
+            jobs=jobs,
+            safety_backup=not no_safety_backup,
+            progress=progress,
+        )
+    if as_json:
+        print_json(result.__dict__)
+        return
+    typer.echo(f"restored {result.backup_id} into {result.target} in {result.duration_seconds:.1f}s")
+    if result.safety_backup_id:
+        typer.echo(f"the previous contents are in backup {result.safety_backup_id}")
+
+
+@app.command()
+@handle_errors
+def delete(backup_id: Annotated[str, typer.Argument(help="Backup id.")]) -> None:
+    """Delete a backup from every target (its manifest first)."""
+    settings = settings_from_env()
+    naming.validate_id(backup_id)
+    storages = targets(settings)
+    holding = [s for s in storages if catalog.read_manifest(s, backup_id) is not None]
+    if not holding:
+        catalog.find(storages, backup_id)  # raises the not-found error
+    for storage in holding:
+        catalog.delete_backup(storage, backup_id)
+    typer.echo(f"deleted {backup_id} from {', '.join(s.url for s in holding)}")
+
+
+@app.command()
+@handle_errors
+def download(
+    backup_id: Annotated[str, typer.Argument(help="Backup id (or 'latest').")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="File to write ('-' for stdout).")
+    ] = None,
+    decompress: Annotated[
+        bool, typer.Option("--decompress", help="Write the raw dump, not the stored bytes.")
+    ] = False,
+) -> None:
+    """Write a backup's stored file (verified against its checksum) to a local file."""
+    from pgkeeper.download import write_backup
+
+    settings = settings_from_env()
+    backup_id = _resolve_id(backup_id, settings)
+    manifest, storage = catalog.find(targets(settings), backup_id)
+    name = download_name(manifest, decompress)
+    if output is not None and str(output) == "-":
+        write_backup(storage, manifest, sys.stdout.buffer, decompress=decompress)
+        return
+    path = output or Path(name)
+    if path.is_dir():
+        path = path / name
+    if path.exists():
+        raise UsageError(f"{path} already exists (remove it or choose another --output)")
+    partial = path.with_name(f".{path.name}.part")
+    try:
+        with open(partial, "wb") as out, progress_bar("download", manifest.size) as progress:
+            write_backup(storage, manifest, out, decompress=decompress, progress=progress)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    typer.echo(f"wrote {path}")
+
+
+def download_name(manifest: Manifest, decompress: bool) -> str:
+    if manifest.format == "directory":
+        return f"{manifest.id}.dir.tar"
+    name = manifest.filename
+    if decompress:
+        for suffix in (".zst", ".gz"):
+            name = name.removesuffix(suffix)
+    return name
+
+
+@app.command("import")
+@handle_errors
+def import_(
+    file: Annotated[Path, typer.Argument(help="A pg_dump file: custom, plain, tar, directory tar.")],
+    name: Annotated[str, typer.Option(help="Backup name for the id.")] = "imported",
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring an external dump in as a backup (detected by content; verified)."""
+    from pgkeeper.importing import import_file
+
+    settings = settings_from_env()
+    if not file.exists():
+        raise UsageError(f"{file} does not exist (check the path)")
+    with progress_bar("import", file.stat().st_size if file.is_file() else None) as progress:
+        manifest = import_file(settings, file, name=name, progress=progress)
+    if as_json:
+        print_json(manifest.to_public())
+    else:
+        _print_manifest(manifest)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+__all__ = ["app", "main"]

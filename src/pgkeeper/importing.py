@@ -1,0 +1,328 @@
+"""Import an external dump as a backup: detect what it is by content, store it, verify it.
+
+Recognised, by content never by file name: custom (``PGDMP``), tar (``pg_dump -Ft``), a tar of a
+directory-format dump, and plain SQL, each raw, gzip or zstd compressed. Anything else is
+refused with NotADumpError before anything is listed. Custom, plain and tar dumps are stored
+as they came (same bytes, same compression); a directory tar is unpacked into the directory
+layout so it restores with ``pg_restore -j``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import struct
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pgkeeper import __version__, catalog, naming
+from pgkeeper.errors import NotADumpError, PgkeeperError, StorageError, VerificationError
+from pgkeeper.manifest import Manifest, StoredObject, utcnow
+from pgkeeper.pipeline import GZIP_MAGIC, ZSTD_MAGIC, Decoder, Progress
+from pgkeeper.settings import Settings
+from pgkeeper.storage import Storage, targets
+from pgkeeper.storage.base import CHUNK
+from pgkeeper.verify import check_backup, failed_check
+
+log = logging.getLogger(__name__)
+
+PLAIN_MARKERS = (b"-- PostgreSQL database dump", b"-- PostgreSQL database cluster dump")
+_PLAIN_VERSION = re.compile(rb"-- Dumped from database version (\S+)")
+_PLAIN_CLIENT = re.compile(rb"-- Dumped by pg_dump version (\S+)")
+
+
+@dataclass
+class DumpKind:
+    format: str  # custom | plain | tar | directory
+    compression: str  # zstd | gzip | none
+    database: str = "unknown"
+    server_version: str = ""
+    pg_dump_version: str = ""
+
+
+def _compression_of(head: bytes) -> str:
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    return "none"
+
+
+def parse_archive_header(data: bytes) -> dict[str, str]:
+    """Read database name and versions from a custom/tar archive header (``PGDMP...``).
+
+    Layout (pg_backup_archiver.c, ReadHead): magic, version major/minor/rev bytes, int size,
+    offset size, format byte, compression (a byte from archive 1.15, else an int), creation
+    time as 7 ints, then the database name, server version and pg_dump version as strings.
+    Returns {} when the header is not readable.
+    """
+    try:
+        if not data.startswith(b"PGDMP"):
+            return {}
+        vmaj, vmin, _vrev, int_size = data[5], data[6], data[7], data[8]
+        pos = 11  # skip offset size and format byte
+
+        def read_int() -> int:
+            nonlocal pos
+            sign = data[pos]
+            value = int.from_bytes(data[pos + 1 : pos + 1 + int_size], "little")
+            pos += 1 + int_size
+            return -value if sign else value
+
+        def read_str() -> str:
+            nonlocal pos
+            length = read_int()
+            if length < 0:
+                return ""
+            text = data[pos : pos + length].decode("utf-8", "replace")
+            pos += length
+            return text
+
+        if (vmaj, vmin) >= (1, 15):
+            pos += 1
+        else:
+            read_int()
+        for _ in range(7):
+            read_int()
+        return {"database": read_str(), "server_version": read_str(), "pg_dump_version": read_str()}
+    except (IndexError, struct.error, ValueError):
+        return {}
+
+
+def detect(head: bytes) -> DumpKind:
+    """Tell what a dump is from its first bytes (up to a few MiB); raise NotADumpError."""
+    compression = _compression_of(head)
+    try:
+        decoder = Decoder(compression)
+        inner = decoder.decompress(head) if compression != "none" else head
+    except VerificationError as exc:
+        raise NotADumpError(f"not a PostgreSQL dump: the {compression} data is corrupt") from exc
+    if inner.startswith(b"PGDMP"):
+        info = parse_archive_header(inner)
+        return DumpKind("custom", compression, **info) if info else DumpKind("custom", compression)
+    if len(inner) >= 512 and inner[257:262] == b"ustar":
+        return _detect_tar(inner, compression)
+    text = inner.lstrip(b"\xef\xbb\xbf")[:8192]
+    if any(marker in text for marker in PLAIN_MARKERS):
+        kind = DumpKind("plain", compression)
+        if (m := _PLAIN_VERSION.search(text)) is not None:
+            kind.server_version = m.group(1).decode()
+        if (m := _PLAIN_CLIENT.search(text)) is not None:
+            kind.pg_dump_version = m.group(1).decode()
+        return kind
+    raise NotADumpError(
+        "not a PostgreSQL dump (expected pg_dump custom, tar, directory-tar or plain SQL output, "
+        "optionally gzip or zstd compressed)"
+    )
+
+
+def _detect_tar(inner: bytes, compression: str) -> DumpKind:
+    name = inner[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    size = int(inner[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    body = inner[512 : 512 + size]
+    if name == "toc.dat":
+        info = parse_archive_header(body)
+        return DumpKind("tar", compression, **info)
+    if name.endswith("/toc.dat") or name.rstrip("/").count("/") == 0:
+        # A tar of a directory-format dump: its members live under one folder.
+        return DumpKind("directory", compression)
+    raise NotADumpError(
+        f"not a PostgreSQL dump: a tar archive whose first member is {name!r} "
+        "(expected toc.dat from pg_dump -Ft or a directory-format dump folder)"
+    )
+
+
+class _Head:
+    """A stream with its first bytes already read, so detection does not need a seek."""
+
+    def __init__(self, head: bytes, read: Callable[[int], bytes]) -> None:
+        self._head = head
+        self._read = read
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            if n < 0 or n >= len(self._head):
+                data, self._head = self._head, b""
+                if n < 0:
+                    return data + self._read_all()
+                return data + (self._read(n - len(data)) if n > len(data) else b"")
+            data, self._head = self._head[:n], self._head[n:]
+            return data
+        return self._read_all() if n < 0 else self._read(n)
+
+    def _read_all(self) -> bytes:
+        parts = []
+        while chunk := self._read(CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+def import_stream(
+    settings: Settings,
+    read: Callable[[int], bytes],
+    *,
+    name: str = "imported",
+    storage: Storage | None = None,
+    progress: Progress | None = None,
+    max_bytes: int | None = None,
+) -> Manifest:
+    """Import a dump read from ``read`` as a new backup on the primary target.
+
+    Raises NotADumpError for anything that is not a dump (or a dump that fails verification),
+    StorageError when the target fails, UsageError when it exceeds ``max_bytes``.
+    """
+    naming.validate_name(name)
+    primary = storage if storage is not None else targets(settings)[0]
+    head = b""
+    while len(head) < 64 * 1024:
+        chunk = read(CHUNK)
+        if not chunk:
+            break
+        head += chunk
+    if not head:
+        raise NotADumpError("not a PostgreSQL dump: the file is empty")
+    kind = detect(head)
+    started = utcnow()
+    backup_id = naming.make_id(name, started)
+    if any(True for _ in primary.list(naming.backup_prefix(backup_id))):
+        backup_id = naming.make_id(name, started, millis=True)
+    catalog.write_pending(primary, backup_id, kind.database, "import")
+    stream = _Head(head, _limited(read, max_bytes))
+    try:
+        if kind.format == "directory":
+            objects = _store_directory_tar(primary, backup_id, stream, kind, progress)
+        else:
+            relative = naming.data_name(backup_id, kind.format, kind.compression)
+            objects = [_store_object(primary, backup_id, relative, stream.read, progress)]
+        manifest = Manifest(
+            id=backup_id,
+            name=name,
+            database=kind.database or "unknown",
+            server="import",
+            server_version=kind.server_version,
+            pg_dump_version=kind.pg_dump_version,
+            format=kind.format,  # type: ignore[arg-type]
+            compression="none" if kind.format == "directory" else kind.compression,  # type: ignore[arg-type]
+            objects=objects,
+            size=sum(o.size for o in objects),
+            started_at=started,
+            finished_at=utcnow(),
+            trigger="import",
+            pgkeeper_version=__version__,
+        )
+        result = check_backup(primary, manifest, "full", settings.pg_bin_dir)
+        bad = failed_check(result)
+        if bad is not None:
+            raise NotADumpError(
+                f"not a usable PostgreSQL dump: it failed the {bad.name} check ({bad.detail})"
+            )
+        manifest = manifest.model_copy(update={"verification": result})
+        catalog.write_manifest(primary, manifest)
+    except BaseException:
+        for info in catalog.backup_objects(primary, backup_id):
+            try:
+                primary.delete(info.key)
+            except PgkeeperError:
+                log.warning("could not remove %s after a failed import", info.key)
+        raise
+    catalog.clear_pending(primary, backup_id)
+    return manifest
+
+
+def _limited(read: Callable[[int], bytes], max_bytes: int | None) -> Callable[[int], bytes]:
+    if max_bytes is None:
+        return read
+    seen = 0
+
+    def limited(n: int) -> bytes:
+        nonlocal seen
+        data = read(n)
+        seen += len(data)
+        if seen > max_bytes:
+            raise NotADumpError(f"the dump is larger than the import limit of {max_bytes} bytes")
+        return data
+
+    return limited
+
+
+def _store_object(
+    storage: Storage,
+    backup_id: str,
+    relative: str,
+    read: Callable[[int], bytes],
+    progress: Progress | None,
+) -> StoredObject:
+    digest = hashlib.sha256()
+    size = 0
+    with storage.open_write(naming.object_key(backup_id, relative)) as out:
+        while chunk := read(CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+            if progress:
+                progress(len(chunk))
+    return StoredObject(name=relative, size=size, sha256=digest.hexdigest())
+
+
+def _store_directory_tar(
+    storage: Storage, backup_id: str, stream: _Head, kind: DumpKind, progress: Progress | None
+) -> list[StoredObject]:
+    folder = naming.data_name(backup_id, "directory", "none")
+    mode = {"zstd": "r|", "gzip": "r|gz", "none": "r|"}[kind.compression]
+    source: BinaryIO
+    if kind.compression == "zstd":
+        import zstandard
+
+        source = zstandard.ZstdDecompressor().stream_reader(stream)  # type: ignore[assignment]
+    else:
+        source = stream  # type: ignore[assignment]
+    objects: list[StoredObject] = []
+    try:
+        with tarfile.open(fileobj=source, mode=mode) as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                inner = Path(member.name).name  # directory dumps are flat: keep file names only
+                if not re.fullmatch(r"[A-Za-z0-9_.-]+", inner):
+                    raise NotADumpError(f"not a directory-format dump: odd member {member.name!r}")
+                handle = archive.extractfile(member)
+                if handle is None:
+                    continue
+                obj = _store_object(storage, backup_id, f"{folder}/{inner}", handle.read, progress)
+                objects.append(obj)
+    except tarfile.TarError as exc:
+        raise NotADumpError(f"not a PostgreSQL dump: the tar archive is unreadable ({exc})") from exc
+    if not any(o.name.endswith("/toc.dat") for o in objects):
+        raise NotADumpError("not a directory-format dump: the tar has no toc.dat")
+    toc = next(o for o in objects if o.name.endswith("/toc.dat"))
+    with storage.open_read(naming.object_key(backup_id, toc.name)) as src:
+        info = parse_archive_header(src.read(64 * 1024))
+    kind.database = info.get("database", kind.database)
+    kind.server_version = info.get("server_version", "")
+    kind.pg_dump_version = info.get("pg_dump_version", "")
+    return objects
+
+
+def import_file(
+    settings: Settings,
+    path: Path,
+    *,
+    name: str = "imported",
+    progress: Progress | None = None,
+) -> Manifest:
+    """Import a dump file (see ``import_stream``). A directory is refused: tar it first."""
+    if path.is_dir():
+        raise NotADumpError(
+            f"{path} is a folder; import a directory-format dump as a tar "
+            f"(tar -cf dump.tar -C {path.parent} {path.name})"
+        )
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror} (check the path)") from exc
+    with handle:
+        return import_stream(settings, handle.read, name=name, progress=progress)
