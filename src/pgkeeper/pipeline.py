@@ -217,3 +217,5 @@ class ClientProcess:
                 except OSError:
                     pass
         self.wait()
+        if self.proc.stderr is not None and not self._reader.is_alive():
+            self.proc.stderr.close()  # the drain thread is done with it
