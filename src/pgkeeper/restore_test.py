@@ -1,0 +1,265 @@
+"""Restore tests: prove a backup restores, measure how long it takes (the RTO), check the data.
+
+The procedure, in order (each step's reason beside it):
+  1. choose the backup (default: the newest complete one not known to be corrupt) and the
+     first target holding a copy                    -> the copy an operator would restore first
+  2. restore it into a new scratch database ``pgk_restoretest_<random>`` on the staging server
+     (``STAGING_DATABASE_URL``, default: the source server), timed
+                                                    -> a real restore, never over a live database
+  3. compare per-table row counts with the manifest's snapshot counts (taken in the dump's own
+     snapshot, so any difference is a defect, not concurrent writes)
+  4. run every ``*.sql`` file of the checks folder in name order against the scratch database;
+     each must return a single true value           -> the operator's own invariants
+  5. drop the scratch database, whatever happened   -> staging never fills up with test copies
+  6. append the outcome to the manifest's ``restore_tests`` on the target it came from
+A data problem (a restore that fails, a count that differs, a check that is not true) does not
+raise: it is recorded and returned as ``ok=False``, and the caller decides how to fail
+(the ``restore-test`` flow fails its run). Infrastructure problems raise (see
+``run_restore_test``) and are not recorded: the backup is not at fault when staging is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pgkeeper import catalog, postgres
+from pgkeeper.errors import (
+    BackupNotFoundError,
+    ConfigError,
+    DumpError,
+    PgkeeperError,
+    RestoreError,
+    VerificationError,
+)
+from pgkeeper.manifest import CheckResult, Manifest, RestoreTest, utcnow
+from pgkeeper.postgres import ConnInfo
+from pgkeeper.restore import restore_into_new_database
+from pgkeeper.settings import Settings
+from pgkeeper.storage import Storage, targets
+
+log = logging.getLogger(__name__)
+
+SCRATCH_PREFIX = "pgk_restoretest_"
+
+
+def choose_backup(storages: list[Storage], backup_id: str | None) -> tuple[Manifest, Storage]:
+    """The backup to test and the first target holding it (default: the newest usable one).
+
+    Raises InvalidBackupIdError/BackupNotFoundError.
+    """
+    if backup_id is None:
+        usable = [e for e in catalog.list_all(storages) if not e.manifest.verification_failed]
+        if not usable:
+            where = ", ".join(s.url for s in storages)
+            raise BackupNotFoundError(
+                f"no backup to restore-test in {where} (run 'pgkeeper backup' first)"
+            )
+        backup_id = usable[0].id
+    return catalog.find(storages, backup_id)
+
+
+def compare_counts(expected: dict[str, int], restored: dict[str, int]) -> list[str]:
+    """Every difference between the snapshot row counts and the restored ones, one line each."""
+    mismatches: list[str] = []
+    for table in sorted(expected):
+        if table not in restored:
+            mismatches.append(f"{table}: missing after restore")
+        elif restored[table] != expected[table]:
+            mismatches.append(
+                f"{table}: {restored[table]} rows restored, the backup's snapshot had "
+                f"{expected[table]}"
+            )
+    extra = sorted(set(restored) - set(expected))
+    mismatches.extend(f"{table}: not in the backup's snapshot" for table in extra)
+    return mismatches
+
+
+def check_files(checks_dir: Path | None) -> list[Path]:
+    """The ``*.sql`` checks in name order; raise ConfigError for a folder that is not there."""
+    if checks_dir is None:
+        return []
+    folder = Path(checks_dir)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"checks folder {folder} does not exist (create it or fix BACKUP_CHECKS_DIR)"
+        )
+    return sorted(p for p in folder.glob("*.sql") if p.is_file())
+
+
+def run_check(connection: psycopg.Connection[Any], path: Path) -> CheckResult:
+    """Run one check file; it passes when its last statement returns exactly one true value.
+
+    Each check runs in its own transaction, rolled back afterwards, so one check cannot
+    change what the next one sees.
+    """
+    name = path.name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return CheckResult(name=name, ok=False, detail=f"cannot read the file: {exc}")
+    try:
+        with connection.transaction(force_rollback=True), connection.cursor() as cursor:
+            cursor.execute(text.encode())
+            while cursor.nextset():  # the last statement's result is the verdict
+                pass
+            rows = cursor.fetchall() if cursor.description is not None else []
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return CheckResult(name=name, ok=False, detail=f"error: {first}")
+    if len(rows) == 1 and len(rows[0]) == 1 and rows[0][0] is True:
+        return CheckResult(name=name, ok=True, detail="true")
+    shown = repr(rows[:3])[:200]
+    return CheckResult(
+        name=name, ok=False, detail=f"returned {shown}, expected a single true value"
+    )
+
+
+def _inspect(
+    conn: ConnInfo, scratch: str, manifest: Manifest, checks: list[Path]
+) -> tuple[int, list[str], list[CheckResult]]:
+    """Steps 3 and 4 on the restored scratch database."""
+    results: list[CheckResult] = []
+    with postgres.connect(conn, dbname=scratch) as connection:
+        restored = postgres.table_counts(connection)
+        if manifest.table_counts is None:
+            mismatches: list[str] = []
+            tables = len(restored)
+            results.append(
+                CheckResult(
+                    name="row counts",
+                    ok=True,
+                    detail=(
+                        f"not compared: the backup has no snapshot row counts (schema-only or "
+                        f"filtered backup, or BACKUP_ROW_COUNTS=false); {tables} tables restored"
+                    ),
+                )
+            )
+        else:
+            mismatches = compare_counts(manifest.table_counts, restored)
+            tables = len(set(manifest.table_counts) | set(restored))
+            results.append(
+                CheckResult(
+                    name="row counts",
+                    ok=not mismatches,
+                    detail=f"{tables} tables compared, {len(mismatches)} mismatches",
+                )
+            )
+        for path in checks:
+            results.append(run_check(connection, path))
+    return tables, mismatches, results
+
+
+def _drop_scratch(conn: ConnInfo, scratch: str) -> None:
+    """Drop the scratch database; a failure is logged loudly but does not hide the result."""
+    try:
+        with postgres.connect(conn, dbname="postgres") as admin:
+            postgres.drop_database(admin, scratch)
+    except (PgkeeperError, psycopg.Error) as exc:
+        log.error(
+            "could not drop the restore-test database %s on %s: %s (drop it by hand)",
+            scratch, conn.server, exc,
+        )  # fmt: skip
+
+
+def _record(storage: Storage, manifest: Manifest, result: RestoreTest) -> Manifest:
+    """Append the outcome to the manifest as it is stored now (another run may have changed it)."""
+    current = catalog.read_manifest(storage, manifest.id) or manifest
+    updated = current.model_copy(update={"restore_tests": [*current.restore_tests, result]})
+    catalog.write_manifest(storage, updated)
+    return updated
+
+
+def run_restore_test(
+    settings: Settings,
+    backup_id: str | None = None,
+    staging_url: str | None = None,
+    checks_dir: Path | None = None,
+    *,
+    storages: list[Storage] | None = None,
+    jobs: int | None = None,
+) -> RestoreTest:
+    """Restore-test one backup (default: the newest) on the staging server and record the result.
+
+    Returns the recorded RestoreTest; ``ok`` is False when the restore failed, a row count
+    differs or a check is not true. Raises InvalidBackupIdError/BackupNotFoundError for the
+    backup, ConfigError for a missing server URL or checks folder, the connection errors of
+    ``postgres.connect`` for the staging server (DatabaseUnavailableError is transient), and
+    StorageError when the result cannot be recorded.
+    """
+    storages = storages if storages is not None else targets(settings)
+    manifest, storage = choose_backup(storages, backup_id)
+    if staging_url is None:
+        staging_url = (
+            settings.staging_database_url.get_secret_value()
+            if settings.staging_database_url is not None
+            and settings.staging_database_url.get_secret_value()
+            else settings.require_database_url()
+        )
+    conn = ConnInfo.parse(staging_url)
+    checks = check_files(checks_dir if checks_dir is not None else settings.backup_checks_dir)
+    scratch = f"{SCRATCH_PREFIX}{secrets.token_hex(4)}"
+    log.info(
+        "restore-test of %s from %s into %s on %s", manifest.id, storage.url, scratch, conn.server
+    )
+    duration = 0.0
+    tables = 0
+    mismatches: list[str] = []
+    results: list[CheckResult] = []
+    try:
+        try:
+            duration = restore_into_new_database(
+                settings, manifest, storage, staging_url, scratch, jobs=jobs
+            )
+        except (RestoreError, VerificationError, DumpError) as exc:
+            # The backup (or its copy) is what failed: that is the finding of this test.
+            # Connection and usage errors propagate: staging being down, wrong credentials or
+            # a missing pg_restore say nothing about the backup.
+            mismatches = [f"restore failed: {exc}"]
+            results = [CheckResult(name="restore", ok=False, detail=str(exc))]
+        else:
+            results = [CheckResult(name="restore", ok=True, detail=f"{duration:.1f}s")]
+            tables, mismatches, inspected = _inspect(conn, scratch, manifest, checks)
+            results.extend(inspected)
+    finally:
+        _drop_scratch(conn, scratch)
+    result = RestoreTest(
+        ok=all(c.ok for c in results) and not mismatches,
+        at=utcnow(),
+        duration_seconds=round(duration, 3),
+        server=conn.server,
+        tables_compared=tables,
+        mismatches=mismatches,
+        checks=results,
+    )
+    _record(storage, manifest, result)
+    log.info(
+        "restore-test of %s %s in %.1fs: %d tables compared, %d mismatches",
+        manifest.id, "passed" if result.ok else "FAILED", duration, tables, len(mismatches),
+    )  # fmt: skip
+    return result
+
+
+def failed_summary(result: RestoreTest, backup_id: str) -> str:
+    """One line naming what failed in a restore test, for errors and logs."""
+    problems = list(result.mismatches) + [
+        f"check {c.name}: {c.detail}"
+        for c in result.checks
+        if not c.ok and c.name not in ("restore", "row counts")  # already in the mismatches
+    ]
+    first = problems[0] if problems else "unknown failure"
+    extra = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return (
+        f"restore-test of backup {backup_id!r} failed: {first}{extra} "
+        "(see the restore-test report; do not rely on this backup)"
+    )
+
+
+def raise_for_failure(result: RestoreTest, backup_id: str) -> None:
+    """Raise VerificationError (check ``restore-test``) when the test did not pass."""
+    if not result.ok:
+        raise VerificationError(failed_summary(result, backup_id), check="restore-test")
