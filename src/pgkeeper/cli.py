@@ -251,24 +251,61 @@ def backup(
                 progress=progress,
             )
     locations = [primary.url]
-    if not no_upload:
-        locations += _upload_offsite(settings, manifest.id)
+    failed: dict[str, str] = {}
+    if not no_upload and len(targets(settings)) > 1:
+        from pgkeeper.upload import upload_backup
+
+        with progress_bar("upload", manifest.size) as progress:
+            report = upload_backup(settings, manifest.id, progress=progress)
+        locations += report.copied_to + report.already_there
+        failed = report.failed
     if as_json:
         print_json({**manifest.to_public(), "locations": locations})
     else:
         _print_manifest(manifest, locations)
+    if failed:
+        where = ", ".join(f"{url}: {why}" for url, why in failed.items())
+        _fail(f"backup {manifest.id} made, but the upload failed ({where}); "
+              f"retry with 'pgkeeper upload {manifest.id}'", 1)
 
 
-def _upload_offsite(settings: Settings, backup_id: str) -> list[str]:
-    """Copy a backup to every offsite target, when the upload core and targets exist."""
-    if len(targets(settings)) < 2:
-        return []
-    try:
-        from pgkeeper import upload  # type: ignore[attr-defined]
-    except ImportError:  # pragma: no cover - the upload core lands with offsite storage
-        return []
-    report = upload.upload_backup(settings, backup_id)
-    return [str(url) for url in getattr(report, "copied_to", [])]
+@app.command()
+@handle_errors
+def upload(
+    backup_id: Annotated[
+        str | None, typer.Argument(help="Backup id; default: every backup missing offsite.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy backups to the offsite targets (S3, GCS) and prove each copy by checksum."""
+    from pgkeeper.upload import clean_offsite, upload_backup, upload_missing
+
+    settings = settings_from_env()
+    storages = targets(settings)
+    if len(storages) < 2:
+        raise UsageError(
+            "no offsite target is configured (set AWS_S3_BUCKET, GCS_BUCKET or BACKUP_TARGETS)"
+        )
+    clean_offsite(settings, storages=storages)
+    if backup_id is not None:
+        with progress_bar("upload") as progress:
+            reports = [upload_backup(settings, _resolve_id(backup_id, settings),
+                                     storages=storages, progress=progress)]
+    else:
+        reports = upload_missing(settings, storages=storages)
+    if as_json:
+        print_json([r.__dict__ for r in reports])
+    else:
+        if not reports:
+            typer.echo("every backup is already on every offsite target")
+        for r in reports:
+            for url in r.copied_to:
+                typer.echo(f"uploaded {r.backup_id} to {url}")
+            for url in r.already_there:
+                typer.echo(f"{r.backup_id} already in {url}")
+    failures = [f"{r.backup_id} -> {url}: {why}" for r in reports for url, why in r.failed.items()]
+    if failures:
+        _fail("upload failed: " + "; ".join(failures), 1)
 
 
 @app.command("list")

@@ -242,7 +242,11 @@ def find_client(name: str, pg_bin_dir: Path | None) -> Client:
                 )
             except (subprocess.SubprocessError, OSError) as exc:
                 raise ConfigError(f"cannot run {path}: {exc} (check PG_BIN_DIR)") from exc
-            version = out.stdout.strip().rsplit(" ", 1)[-1] if out.stdout.strip() else "unknown"
+            # "pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)" -> "15.18"
+            found = re.search(r"\(PostgreSQL\)\s+(\S+)", out.stdout) or re.search(
+                r"(\d+(?:\.\d+)*)", out.stdout
+            )
+            version = found.group(1) if found else "unknown"
             return Client(path, version, _major_of(version))
     where = f"PG_BIN_DIR={pg_bin_dir}" if pg_bin_dir else "PATH or /usr/lib/postgresql/*/bin"
     raise ConfigError(
