@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -520,8 +521,15 @@ def import_(
         _print_manifest(manifest)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so the engine's cleanup runs: pg_dump is stopped, the partial
+    # object is removed and the backup lock is released.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 
