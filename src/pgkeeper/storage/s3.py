@@ -582,6 +582,7 @@ class _S3Writer:
             UploadId=self._upload_id,
             PartNumber=number,
             Body=body,
+            ChecksumAlgorithm="SHA256",
             ChecksumSHA256=checksum,
         )
         return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": checksum}
@@ -604,6 +605,9 @@ class _S3Writer:
                 "put_object",
                 Key=self._key,
                 Body=bytes(self._buffer),
+                # Both: the algorithm header is what Object Lock uploads require (with no
+                # Content-MD5); the value is ours, so botocore does not hash again.
+                ChecksumAlgorithm="SHA256",
                 ChecksumSHA256=_b64(self._digest.digest()),
                 Metadata=self._metadata,
                 **self._s3.options.upload_args(),
