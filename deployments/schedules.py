@@ -1,0 +1,220 @@
+"""Which deployments exist, which of their schedules are active, and when they fire.
+
+Pure functions of the settings (``BACKUP_SCHEDULE``, ``BACKUP_ENABLED``, ``BACKUP_TIMEZONE``):
+no Prefect server, no I/O. ``deployments/serve.py`` and ``deployments/prefect_yaml.py`` both
+build from ``plan()``, so serving and ``prefect deploy`` register the same schedules.
+
+``BACKUP_SCHEDULE`` is one of
+    hourly | daily | weekly | monthly      one preset, its deployment active (``@daily`` too)
+    a comma list of presets                e.g. ``hourly,weekly``: each of them active
+    a 5-field cron expression              e.g. ``30 1 * * 1-5``: ``backup-custom`` active
+Every backup deployment always exists (the UI can run any of them by hand); the ones not chosen
+carry an inactive schedule an operator can switch on in the UI. ``BACKUP_ENABLED=false`` leaves
+every schedule inactive. A malformed value raises ConfigError with one line at start-up.
+
+Preset times are staggered (backups at :00, 02:00, Sunday 03:00, the 1st at 04:00; verify at
+06:00; restore-test Sunday 05:00 after the weekly backup) so that two active presets rarely
+meet; when they do, the engine's per-database lock makes the second fail with
+BackupRunningError rather than run two dumps at once.
+
+Missed runs: every schedule passes ``max_lateness_minutes`` = one period of its cron (the
+shortest gap between two of its fire times) as a run parameter. A run that starts later than
+that after its scheduled time (the scheduler was down and queued it long ago) is skipped with
+a log line, so after downtime at most the newest missed run of each deployment does work.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pgkeeper.errors import ConfigError
+from pgkeeper.settings import Settings
+
+# The cron of each BACKUP_SCHEDULE preset and the deployment it activates.
+PRESETS: dict[str, str] = {
+    "hourly": "0 * * * *",
+    "daily": "0 2 * * *",
+    "weekly": "0 3 * * 0",
+    "monthly": "0 4 1 * *",
+}
+VERIFY_CRON = "0 6 * * *"  # daily: re-verify backups not verified for a week (bit rot)
+VERIFY_AFTER_HOURS = 7 * 24
+RESTORE_TEST_CRON = "0 5 * * 0"  # weekly, after the weekly backup
+
+HOW_TO_FIX = (
+    "use hourly, daily, weekly, monthly, a comma list of them, "
+    "or a 5-field cron expression like '30 1 * * *'"
+)
+
+# Flow name -> entrypoint, for prefect.yaml (serve imports the flow objects themselves).
+ENTRYPOINTS: dict[str, str] = {
+    "backup": "flows/backup.py:backup",
+    "verify": "flows/verify.py:verify",
+    "restore": "flows/restore.py:restore",
+    "restore-test": "flows/restore_test.py:restore_test",
+}
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """One cron schedule of a deployment."""
+
+    cron: str
+    timezone: str
+    active: bool
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """One deployment: its flow, name and schedule (if any)."""
+
+    flow: str  # the flow's name, e.g. "backup"
+    name: str  # the deployment's name, e.g. "backup-daily"
+    description: str
+    schedule: ScheduleSpec | None = None
+    # Backups: at most one run per deployment; a run arriving while one runs is cancelled.
+    cancel_new_when_busy: bool = False
+
+
+def validate_timezone(name: str) -> str:
+    """Return an IANA timezone name; raise ConfigError for anything else."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"BACKUP_TIMEZONE {name!r} is not a timezone (use an IANA name like "
+            "'UTC' or 'Europe/Berlin')"
+        ) from None
+    return name
+
+
+def validate_cron(expression: str, what: str = "BACKUP_SCHEDULE") -> str:
+    """Return a 5-field cron expression that Prefect accepts; raise ConfigError otherwise."""
+    from prefect.schedules import Cron  # Prefect's own validation: what the server accepts
+
+    cron = " ".join(expression.split())
+    if len(cron.split(" ")) != 5:
+        raise ConfigError(f"{what} {expression!r} is not a schedule ({HOW_TO_FIX})")
+    try:
+        Cron(cron)
+    except ValueError:
+        raise ConfigError(
+            f"{what} {expression!r} is not a valid cron expression ({HOW_TO_FIX})"
+        ) from None
+    return cron
+
+
+def parse_backup_schedule(value: str) -> tuple[list[str], str | None]:
+    """Split ``BACKUP_SCHEDULE`` into the presets it names and a custom cron (or None).
+
+    Raises ConfigError with one line for an empty, unknown or malformed value.
+    """
+    text = value.strip()
+    if not text:
+        raise ConfigError(f"BACKUP_SCHEDULE is empty ({HOW_TO_FIX})")
+    words = [w.strip().lower().removeprefix("@") for w in text.split(",")]
+    if all(w in PRESETS for w in words):
+        return list(dict.fromkeys(words)), None
+    if all(w.isalpha() for w in words):
+        unknown = ", ".join(repr(w) for w in words if w not in PRESETS)
+        raise ConfigError(f"BACKUP_SCHEDULE has unknown schedule {unknown} ({HOW_TO_FIX})")
+    return [], validate_cron(text)
+
+
+def fire_times(cron: str, timezone: str, start: datetime, count: int) -> list[datetime]:
+    """The next ``count`` fire times of a cron after ``start``, in ``timezone``."""
+    # Prefect's vendored croniter is what its scheduler uses, so the two agree on every edge
+    # (day-of-month OR day-of-week, DST); Prefect is pinned, so the private path is stable.
+    from prefect._vendor.croniter import croniter
+
+    local = start.astimezone(ZoneInfo(timezone))
+    it = croniter(cron, local)
+    return [it.get_next(datetime) for _ in range(count)]
+
+
+PERIOD_REFERENCE = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def period(cron: str) -> timedelta:
+    """One period of a cron: the shortest gap between consecutive fire times over its next 60
+    from a fixed date (in UTC: a DST hour is not a period), so it is deterministic and an
+    irregular schedule (weekdays only) never lets a run be later than its shortest gap."""
+    times = fire_times(cron, "UTC", PERIOD_REFERENCE, 61)
+    return min(b - a for a, b in itertools.pairwise(times))
+
+
+def is_missed(scheduled: datetime, now: datetime, max_lateness: timedelta | None) -> bool:
+    """True when a run scheduled at ``scheduled`` is more than ``max_lateness`` late at ``now``."""
+    return max_lateness is not None and now - scheduled > max_lateness
+
+
+def _schedule(cron: str, timezone: str, active: bool, **parameters: Any) -> ScheduleSpec:
+    minutes = int(period(cron).total_seconds() // 60)
+    return ScheduleSpec(cron, timezone, active, {**parameters, "max_lateness_minutes": minutes})
+
+
+def plan(settings: Settings) -> list[DeploymentSpec]:
+    """Every deployment pgkeeper registers, in the order the UI should list them.
+
+    Raises ConfigError for a malformed BACKUP_SCHEDULE or BACKUP_TIMEZONE.
+    """
+    timezone = validate_timezone(settings.backup_timezone)
+    presets, custom = parse_backup_schedule(settings.backup_schedule)
+    enabled = settings.backup_enabled
+    specs: list[DeploymentSpec] = []
+    for preset, cron in PRESETS.items():
+        specs.append(
+            DeploymentSpec(
+                flow="backup",
+                name=f"backup-{preset}",
+                description=f"{preset.capitalize()} backup ({cron}, {timezone}).",
+                schedule=_schedule(cron, timezone, enabled and preset in presets),
+                cancel_new_when_busy=True,
+            )
+        )
+    specs.append(
+        DeploymentSpec(
+            flow="backup",
+            name="backup-custom",
+            description=(
+                f"Backup on the cron from BACKUP_SCHEDULE ({custom}, {timezone})."
+                if custom
+                else "Backup on a custom cron: set BACKUP_SCHEDULE to a cron expression."
+            ),
+            schedule=_schedule(custom, timezone, enabled) if custom else None,
+            cancel_new_when_busy=True,
+        )
+    )
+    specs.append(
+        DeploymentSpec(
+            flow="verify",
+            name="verify",
+            description="Re-verify stored backups not verified for a week (daily), or one by id.",
+            schedule=_schedule(VERIFY_CRON, timezone, enabled, older_than_hours=VERIFY_AFTER_HOURS),
+        )
+    )
+    specs.append(
+        DeploymentSpec(
+            flow="restore",
+            name="restore",
+            description=(
+                "Restore a backup. Defaults are safe: the newest verified backup into a NEW "
+                "database; replacing a database with data needs confirm = its name."
+            ),
+        )
+    )
+    specs.append(
+        DeploymentSpec(
+            flow="restore-test",
+            name="restore-test",
+            description="Restore the newest backup on staging, compare row counts, run checks.",
+            schedule=_schedule(RESTORE_TEST_CRON, timezone, enabled),
+            cancel_new_when_busy=True,
+        )
+    )
+    return specs

@@ -1,0 +1,172 @@
+"""BACKUP_SCHEDULE / BACKUP_ENABLED / BACKUP_TIMEZONE decide which deployments are scheduled,
+when, and which late runs count as missed (deployments/schedules.py, no Prefect server)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from deployments import schedules
+from deployments.schedules import DeploymentSpec, is_missed, parse_backup_schedule, period, plan
+from pgkeeper.errors import ConfigError
+from pgkeeper.settings import Settings, load_settings
+
+ALL_NAMES = [
+    "backup-hourly", "backup-daily", "backup-weekly", "backup-monthly", "backup-custom",
+    "verify", "restore", "restore-test",
+]  # fmt: skip
+
+
+def _settings(**overrides: object) -> Settings:
+    return load_settings(_env_file=None, **overrides)
+
+
+def _by_name(specs: list[DeploymentSpec]) -> dict[str, DeploymentSpec]:
+    return {s.name: s for s in specs}
+
+
+def _active(specs: list[DeploymentSpec]) -> dict[str, str]:
+    return {s.name: s.schedule.cron for s in specs if s.schedule and s.schedule.active}
+
+
+@pytest.mark.parametrize(
+    ("value", "backups"),
+    [
+        ("hourly", {"backup-hourly": "0 * * * *"}),
+        ("daily", {"backup-daily": "0 2 * * *"}),
+        ("weekly", {"backup-weekly": "0 3 * * 0"}),
+        ("monthly", {"backup-monthly": "0 4 1 * *"}),
+        ("@daily", {"backup-daily": "0 2 * * *"}),
+        (" Hourly , WEEKLY ", {"backup-hourly": "0 * * * *", "backup-weekly": "0 3 * * 0"}),
+        ("daily,daily", {"backup-daily": "0 2 * * *"}),
+        ("30 1 * * 1-5", {"backup-custom": "30 1 * * 1-5"}),
+        ("0 1,13 * * *", {"backup-custom": "0 1,13 * * *"}),  # a comma inside a cron
+        ("*/15   *  * * *", {"backup-custom": "*/15 * * * *"}),
+    ],
+)
+def test_each_backup_schedule_value_activates_its_deployments(
+    value: str, backups: dict[str, str]
+) -> None:
+    """Each BACKUP_SCHEDULE value activates exactly its backup deployments with their cron;
+    verify and restore-test stay scheduled, restore never is."""
+    specs = plan(_settings(backup_schedule=value))
+
+    assert [s.name for s in specs] == ALL_NAMES
+    assert _active(specs) == {**backups, "verify": "0 6 * * *", "restore-test": "0 5 * * 0"}
+    assert _by_name(specs)["restore"].schedule is None
+
+
+def test_presets_not_chosen_exist_with_an_inactive_schedule() -> None:
+    """Unchosen presets are registered with inactive schedules (switchable in the UI); the
+    custom deployment has no schedule unless BACKUP_SCHEDULE is a cron."""
+    specs = _by_name(plan(_settings(backup_schedule="daily")))
+
+    hourly = specs["backup-hourly"].schedule
+    assert hourly is not None and hourly.cron == "0 * * * *" and not hourly.active
+    assert specs["backup-custom"].schedule is None
+
+
+def test_backup_enabled_false_leaves_every_schedule_inactive() -> None:
+    """BACKUP_ENABLED=false: every deployment is still registered, no schedule is active."""
+    specs = plan(_settings(backup_enabled=False, backup_schedule="hourly,weekly"))
+
+    assert [s.name for s in specs] == ALL_NAMES
+    assert _active(specs) == {}
+    assert all(s.schedule is None or not s.schedule.active for s in specs)
+
+
+def test_the_timezone_is_carried_by_every_schedule() -> None:
+    """BACKUP_TIMEZONE is the timezone of every schedule (cron times are local times)."""
+    specs = plan(_settings(backup_timezone="Europe/Berlin", backup_schedule="15 4 * * *"))
+
+    assert {s.schedule.timezone for s in specs if s.schedule} == {"Europe/Berlin"}
+
+
+def test_backups_cancel_a_new_run_while_one_runs_and_others_do_not() -> None:
+    """Backup deployments (and restore-test) use CANCEL_NEW; restore and verify queue."""
+    specs = _by_name(plan(_settings()))
+
+    assert {n for n, s in specs.items() if s.cancel_new_when_busy} == {
+        "backup-hourly", "backup-daily", "backup-weekly", "backup-monthly", "backup-custom",
+        "restore-test",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "BACKUP_SCHEDULE is empty"),
+        ("   ", "BACKUP_SCHEDULE is empty"),
+        ("dialy", "unknown schedule 'dialy'"),
+        ("daily,fortnightly", "unknown schedule 'fortnightly'"),
+        ("* * *", "is not a schedule"),
+        ("0 0 * * * *", "is not a schedule"),  # 6 fields (seconds) are not accepted
+        ("61 * * * *", "is not a valid cron expression"),
+        ("0 25 * * *", "is not a valid cron expression"),
+        ("H * * * *", "is not a valid cron expression"),  # hashed crons: Prefect refuses them
+        ("daily,0 3 * * *", "is not a valid cron expression"),
+    ],
+)
+def test_a_malformed_schedule_is_one_clear_line(value: str, message: str) -> None:
+    """Malformed BACKUP_SCHEDULE values raise ConfigError: one line, saying what to use."""
+    with pytest.raises(ConfigError, match=message) as info:
+        plan(_settings(backup_schedule=value))
+
+    text = str(info.value)
+    assert "\n" not in text
+    assert "use hourly, daily, weekly, monthly" in text
+
+
+def test_a_malformed_timezone_is_one_clear_line() -> None:
+    """An unknown BACKUP_TIMEZONE raises ConfigError naming it."""
+    with pytest.raises(ConfigError, match="BACKUP_TIMEZONE 'Mars/Olympus' is not a timezone"):
+        plan(_settings(backup_timezone="Mars/Olympus"))
+
+
+def test_parse_returns_presets_in_order_or_a_normalised_cron() -> None:
+    """Presets keep the operator's order without duplicates; a cron's spacing is normalised."""
+    assert parse_backup_schedule("weekly,hourly,weekly") == (["weekly", "hourly"], None)
+    assert parse_backup_schedule(" 0  3 * * 1 ") == ([], "0 3 * * 1")
+
+
+@pytest.mark.parametrize(
+    ("cron", "expected"),
+    [
+        ("0 * * * *", timedelta(hours=1)),
+        ("0 2 * * *", timedelta(days=1)),
+        ("0 3 * * 0", timedelta(days=7)),
+        ("0 4 1 * *", timedelta(days=28)),  # the shortest month
+        ("30 1 * * 1-5", timedelta(days=1)),  # weekdays: the shortest gap, not the weekend
+        ("0 1,13 * * *", timedelta(hours=12)),
+    ],
+)
+def test_one_period_is_the_shortest_gap_between_fire_times(cron: str, expected: timedelta) -> None:
+    """The missed-run threshold of a cron is its shortest gap between two fire times."""
+    assert period(cron) == expected
+
+
+def test_every_schedule_passes_its_period_as_the_missed_run_threshold() -> None:
+    """Each schedule's parameters carry max_lateness_minutes = one period of its cron."""
+    specs = _by_name(plan(_settings(backup_schedule="hourly,daily,weekly,monthly")))
+
+    minutes = {
+        n: s.schedule.parameters["max_lateness_minutes"] for n, s in specs.items() if s.schedule
+    }
+    assert minutes == {
+        "backup-hourly": 60, "backup-daily": 1440, "backup-weekly": 10080,
+        "backup-monthly": 40320, "verify": 1440, "restore-test": 10080,
+    }  # fmt: skip
+    assert specs["verify"].schedule is not None
+    assert specs["verify"].schedule.parameters["older_than_hours"] == schedules.VERIFY_AFTER_HOURS
+
+
+def test_a_run_later_than_one_period_is_missed_and_manual_runs_never_are() -> None:
+    """A run more than max_lateness late is missed; within it, or with no threshold, it runs."""
+    scheduled = datetime(2025, 3, 1, 2, 0, tzinfo=UTC)
+    hour = timedelta(hours=1)
+
+    assert not is_missed(scheduled, scheduled + timedelta(minutes=5), hour)
+    assert not is_missed(scheduled, scheduled + hour, hour)
+    assert is_missed(scheduled, scheduled + hour + timedelta(seconds=1), hour)
+    assert not is_missed(scheduled, scheduled + timedelta(days=30), None)
