@@ -5,13 +5,16 @@ loaded once per session into `fidelity_src`. `tests.fidelity.compare.snapshot` r
 object by object (rows and content hash of every table, sequences, large objects, definitions,
 grants, comments). First the comparer itself is proven: a plain `pg_dump -Fc | pg_restore` copy
 compares equal, and a copy with one changed row, sequence or large object does not. Then every
-format x compression of pgkeeper's backup is restored and compared with the source.
+format x compression goes through the `pgkeeper` command (backup, verify, restore into a
+new database) and the restored database is compared with the source.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +31,7 @@ SOURCE_DB = "fidelity_src"
 PG_DUMP_COPY_DB = "fidelity_pg_dump_copy"
 FORMATS = ("custom", "plain", "directory")
 COMPRESSIONS = ("zstd", "gzip", "none")
+PGKEEPER = Path(sys.executable).with_name("pgkeeper")
 
 
 def _client_env(cluster: PgCluster, dbname: str) -> dict[str, str]:
@@ -216,6 +220,13 @@ def test_comparer_detects_change(
 # --- pgkeeper round trips -----------------------------------------------------------------------
 
 
+def _pgkeeper(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the installed `pgkeeper` command (the venv's, next to this Python) as a user would."""
+    return subprocess.run(
+        [str(PGKEEPER), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_round_trip_is_exact(
@@ -226,32 +237,41 @@ def test_round_trip_is_exact(
     source_snapshot: compare.Snapshot,
     tmp_path: Path,
 ) -> None:
-    """pgkeeper backup, then restore into a new database, reproduces the source exactly."""
-    from pgkeeper.backup import BackupOptions, run_backup
-    from pgkeeper.errors import UsageError
-    from pgkeeper.restore import restore_backup
-    from pgkeeper.settings import load_settings
-
-    settings = load_settings(backup_dir=str(tmp_path / "backups"))
-    options = BackupOptions(database_url=fidelity_source, format=fmt, compression=compression)
+    """`pgkeeper backup`, then `pgkeeper restore` into a new database, reproduces the source."""
+    # Secrets travel in the environment only: DATABASE_URL for the source, PGPASSWORD for the
+    # target, whose URL on the command line carries no password.
+    env = {
+        **os.environ,
+        "DATABASE_URL": fidelity_source,
+        "BACKUP_DIR": str(tmp_path / "backups"),
+        "PGPASSWORD": pg_cluster.password,
+    }
+    backup = _pgkeeper(["backup", "--format", fmt, "--compression", compression, "--json"], env)
     if fmt == "directory" and compression == "zstd" and _pg_dump_major(pg_cluster) < 16:
-        with pytest.raises(UsageError, match="directory format with zstd needs pg_dump 16"):
-            run_backup(settings, options)
+        # pg_dump 15 cannot write zstd into a directory dump: a clear usage error, not a crash.
+        assert backup.returncode == 2, backup
+        assert "zstd needs pg_dump 16" in backup.stderr
+        assert len(backup.stderr.strip().splitlines()) == 1, backup.stderr
         return
-    manifest = run_backup(settings, options)
-    assert (manifest.format, manifest.compression) == (fmt, compression)
-    # The manifest's row counts come from the dump's own snapshot.
-    expected_counts = {
+    assert backup.returncode == 0, backup.stderr
+    manifest = json.loads(backup.stdout)
+    assert (manifest["format"], manifest["compression"]) == (fmt, compression)
+    # The manifest's row counts were taken in the dump's own snapshot.
+    assert manifest["table_counts"] == {
         name: info["rows"]
         for name, info in source_snapshot["tables"].items()
         if info["kind"] == "r"
     }
-    assert manifest.table_counts == expected_counts
+    verify = _pgkeeper(["verify", manifest["id"]], env)
+    assert verify.returncode == 0, verify.stderr
 
     target = f"fidelity_{fmt}_{compression}"
     pg_cluster.drop_database(target)
     try:
-        restore_backup(settings, manifest.id, pg_cluster.url(target))
+        restore = _pgkeeper(
+            ["restore", manifest["id"], "--target-url", pg_cluster.url(target, password="")], env
+        )
+        assert restore.returncode == 0, restore.stderr
         compare.assert_same(source_snapshot, compare.snapshot(pg_cluster.url(target)))
     finally:
         pg_cluster.drop_database(target)
