@@ -21,9 +21,10 @@ from datetime import UTC, datetime
 
 from pgkeeper.errors import InvalidBackupIdError, UsageError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+# \Z, not $: $ also matches before a trailing newline, which would let "id\n" through.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")
 _TS = r"(?P<ts>\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d{3})?Z)"
-ID_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,62})_" + _TS + "$")
+ID_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,62})_" + _TS + r"\Z")
 
 MANIFEST = "manifest.json"
 PENDING = "pending.json"
