@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -69,22 +68,21 @@ _ENV_OF = {
 LOCK_CLASS = 0x70676B70  # 'pgkp': first key of the advisory lock, so ours never collide with apps'
 
 
+# libpq reads a URI's userinfo up to the first '/' and takes '#' and '?' in it literally, so
+# urllib's idea of netloc/query/fragment is not libpq's: match the userinfo the way libpq does
+# (up to the last '@' before the first '/', erring towards hiding too much).
+_URI_PASSWORD = re.compile(r"^(postgres(?:ql)?://[^@/:]*):[^/]*@", re.IGNORECASE)
+_URI_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
+# A conninfo value is a bare word or a single-quoted string with backslash escapes.
+_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """A connection URL safe to show: the password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.scheme not in ("postgres", "postgresql"):
-        return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, hostinfo = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{hostinfo}"
-    query = re.sub(r"(password=)[^&]*", r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """A connection URL or conninfo safe to show: the password replaced by ``***``."""
+    if re.match(r"^postgres(?:ql)?://", url, re.IGNORECASE):
+        url = _URI_PASSWORD.sub(r"\1:***@", url, count=1)
+        return _URI_QUERY_PASSWORD.sub(r"\1***", url)
+    return _KV_PASSWORD.sub(r"\1***", url)
 
 
 @dataclass(frozen=True)
