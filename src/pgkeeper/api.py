@@ -1,0 +1,1287 @@
+"""The HTTP API (FastAPI): list, create, delete, restore, download and import backups.
+
+A front door over the core, like the CLI: each handler checks the caller's token, validates ids
+with ``naming.validate_id`` before anything touches storage, calls the core in the threadpool
+(blocking work never runs on the event loop) and translates the project's errors at the
+boundary into ``{"success": false, "error": "..."}`` with the error's ``http_status``. Error
+text is redacted (connection URLs, passwords, configured secrets) and never carries a traceback.
+
+Paths and shapes are the seed's compatibility contract::
+
+    GET    /api/health                      liveness (no token needed)
+    GET    /api/backups                     list + totals + scheduler status
+    POST   /api/backups                     back up now ({"wait": false}: 202 + a Prefect run)
+    DELETE /api/backups?id=ID               delete from every target
+    POST   /api/backups/restore             restore ({"wait": false}: 202 + a Prefect run)
+    GET    /api/backups/download?id=ID      the stored file, streamed, with Range support
+    POST   /api/backups/import?name=NAME    an external dump as the request body, streamed
+    GET    /api/backups/{id}                one backup's record
+    GET    /api/runs/{id}                   state of a Prefect flow run started here
+
+Auth: ``Authorization: Bearer <token>``. ``BACKUP_API_TOKEN`` (admin) may do everything,
+``BACKUP_API_READ_TOKEN`` only GET. With no token configured every request is allowed, and
+``serve_api`` refuses to listen anywhere but the loopback interface.
+
+Prefect is reached over its REST API with httpx (``PREFECT_API_URL`` from the environment or
+the active Prefect profile), never by importing ``prefect``: importing it costs seconds and tens
+of MiB, which no request should pay. Without a configured server, listing says the scheduler is
+not running and ``"wait": false`` answers 503 with what to set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import tarfile
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import anyio.from_thread
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pgkeeper import __version__, catalog, naming
+from pgkeeper.errors import (
+    ConfigError,
+    ConfirmationRequiredError,
+    PgkeeperError,
+    UsageError,
+    VerificationError,
+)
+from pgkeeper.manifest import Manifest, StoredObject
+from pgkeeper.postgres import ConnInfo, redact_url
+from pgkeeper.settings import Settings
+from pgkeeper.storage import Storage, targets
+from pgkeeper.storage.base import CHUNK
+
+log = logging.getLogger(__name__)
+
+# Interfaces a server without a token may listen on: only this machine can reach them.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+DEFAULT_BACKUP_NAME = "manual_backup"  # the seed's name for backups made over the API
+DEFAULT_IMPORT_NAME = "imported"
+SCHEDULER_CACHE_SECONDS = 5.0  # a listing asks Prefect at most this often
+PREFECT_TIMEOUT_SECONDS = 5.0
+# A runner (`prefect serve`) polls every 10 s and Prefect's foreman marks a deployment
+# NOT_READY after 60 s without a poll; we allow a little more, for servers whose foreman is off.
+POLL_FRESH_SECONDS = 90.0
+# Flows whose runs /api/runs/{id} reports: pgkeeper's own, never other flows on the server.
+PGKEEPER_FLOWS = frozenset(
+    {"backup", "verify", "upload", "rotate", "restore", "restore-test", "monitor"}
+)
+
+
+# --- errors of this front door ------------------------------------------------------------------
+
+
+class ImportTooLargeError(UsageError):
+    """The uploaded dump is larger than BACKUP_API_MAX_IMPORT_BYTES."""
+
+    http_status = 413
+
+
+class PrefectUnavailableError(PgkeeperError):
+    """No Prefect server is configured or reachable, or nothing runs the deployment."""
+
+    http_status = 503
+
+
+class RangeNotSatisfiableError(UsageError):
+    """A Range header none of whose bytes exist."""
+
+    http_status = 416
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
+# --- request and response models (module level: FastAPI resolves these annotations) ------------
+
+
+class ErrorResponse(BaseModel):
+    success: Literal[False] = False
+    error: str = Field(description="one line saying what is wrong and what to do")
+
+
+class BackupRecord(BaseModel):
+    """The seed's fields first; every other manifest field follows."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(examples=["manual_backup_2025-10-02T10-00-00Z"])
+    filename: str
+    size: int = Field(description="bytes stored")
+    timestamp: str = Field(description="start time, ISO 8601 UTC")
+    database: str
+    compressed: bool
+
+
+class SchedulerStatus(BaseModel):
+    schedule: str = Field(description="BACKUP_SCHEDULE")
+    enabled: bool = Field(description="BACKUP_ENABLED")
+    running: bool = Field(description="true only when Prefect reports a live scheduler")
+    detail: str = Field(description="why running is what it is")
+
+
+class BackupList(BaseModel):
+    success: Literal[True] = True
+    backups: list[BackupRecord]
+    total: int
+    totalSize: int
+    scheduler: SchedulerStatus
+
+
+class BackupResponse(BaseModel):
+    success: Literal[True] = True
+    backup: BackupRecord
+
+
+class CreateBackupRequest(BaseModel):
+    name: str | None = Field(
+        default=None,
+        description=f"the id's prefix (default {DEFAULT_BACKUP_NAME!r})",
+        examples=[DEFAULT_BACKUP_NAME],
+    )
+    compress: bool = Field(default=True, description="false stores the dump uncompressed")
+    compression: Literal["zstd", "gzip", "none"] | None = Field(
+        default=None, description="default BACKUP_COMPRESSION"
+    )
+    format: Literal["custom", "plain", "directory"] | None = Field(
+        default=None, description="default BACKUP_FORMAT"
+    )
+    wait: bool = Field(
+        default=True, description="false: start a Prefect flow run and answer 202 at once"
+    )
+
+
+class UploadOutcome(BaseModel):
+    copiedTo: list[str]
+    failed: dict[str, str]
+
+
+class CreatedBackupResponse(BaseModel):
+    success: Literal[True] = True
+    backup: BackupRecord
+    locations: list[str]
+    upload: UploadOutcome | None = None
+
+
+class RunHandle(BaseModel):
+    id: str
+    name: str
+    flow: str
+    deployment: str | None = None
+    state: str
+    url: str | None = Field(default=None, description="the run in the Prefect UI")
+
+
+class RunAccepted(BaseModel):
+    success: Literal[True] = True
+    message: str
+    run: RunHandle
+
+
+class MessageResponse(BaseModel):
+    success: Literal[True] = True
+    message: str
+
+
+class RestoreRequest(BaseModel):
+    backupId: str = Field(
+        description="backup id, or 'latest' for the newest verified backup",
+        examples=["manual_backup_2025-10-02T10-00-00Z"],
+    )
+    target: str | None = Field(
+        default=None,
+        description=(
+            "a database name on the DATABASE_URL server, or a postgresql:// URL; "
+            "default: a new database <db>_restored_<time>"
+        ),
+    )
+    confirm: str | bool | None = Field(
+        default=None,
+        description="the target database's name: required to replace a database that has data",
+    )
+    jobs: int | None = Field(default=None, ge=1, le=64, description="parallel restore jobs")
+    safetyBackup: bool = Field(
+        default=True, description="back up a target with data before replacing it"
+    )
+    wait: bool = Field(
+        default=True, description="false: start a Prefect flow run and answer 202 at once"
+    )
+
+
+class RestoreInfo(BaseModel):
+    target: str = Field(description="the target database, without password")
+    database: str
+    durationSeconds: float
+    safetyBackupId: str | None
+    replaced: bool
+    source: str = Field(description="the storage target the backup was read from")
+
+
+class RestoreResponse(BaseModel):
+    success: Literal[True] = True
+    message: str
+    backup: BackupRecord
+    restore: RestoreInfo
+
+
+class ImportResponse(BaseModel):
+    success: Literal[True] = True
+    message: str
+    backup: BackupRecord
+
+
+class RunState(BaseModel):
+    id: str
+    name: str
+    flow: str
+    deployment: str | None
+    state: str = Field(description="Prefect's state name, e.g. Scheduled, Running, Completed")
+    stateType: str
+    message: str | None
+    createdAt: str | None
+    startTime: str | None
+    endTime: str | None
+    finished: bool
+    url: str | None
+
+
+class RunResponse(BaseModel):
+    success: Literal[True] = True
+    run: RunState
+
+
+class HealthResponse(BaseModel):
+    success: Literal[True] = True
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries: each status documented with the error body."""
+    return {status: {"model": ErrorResponse} for status in (400, *statuses)}
+
+
+AUTH_ERRORS = (401, 403)
+
+
+# --- redaction ----------------------------------------------------------------------------------
+
+_PG_URL_IN_TEXT = re.compile(r"postgres(?:ql)?://[^\s'\"<>]+")
+_HTTP_USERINFO = re.compile(r"(https?://)[^/\s@]+@")
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Text safe to send: connection URLs without passwords, no ``password=``, no secret."""
+    text = _PG_URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    text = _HTTP_USERINFO.sub(r"\1***@", text)
+    text = _PASSWORD_KV.sub(r"\1***", text)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _secrets_of(settings: Settings) -> tuple[str, ...]:
+    """Every secret value the settings hold (longest first), to scrub from any message."""
+    found: set[str] = set()
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if hasattr(value, "get_secret_value"):
+            secret = value.get_secret_value()
+            if secret:
+                found.add(secret)
+                if "://" in secret or "=" in secret:  # a URL: its password alone, too
+                    try:
+                        password = ConnInfo.parse(secret).params.get("password")
+                    except PgkeeperError:
+                        password = None
+                    if password:
+                        found.add(password)
+                        found.add(quote(password, safe=""))
+    # Short values would mangle ordinary words; they are caught by the patterns above.
+    return tuple(sorted((s for s in found if len(s) >= 4), key=len, reverse=True))
+
+
+# --- Prefect, over its REST API ------------------------------------------------------------------
+
+
+def _prefect_profile() -> dict[str, str]:
+    """Settings of the active Prefect profile (``prefect config set`` writes them there)."""
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return {}
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
+    profile = data.get("profiles", {}).get(active, {})
+    if not isinstance(profile, dict):
+        return {}
+    return {str(k): str(v) for k, v in profile.items()}
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@dataclass
+class PrefectLink:
+    """Where the Prefect server is, and the few calls the API makes to it."""
+
+    api_url: str | None
+    ui_url: str | None
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    timeout: float = PREFECT_TIMEOUT_SECONDS
+
+    @classmethod
+    def from_environment(cls) -> PrefectLink:
+        """PREFECT_API_URL (+ PREFECT_UI_URL, PREFECT_API_KEY, PREFECT_API_AUTH_STRING) from the
+        environment, else from the active Prefect profile."""
+        profile = _prefect_profile()
+
+        def setting(name: str) -> str | None:
+            return os.environ.get(name) or profile.get(name) or None
+
+        api_url = setting("PREFECT_API_URL")
+        ui_url = setting("PREFECT_UI_URL")
+        if api_url and not ui_url:
+            base = _without_userinfo(api_url).rstrip("/")
+            ui_url = base.removesuffix("/api")
+        headers: dict[str, str] = {}
+        if key := setting("PREFECT_API_KEY"):
+            headers["Authorization"] = f"Bearer {key}"
+        elif auth := setting("PREFECT_API_AUTH_STRING"):
+            import base64
+
+            headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+        return cls(api_url=api_url.rstrip("/") if api_url else None, ui_url=ui_url, headers=headers)
+
+    @property
+    def shown(self) -> str:
+        return _without_userinfo(self.api_url) if self.api_url else "(none)"
+
+    def run_url(self, run_id: str) -> str | None:
+        return f"{self.ui_url.rstrip('/')}/runs/flow-run/{run_id}" if self.ui_url else None
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One call; returns the JSON answer, or None for 404. Raises PrefectUnavailableError."""
+        if not self.api_url:
+            raise PrefectUnavailableError(
+                "no Prefect server is configured (set PREFECT_API_URL, e.g. "
+                "http://127.0.0.1:4200/api, and run 'pgkeeper serve' against it)"
+            )
+        import httpx  # lazy: only calls that need Prefect pay for it
+
+        try:
+            response = httpx.request(
+                method, self.api_url + path, json=body, headers=self.headers, timeout=self.timeout
+            )
+        except httpx.HTTPError as exc:
+            raise PrefectUnavailableError(
+                f"the Prefect server at {self.shown} is unreachable ({type(exc).__name__}); "
+                "start it or fix PREFECT_API_URL"
+            ) from None
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            raise PrefectUnavailableError(
+                f"the Prefect server at {self.shown} answered {response.status_code} to "
+                f"{method} {path} (check PREFECT_API_URL and its credentials)"
+            )
+        try:
+            return response.json()
+        except ValueError:
+            raise PrefectUnavailableError(
+                f"{self.shown} did not answer like a Prefect server (check PREFECT_API_URL)"
+            ) from None
+
+    def deployments_of(self, flow: str) -> list[dict[str, Any]]:
+        found = self.request(
+            "POST", "/deployments/filter", {"flows": {"name": {"any_": [flow]}}, "limit": 200}
+        )
+        return [d for d in found or [] if isinstance(d, dict)]
+
+    def scheduler_status(self) -> tuple[bool, str]:
+        """Whether a scheduler really runs backups: some backup deployment is not paused, has
+        an active schedule, and a runner/worker polled it recently (Prefect's READY status)."""
+        if not self.api_url:
+            return False, "no Prefect server is configured (set PREFECT_API_URL)"
+        try:
+            deployments = self.deployments_of("backup")
+        except PrefectUnavailableError as exc:
+            return False, exc.message
+        if not deployments:
+            return False, f"no backup deployment on {self.shown} (run 'pgkeeper serve')"
+        now = datetime.now(UTC)
+        scheduled = [
+            d for d in deployments
+            if not d.get("paused") and any(s.get("active") for s in d.get("schedules") or [])
+        ]
+        if not scheduled:
+            return False, "every backup deployment is paused or has no active schedule"
+        for deployment in sorted(scheduled, key=lambda d: str(d.get("name"))):
+            polled = _parse_time(deployment.get("last_polled"))
+            fresh = polled is not None and now - polled < timedelta(seconds=POLL_FRESH_SECONDS)
+            if deployment.get("status") == "READY" and fresh:
+                return True, f"backup/{deployment.get('name')} is served and scheduled"
+        return False, (
+            "no scheduler has polled the backup deployments in the last "
+            f"{POLL_FRESH_SECONDS:.0f}s (start 'pgkeeper serve')"
+        )
+
+    def start_run(self, flow: str, parameters: dict[str, Any]) -> RunHandle:
+        """Create a flow run of ``flow`` on a deployment something is serving.
+
+        Prefers a deployment with an active schedule (the one the operator chose). Refuses with
+        PrefectUnavailableError when nothing polls the flow's deployments: a run nobody picks up
+        would wait forever.
+        """
+        deployments = self.deployments_of(flow)
+        if not deployments:
+            raise PrefectUnavailableError(
+                f"no {flow} deployment on {self.shown} (run 'pgkeeper serve' or "
+                "'prefect deploy --all'); nothing was started"
+            )
+        ready = [d for d in deployments if d.get("status") == "READY" and not d.get("paused")]
+        if not ready:
+            raise PrefectUnavailableError(
+                f"nothing is serving the {flow} deployments on {self.shown} (start "
+                "'pgkeeper serve' or a worker); nothing was started"
+            )
+        ready.sort(
+            key=lambda d: (
+                not any(s.get("active") for s in d.get("schedules") or []),
+                str(d.get("name")),
+            )
+        )
+        chosen = ready[0]
+        run = self.request(
+            "POST",
+            f"/deployments/{chosen['id']}/create_flow_run",
+            {"parameters": parameters, "tags": ["pgkeeper-api"]},
+        )
+        if not isinstance(run, dict) or "id" not in run:
+            raise PrefectUnavailableError(
+                f"the Prefect server at {self.shown} did not create the {flow} run"
+            )
+        state = run.get("state") or {}
+        return RunHandle(
+            id=str(run["id"]),
+            name=str(run.get("name", "")),
+            flow=flow,
+            deployment=f"{flow}/{chosen.get('name')}",
+            state=str(state.get("name") or run.get("state_name") or "Scheduled"),
+            url=self.run_url(str(run["id"])),
+        )
+
+    def read_run(self, run_id: uuid.UUID) -> RunState | None:
+        """A pgkeeper flow run's state, or None when there is none (or it is not ours)."""
+        run = self.request("GET", f"/flow_runs/{run_id}")
+        if not isinstance(run, dict):
+            return None
+        flow = self.request("GET", f"/flows/{run.get('flow_id')}") if run.get("flow_id") else None
+        flow_name = flow.get("name") if isinstance(flow, dict) else None
+        if flow_name not in PGKEEPER_FLOWS:
+            return None
+        deployment_name = None
+        if run.get("deployment_id"):
+            deployment = self.request("GET", f"/deployments/{run['deployment_id']}")
+            if isinstance(deployment, dict):
+                deployment_name = f"{flow_name}/{deployment.get('name')}"
+        state = run.get("state") or {}
+        state_type = str(state.get("type") or run.get("state_type") or "UNKNOWN")
+        return RunState(
+            id=str(run["id"]),
+            name=str(run.get("name", "")),
+            flow=str(flow_name),
+            deployment=deployment_name,
+            state=str(state.get("name") or run.get("state_name") or state_type.title()),
+            stateType=state_type,
+            message=state.get("message") or None,
+            createdAt=run.get("created"),
+            startTime=run.get("start_time"),
+            endTime=run.get("end_time"),
+            finished=state_type in {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"},
+            url=self.run_url(str(run["id"])),
+        )
+
+
+# --- the app's shared state ----------------------------------------------------------------------
+
+
+@dataclass
+class ApiContext:
+    """What every handler needs: settings, opened storage targets, tokens, Prefect."""
+
+    settings: Settings
+    prefect: PrefectLink
+    secrets: tuple[str, ...]
+    admin_token: bytes | None = field(default=None, repr=False)
+    read_token: bytes | None = field(default=None, repr=False)
+    _storages: list[Storage] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _scheduler: tuple[float, bool, str] | None = field(default=None, repr=False)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.admin_token is not None or self.read_token is not None
+
+    def storages(self) -> list[Storage]:
+        """The storage targets, opened once (cloud clients are costly to build, thread-safe)."""
+        with self._lock:
+            if self._storages is None:
+                self._storages = targets(self.settings)
+            return self._storages
+
+    def scheduler(self) -> SchedulerStatus:
+        now = time.monotonic()
+        cached = self._scheduler
+        if cached is None or now - cached[0] > SCHEDULER_CACHE_SECONDS:
+            running, detail = self.prefect.scheduler_status()
+            cached = self._scheduler = (now, running, detail)
+        return SchedulerStatus(
+            schedule=self.settings.backup_schedule,
+            enabled=self.settings.backup_enabled,
+            running=cached[1],
+            detail=redact(cached[2], self.secrets),
+        )
+
+
+def _token(secret: Any) -> bytes | None:
+    value = secret.get_secret_value() if secret is not None else ""
+    return value.encode() if value else None
+
+
+def get_context(request: Request) -> ApiContext:
+    context: ApiContext = request.app.state.pgkeeper
+    return context
+
+
+Ctx = Annotated[ApiContext, Depends(get_context)]
+
+# The security scheme shown in /docs ("Authorize"); auto_error=False: we answer 401 ourselves.
+bearer = HTTPBearer(
+    auto_error=False,
+    description="BACKUP_API_TOKEN (everything) or BACKUP_API_READ_TOKEN (GET only).",
+)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+class _StatusError(PgkeeperError):
+    """An error of this front door with its own status (401, 403, 404 for runs and routes)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.http_status = status
+
+
+def _role(ctx: ApiContext, credentials: HTTPAuthorizationCredentials | None) -> str:
+    """'admin', 'read', or raise 401. Both tokens are always compared, in constant time."""
+    if not ctx.auth_enabled:
+        return "admin"
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise _StatusError(
+            "missing bearer token (send 'Authorization: Bearer <BACKUP_API_TOKEN>')", 401
+        )
+    given = credentials.credentials.encode()
+    is_admin = ctx.admin_token is not None and hmac.compare_digest(given, ctx.admin_token)
+    is_reader = ctx.read_token is not None and hmac.compare_digest(given, ctx.read_token)
+    if is_admin:
+        return "admin"
+    if is_reader:
+        return "read"
+    raise _StatusError("invalid bearer token (check BACKUP_API_TOKEN)", 401)
+
+
+def require_read(ctx: Ctx, credentials: Credentials) -> None:
+    """Any configured token (admin or read-only)."""
+    _role(ctx, credentials)
+
+
+def require_admin(ctx: Ctx, credentials: Credentials) -> None:
+    """The admin token: every request that changes something."""
+    if _role(ctx, credentials) != "admin":
+        raise _StatusError(
+            "the read-only token cannot change backups (use BACKUP_API_TOKEN)", 403
+        )
+
+
+ReadAccess = [Depends(require_read)]
+AdminAccess = [Depends(require_admin)]
+
+BackupIdQuery = Annotated[
+    str,
+    Query(
+        alias="id",
+        description="backup id, e.g. manual_backup_2025-10-02T10-00-00Z",
+        examples=["manual_backup_2025-10-02T10-00-00Z"],
+    ),
+]
+
+
+# --- handlers -------------------------------------------------------------------------------------
+
+
+def health() -> HealthResponse:
+    """Liveness: the process answers. Needs no token and reveals nothing else."""
+    return HealthResponse(version=__version__)
+
+
+def list_backups(ctx: Ctx) -> dict[str, Any]:
+    """Every complete backup, newest first, with totals and whether the scheduler runs."""
+    entries = catalog.list_all(ctx.storages())
+    return {
+        "success": True,
+        "backups": [{**e.manifest.to_public(), "locations": e.locations} for e in entries],
+        "total": len(entries),
+        "totalSize": sum(e.manifest.size for e in entries),
+        "scheduler": ctx.scheduler(),
+    }
+
+
+def show_backup(ctx: Ctx, backup_id: str) -> dict[str, Any]:
+    """One backup's record and every target holding it."""
+    naming.validate_id(backup_id)
+    storages = ctx.storages()
+    manifest, _ = catalog.find(storages, backup_id)
+    locations = [s.url for s in storages if catalog.read_manifest(s, backup_id) is not None]
+    return {"success": True, "backup": {**manifest.to_public(), "locations": locations}}
+
+
+def _compression(body: CreateBackupRequest, settings: Settings) -> str:
+    if not body.compress:
+        if body.compression not in (None, "none"):
+            raise UsageError(
+                f"compress is false but compression is {body.compression!r} (send one of them)"
+            )
+        return "none"
+    if body.compression is not None:
+        return body.compression
+    # "compress": true asks for compression even where the default is none.
+    return settings.backup_compression if settings.backup_compression != "none" else "zstd"
+
+
+def create_backup(ctx: Ctx, body: CreateBackupRequest) -> Any:
+    """Back up the database now (and verify, and copy offsite), or start a Prefect run."""
+    from pgkeeper.backup import BackupOptions, run_backup
+
+    settings = ctx.settings
+    name = naming.validate_name(body.name or DEFAULT_BACKUP_NAME)
+    compression = _compression(body, settings)
+    if not body.wait:
+        parameters: dict[str, Any] = {"name": name, "compression": compression}
+        if body.format is not None:
+            parameters["format"] = body.format
+        handle = ctx.prefect.start_run("backup", parameters)
+        return _accepted(f"backup started as Prefect run {handle.name}", handle)
+    storages = ctx.storages()
+    primary = storages[0]
+    options = BackupOptions(name=name, format=body.format, compression=compression, trigger="api")
+    manifest = run_backup(settings, options, storage=primary)
+    if settings.backup_verify != "off":
+        from pgkeeper.verify import verify_backup
+
+        manifest = verify_backup(
+            settings, manifest.id, storages=[primary], level=settings.backup_verify
+        )
+    result: dict[str, Any] = {"success": True, "backup": manifest.to_public()}
+    result["locations"] = [primary.url]
+    if len(storages) > 1:
+        from pgkeeper.upload import upload_backup
+
+        report = upload_backup(settings, manifest.id, storages=storages)
+        result["locations"] += report.copied_to + report.already_there
+        result["upload"] = {
+            "copiedTo": report.copied_to,
+            "failed": {url: redact(text, ctx.secrets) for url, text in report.failed.items()},
+        }
+    return result
+
+
+def _accepted(message: str, handle: RunHandle) -> JSONResponse:
+    body = RunAccepted(message=message, run=handle).model_dump(mode="json")
+    return JSONResponse(body, status_code=202, headers={"Location": f"/api/runs/{handle.id}"})
+
+
+def delete_backup(ctx: Ctx, backup_id: BackupIdQuery) -> dict[str, Any]:
+    """Delete a backup from every target that holds it (its manifest first)."""
+    naming.validate_id(backup_id)
+    storages = ctx.storages()
+    holding = [s for s in storages if catalog.read_manifest(s, backup_id) is not None]
+    if not holding:
+        catalog.find(storages, backup_id)  # raises the not-found error
+    for storage in holding:
+        catalog.delete_backup(storage, backup_id)
+    return {"success": True, "message": "Backup deleted successfully"}
+
+
+_DB_NAME = re.compile(r"^[^\x00-\x1f/\\]{1,63}$")
+
+
+def _restore_target(settings: Settings, target: str | None) -> str | None:
+    """The target as a connection string: a URL as given, a bare name on DATABASE_URL's server."""
+    if target is None:
+        return None
+    if "://" in target or "=" in target:
+        ConnInfo.parse(target)  # a malformed URL fails here with a one-line ConfigError
+        return target
+    if not _DB_NAME.match(target) or len(target.encode()) > 63:
+        raise UsageError(
+            f"target {target[:80]!r} is not a database name (1-63 bytes) nor a postgresql:// URL"
+        )
+    server = ConnInfo.parse(settings.require_database_url())
+    return server.with_dbname(target).conninfo()
+
+
+def _target_has_password(target: str) -> bool:
+    try:
+        return bool(ConnInfo.parse(target).params.get("password"))
+    except PgkeeperError:
+        return False
+
+
+def restore(ctx: Ctx, body: RestoreRequest) -> Any:
+    """Restore a backup; an existing database with data is replaced only when confirm names it."""
+    from pgkeeper.restore import newest_backup, restore_backup
+
+    settings = ctx.settings
+    storages = ctx.storages()
+    if body.backupId == "latest":
+        backup_id = newest_backup(storages).id
+    else:
+        backup_id = naming.validate_id(body.backupId)
+    confirm = body.confirm if isinstance(body.confirm, str) else None
+    if body.target is not None and not body.target.strip():
+        raise UsageError("target is empty (send a database name, a URL, or leave it out)")
+    if not body.wait:
+        if body.target is not None and _target_has_password(body.target):
+            raise UsageError(
+                "with \"wait\": false send the target as a database name or a URL without "
+                "password: flow parameters are visible in the Prefect UI"
+            )
+        if body.jobs is not None:
+            raise UsageError(
+                "jobs applies only with \"wait\": true (the restore flow uses BACKUP_JOBS)"
+            )
+        catalog.find(storages, backup_id)  # a bad id fails now, not in the flow
+        parameters: dict[str, Any] = {
+            "backup_id": backup_id,
+            "target": body.target,
+            "confirm": confirm,
+            "safety_backup": body.safetyBackup,
+        }
+        handle = ctx.prefect.start_run("restore", parameters)
+        return _accepted(f"restore started as Prefect run {handle.name}", handle)
+    target_url = _restore_target(settings, body.target)
+    try:
+        result = restore_backup(
+            settings,
+            backup_id,
+            target_url,
+            confirm=confirm,
+            jobs=body.jobs,
+            safety_backup=body.safetyBackup,
+            storages=storages,
+        )
+    except ConfirmationRequiredError as exc:
+        # The core's text names the CLI flag; say it in this front door's words.
+        database = ConnInfo.parse(target_url).dbname if target_url else "the target"
+        raise ConfirmationRequiredError(
+            f"database {database!r} already has data; restoring replaces it (send "
+            f"\"confirm\": \"{database}\" to proceed; a safety backup is taken first)"
+        ) from exc
+    manifest, _ = catalog.find(storages, backup_id)
+    return {
+        "success": True,
+        "message": "Backup restored successfully",
+        "backup": manifest.to_public(),
+        "restore": {
+            "target": result.target,
+            "database": result.database,
+            "durationSeconds": round(result.duration_seconds, 3),
+            "safetyBackupId": result.safety_backup_id,
+            "replaced": result.replaced,
+            "source": result.source,
+        },
+    }
+
+
+def read_run(ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:
+    """The state of a pgkeeper flow run (started with "wait": false, or by the scheduler)."""
+    state = ctx.prefect.read_run(run_id)
+    if state is None:
+        raise _StatusError(f"no pgkeeper flow run {run_id} on {ctx.prefect.shown}", 404)
+    return {"success": True, "run": state}
+
+
+# --- download: streamed, verified, with Range -----------------------------------------------------
+
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range ``(first, last)`` a Range header asks for, or None to send it all.
+
+    Invalid or multi-range headers are ignored (RFC 9110 lets a server send the whole
+    representation); a range starting past the end raises RangeNotSatisfiableError.
+    """
+    if not header:
+        return None
+    match = _RANGE.match(header)
+    if match is None:
+        return None
+    first_text, last_text = match.groups()
+    unsatisfiable = RangeNotSatisfiableError(
+        f"range {header.strip()[:60]!r} is outside the file's {size} bytes", size
+    )
+    if not first_text:
+        if not last_text:
+            return None
+        suffix = int(last_text)
+        if suffix == 0 or size == 0:
+            raise unsatisfiable
+        return max(size - suffix, 0), size - 1
+    first = int(first_text)
+    last = int(last_text) if last_text else size - 1
+    if last < first:
+        return None
+    if first >= size:
+        raise unsatisfiable
+    return first, min(last, size - 1)
+
+
+def _skip(src: BinaryIO, count: int) -> None:
+    """Move a stored object's reader ``count`` bytes on: seek where possible, else read past."""
+    try:
+        if src.seekable():
+            src.seek(count)
+            return
+    except (AttributeError, OSError):
+        pass
+    while count > 0:
+        chunk = src.read(min(CHUNK, count))
+        if not chunk:
+            return
+        count -= len(chunk)
+
+
+def _send_object(
+    storage: Storage, manifest: Manifest, obj: StoredObject, first: int, length: int, whole: bool
+) -> Iterator[bytes]:
+    """Yield ``length`` bytes of a stored object from ``first``, in CHUNK pieces.
+
+    A whole object is hashed as it goes and its last chunk is held back until the sha256 equals
+    the manifest's: a corrupt copy ends the response short of its Content-Length, so a client
+    never receives it as a complete download.
+    """
+    digest = hashlib.sha256() if whole else None
+    held = b""
+    with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
+        if first:
+            _skip(src, first)
+        remaining = length
+        while remaining > 0:
+            chunk = src.read(min(CHUNK, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            if digest is not None:
+                digest.update(chunk)
+            if held:
+                yield held
+            held = chunk
+    if remaining > 0:
+        raise VerificationError(f"{obj.name} is shorter than its manifest says", check="objects")
+    if digest is not None and digest.hexdigest() != obj.sha256:
+        raise VerificationError(
+            f"{obj.name} does not match its manifest's sha256 (download aborted; "
+            f"run 'pgkeeper verify {manifest.id}')",
+            check="checksum",
+        )
+    if held:
+        yield held
+
+
+def _tar_layout(manifest: Manifest) -> tuple[list[tuple[bytes, StoredObject]], int]:
+    """Headers and total size of the tar ``pgkeeper download`` writes for a directory backup.
+
+    Same bytes as ``tarfile.open(mode="w|")`` (see ``download.write_backup``): a PAX header per
+    member, data padded to 512-byte blocks, two zero blocks, padding to a 10240-byte record.
+    Knowing the size up front is what lets the response carry a Content-Length.
+    """
+    members: list[tuple[bytes, StoredObject]] = []
+    total = 0
+    for obj in manifest.objects:
+        info = tarfile.TarInfo(obj.name)
+        info.size = obj.size
+        info.mtime = int(manifest.finished_at.timestamp())
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        members.append((header, obj))
+        total += len(header) + obj.size + (-obj.size % tarfile.BLOCKSIZE)
+    total += 2 * tarfile.BLOCKSIZE
+    total += -total % tarfile.RECORDSIZE
+    return members, total
+
+
+def _send_tar(storage: Storage, manifest: Manifest) -> Iterator[bytes]:
+    """The directory backup as a tar stream; each member is verified as ``_send_object`` does."""
+    members, total = _tar_layout(manifest)
+    sent = 0
+    for header, obj in members:
+        yield header
+        yield from _send_object(storage, manifest, obj, 0, obj.size, whole=True)
+        padding = -obj.size % tarfile.BLOCKSIZE
+        if padding:
+            yield b"\0" * padding
+        sent += len(header) + obj.size + padding
+    yield b"\0" * (total - sent)  # end-of-archive blocks and record padding
+
+
+def download(request: Request, ctx: Ctx, backup_id: BackupIdQuery) -> Response:
+    """Stream a backup's stored file (directory backups as a tar), with Range support."""
+    from pgkeeper.cli import download_name
+
+    naming.validate_id(backup_id)
+    manifest, storage = catalog.find(ctx.storages(), backup_id)
+    filename = download_name(manifest, decompress=False)
+    headers = {
+        "Content-Disposition": f'attachment; filename="{filename}"',
+        "X-Backup-Id": manifest.id,
+        "X-Backup-Sha256": manifest.sha256,
+    }
+    media_type = "application/octet-stream"
+    if manifest.format == "directory":
+        _, total = _tar_layout(manifest)
+        headers |= {"Content-Length": str(total), "Accept-Ranges": "none"}
+        body = _send_tar(storage, manifest)
+        return StreamingResponse(body, headers=headers, media_type=media_type)
+    obj = manifest.objects[0]
+    etag = f'"{obj.sha256}"'
+    headers |= {"Accept-Ranges": "bytes", "ETag": etag}
+    wanted = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    if if_range is not None and if_range.strip() != etag:
+        wanted = None  # the client's partial copy is of other bytes: send them all
+    try:
+        span = parse_range(wanted, obj.size)
+    except RangeNotSatisfiableError as exc:
+        return _error_response(ctx, exc, {"Content-Range": f"bytes */{exc.size}"})
+    if span is None:
+        headers["Content-Length"] = str(obj.size)
+        body = _send_object(storage, manifest, obj, 0, obj.size, whole=True)
+        return StreamingResponse(body, headers=headers, media_type=media_type)
+    first, last = span
+    headers |= {
+        "Content-Length": str(last - first + 1),
+        "Content-Range": f"bytes {first}-{last}/{obj.size}",
+    }
+    whole = first == 0 and last == obj.size - 1
+    body = _send_object(storage, manifest, obj, first, last - first + 1, whole)
+    return StreamingResponse(body, status_code=206, headers=headers, media_type=media_type)
+
+
+# --- import: the request body streamed into storage -----------------------------------------------
+
+
+class _BodyReader:
+    """``read(n)`` over the request body for core code running in a worker thread.
+
+    Each call pulls chunks from the event loop (``anyio.from_thread``) until it has ``n`` bytes,
+    so at most about one CHUNK is held; more than ``limit`` bytes raise ImportTooLargeError.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], limit: int) -> None:
+        self._chunks = chunks
+        self._limit = limit
+        self._buffer = bytearray()
+        self._seen = 0
+        self._done = False
+
+    async def _next(self) -> bytes | None:
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._done and (n < 0 or len(self._buffer) < n):
+            chunk = anyio.from_thread.run(self._next)
+            if chunk is None:
+                self._done = True
+                break
+            self._seen += len(chunk)
+            if self._seen > self._limit:
+                raise _too_large(self._limit)
+            self._buffer += chunk
+        if n < 0 or n >= len(self._buffer):
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        else:
+            data = bytes(self._buffer[:n])
+            del self._buffer[:n]
+        return data
+
+
+def _too_large(limit: int) -> ImportTooLargeError:
+    return ImportTooLargeError(
+        f"the upload is larger than the import limit of {limit} bytes "
+        "(raise BACKUP_API_MAX_IMPORT_BYTES or import with 'pgkeeper import FILE')"
+    )
+
+
+async def import_backup(
+    request: Request,
+    ctx: Ctx,
+    name: Annotated[
+        str, Query(description="backup name: the new id's prefix", examples=[DEFAULT_IMPORT_NAME])
+    ] = DEFAULT_IMPORT_NAME,
+) -> dict[str, Any]:
+    """Import an external pg_dump output (custom, tar, directory tar or plain SQL; raw, gzip or
+    zstd) sent as the request body; it is detected by content, stored and verified."""
+    from pgkeeper.importing import import_stream
+
+    naming.validate_name(name)
+    limit = ctx.settings.backup_api_max_import_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)  # refused before a byte of the body is read
+    primary = (await run_in_threadpool(ctx.storages))[0]
+    reader = _BodyReader(request.stream(), limit)
+    manifest = await run_in_threadpool(
+        import_stream, ctx.settings, reader.read, name=name, storage=primary, max_bytes=limit
+    )
+    return {
+        "success": True,
+        "message": "Backup imported successfully",
+        "backup": manifest.to_public(),
+    }
+
+
+# --- errors at the boundary -----------------------------------------------------------------------
+
+
+def _error_response(
+    ctx: ApiContext | None, exc: PgkeeperError, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    secrets = ctx.secrets if ctx is not None else ()
+    text = redact(exc.message.splitlines()[0] if exc.message else type(exc).__name__, secrets)
+    if exc.http_status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="pgkeeper"'}
+    return JSONResponse(
+        {"success": False, "error": text}, status_code=exc.http_status, headers=headers
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """One line from pydantic's errors, never echoing the input (it may hold a password)."""
+    errors = exc.errors()
+    if not errors:
+        return "the request is malformed"
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON"
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    where = {"query": "query parameter", "path": "path parameter", "header": "header"}
+    if loc and loc[0] in where:
+        what = f"{where[loc[0]]} {'.'.join(loc[1:])!r}"
+    elif loc:
+        what = f"field {'.'.join(loc)!r}"
+    else:
+        what = "the request body"
+    message = str(first.get("msg", "is invalid")).lower()
+    if first.get("type") == "missing":
+        return f"{what} is required"
+    return f"{what}: {message}"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def context_of(request: Request) -> ApiContext | None:
+        return getattr(request.app.state, "pgkeeper", None)
+
+    async def pgkeeper_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, PgkeeperError)  # noqa: S101 - registered for this type only
+        if exc.http_status >= 500:
+            log.warning("%s %s failed: %s", request.method, request.url.path, exc)
+        return _error_response(context_of(request), exc)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for this type
+        return _error_response(context_of(request), UsageError(_validation_message(exc)))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for this type
+        text = {404: "no such endpoint (see /docs)", 405: "method not allowed (see /docs)"}
+        error = _StatusError(text.get(exc.status_code, str(exc.detail)), exc.status_code)
+        response = _error_response(context_of(request), error, dict(exc.headers or {}))
+        return response
+
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        # Logged in full for the operator; the client gets one line without any detail.
+        log.error("%s %s crashed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            {"success": False, "error": "internal error (the server log has the details)"},
+            status_code=500,
+        )
+
+    app.add_exception_handler(PgkeeperError, pgkeeper_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)
+
+
+# --- the app --------------------------------------------------------------------------------------
+
+DESCRIPTION = """
+Automated PostgreSQL backups over HTTP. Send `Authorization: Bearer <token>`:
+`BACKUP_API_TOKEN` may do everything, `BACKUP_API_READ_TOKEN` only GET. Every error is
+`{"success": false, "error": "..."}` with a meaningful status.
+"""
+
+
+def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAPI:
+    """The FastAPI application serving ``settings``' backups (Prefect from the environment)."""
+    app = FastAPI(
+        title="pgkeeper",
+        version=__version__,
+        description=DESCRIPTION,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.pgkeeper = ApiContext(
+        settings=settings,
+        prefect=prefect if prefect is not None else PrefectLink.from_environment(),
+        secrets=_secrets_of(settings),
+        admin_token=_token(settings.backup_api_token),
+        read_token=_token(settings.backup_api_read_token),
+    )
+    _install_error_handlers(app)
+    add = app.add_api_route
+    add("/api/health", health, methods=["GET"], tags=["health"], response_model=HealthResponse)
+    add(
+        "/api/backups", list_backups, methods=["GET"], tags=["backups"],
+        dependencies=ReadAccess, response_model=BackupList, responses=_errors(*AUTH_ERRORS),
+        summary="List backups",
+    )  # fmt: skip
+    add(
+        "/api/backups", create_backup, methods=["POST"], tags=["backups"],
+        dependencies=AdminAccess, response_model=CreatedBackupResponse,
+        responses={202: {"model": RunAccepted}, **_errors(*AUTH_ERRORS, 404, 409, 422, 503)},
+        summary="Back up now",
+    )  # fmt: skip
+    add(
+        "/api/backups", delete_backup, methods=["DELETE"], tags=["backups"],
+        dependencies=AdminAccess, response_model=MessageResponse,
+        responses=_errors(*AUTH_ERRORS, 404), summary="Delete a backup",
+    )  # fmt: skip
+    add(
+        "/api/backups/restore", restore, methods=["POST"], tags=["backups"],
+        dependencies=AdminAccess, response_model=RestoreResponse,
+        responses={202: {"model": RunAccepted}, **_errors(*AUTH_ERRORS, 404, 409, 422, 503)},
+        summary="Restore a backup",
+    )  # fmt: skip
+    add(
+        "/api/backups/download", download, methods=["GET"], tags=["backups"],
+        dependencies=ReadAccess, response_class=StreamingResponse,
+        responses={
+            200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                       "format": "binary"}}},
+                  "description": "the stored file"},
+            206: {"description": "the requested byte range"},
+            **_errors(*AUTH_ERRORS, 404, 416),
+        },
+        summary="Download a backup's file",
+    )  # fmt: skip
+    add(
+        "/api/backups/import", import_backup, methods=["POST"], tags=["backups"],
+        dependencies=AdminAccess, response_model=ImportResponse,
+        responses=_errors(*AUTH_ERRORS, 413, 422),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+        },
+        summary="Import an external dump",
+    )  # fmt: skip
+    add(
+        "/api/backups/{backup_id}", show_backup, methods=["GET"], tags=["backups"],
+        dependencies=ReadAccess, response_model=BackupResponse,
+        responses=_errors(*AUTH_ERRORS, 404), summary="Show one backup",
+    )  # fmt: skip
+    add(
+        "/api/runs/{run_id}", read_run, methods=["GET"], tags=["runs"],
+        dependencies=ReadAccess, response_model=RunResponse,
+        responses=_errors(*AUTH_ERRORS, 404, 503), summary="State of a Prefect run",
+    )  # fmt: skip
+    return app
+
+
+def check_bind(settings: Settings, host: str) -> None:
+    """Refuse to listen beyond this machine when no token is configured (ConfigError)."""
+    if _token(settings.backup_api_token) or _token(settings.backup_api_read_token):
+        return
+    if host.strip("[]").lower() not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"refusing to serve the API on {host}: no API token is configured "
+            "(set BACKUP_API_TOKEN, or listen on 127.0.0.1)"
+        )
+
+
+def serve_api(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    """Serve the API with uvicorn until interrupted.
+
+    Raises ConfigError when ``host`` is not a loopback address and no token is configured.
+    """
+    host = host or settings.backup_api_host
+    port = settings.backup_api_port if port is None else port
+    check_bind(settings, host)
+    token = _token(settings.backup_api_token)
+    if token is not None and len(token) < 16:
+        log.warning("BACKUP_API_TOKEN is shorter than 16 characters: use a long random token")
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=host.strip("[]"),
+        port=port,
+        server_header=False,
+        log_level="info",
+    )
+
+
+__all__ = ["check_bind", "create_app", "parse_range", "redact", "serve_api"]
