@@ -10,6 +10,7 @@ layout so it restores with ``pg_restore -j``.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import re
 import struct
@@ -120,18 +121,34 @@ def detect(head: bytes) -> DumpKind:
     )
 
 
+# The files of a directory-format dump (pg_backup_directory.c): the TOC, one file per table's
+# data, and the large objects, each possibly compressed by pg_dump.
+_DIR_MEMBER = re.compile(r"(?:toc\.dat|blobs\.toc|(?:blob_)?\d+\.dat(?:\.gz|\.lz4|\.zst)?)")
+
+
+def _tar_files(inner: bytes) -> list[tarfile.TarInfo]:
+    """The regular files whose headers lie within ``inner`` (pax/GNU headers understood)."""
+    files: list[tarfile.TarInfo] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(inner), mode="r:") as archive:
+            files.extend(member for member in archive if member.isfile())
+    except (tarfile.TarError, EOFError):
+        pass  # the head ends inside the archive: judge the members seen so far
+    return files
+
+
 def _detect_tar(inner: bytes, compression: str) -> DumpKind:
-    name = inner[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-    size = int(inner[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-    body = inner[512 : 512 + size]
-    if name == "toc.dat":
-        info = parse_archive_header(body)
-        return DumpKind("tar", compression, **info)
-    if name.endswith("/toc.dat") or name.rstrip("/").count("/") == 0:
-        # A tar of a directory-format dump: its members live under one folder.
+    files = _tar_files(inner)
+    if files and files[0].name == "toc.dat":  # pg_dump -Ft writes toc.dat first, at the top
+        body = inner[files[0].offset_data : files[0].offset_data + files[0].size]
+        return DumpKind("tar", compression, **parse_archive_header(body))
+    # A tar of a directory-format dump: pg_dump's own files, all in one folder (or none).
+    folders = {Path(f.name).parent.as_posix() for f in files}
+    if files and len(folders) == 1 and all(_DIR_MEMBER.fullmatch(Path(f.name).name) for f in files):
         return DumpKind("directory", compression)
+    first = files[0].name if files else "no file"
     raise NotADumpError(
-        f"not a PostgreSQL dump: a tar archive whose first member is {name!r} "
+        f"not a PostgreSQL dump: a tar archive holding {first!r} "
         "(expected toc.dat from pg_dump -Ft or a directory-format dump folder)"
     )
 
