@@ -11,6 +11,7 @@ A ``quick`` verification skips decoding beyond what the structure check needs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -94,8 +95,15 @@ class _StructureSink:
         return CheckResult(name="structure", ok=True, detail="not checked")
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None:
+            if self.proc.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()  # reaps pg_restore and lets the stderr reader finish
+            # Not used as a context manager, so nobody else closes these pipes.
+            for stream in (self.proc.proc.stdin, self.proc.proc.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):  # a flush into a dead pg_restore
+                        stream.close()
         self.listing.close()
 
 
