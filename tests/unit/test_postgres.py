@@ -1,4 +1,4 @@
-"""The PostgreSQL side without a server: redaction, credentials in the environment, client checks."""
+"""PostgreSQL side without a server: redaction, credentials in the environment, client checks."""
 
 from __future__ import annotations
 

@@ -1,0 +1,124 @@
+"""Settings: the seed's environment names are read, and a bad value is a one-line ConfigError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pgkeeper.errors import ConfigError
+from pgkeeper.settings import load_settings
+
+
+@pytest.fixture(autouse=True)
+def _no_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from an empty folder so a developer's .env cannot leak in."""
+    monkeypatch.chdir(tmp_path)
+
+
+def test_seed_names_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DATABASE_URL, BACKUP_*, AWS_* and GCS_* (the seed's names) reach the settings."""
+    env = {
+        "DATABASE_URL": "postgresql://u:pw@h/db",
+        "BACKUP_ENABLED": "false",
+        "BACKUP_SCHEDULE": "hourly,daily",
+        "BACKUP_DIR": "/srv/backups",
+        "BACKUP_MAX_BACKUPS": "7",
+        "AWS_S3_BUCKET": "bkt",
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret",
+        "GCS_BUCKET": "gbkt",
+        "GCS_KEYFILE": "/etc/gcs.json",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.require_database_url() == "postgresql://u:pw@h/db"
+    assert settings.backup_enabled is False
+    assert settings.backup_schedule == "hourly,daily"
+    assert settings.backup_dir == "/srv/backups"
+    assert settings.backup_max_backups == 7
+    assert settings.aws_s3_bucket == "bkt"
+    assert settings.aws_access_key_id == "AKIAEXAMPLE"
+    assert settings.aws_secret_access_key is not None
+    assert settings.aws_secret_access_key.get_secret_value() == "aws-secret"
+    assert settings.gcs_bucket == "gbkt"
+    assert settings.gcs_keyfile == Path("/etc/gcs.json")
+
+
+def test_new_knobs_use_the_backup_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """New settings are read from BACKUP_* (plus PG_BIN_DIR and STAGING_DATABASE_URL)."""
+    monkeypatch.setenv("BACKUP_LOCK_TIMEOUT", "2.5")
+    monkeypatch.setenv("BACKUP_FORMAT", "plain")
+    monkeypatch.setenv("BACKUP_COMPRESSION", "gzip")
+    monkeypatch.setenv("BACKUP_TARGETS", "s3://a/p, gs://b ")
+    monkeypatch.setenv("PG_BIN_DIR", "/usr/lib/postgresql/15/bin")
+    monkeypatch.setenv("STAGING_DATABASE_URL", "postgresql://s/db")
+    settings = load_settings()
+    assert settings.backup_lock_timeout == 2.5
+    assert settings.backup_format == "plain"
+    assert settings.backup_compression == "gzip"
+    assert settings.backup_targets == ["s3://a/p", "gs://b"]
+    assert settings.pg_bin_dir == Path("/usr/lib/postgresql/15/bin")
+    assert settings.staging_database_url is not None
+
+
+def test_defaults() -> None:
+    """Without configuration: custom format, zstd, folder `backups`, no lock wait."""
+    settings = load_settings()
+    assert settings.backup_format == "custom"
+    assert settings.backup_compression == "zstd"
+    assert settings.backup_dir == "backups"
+    assert settings.backup_lock_timeout == 0
+
+
+def test_secrets_are_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """repr of the settings hides the database password and cloud secrets."""
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:hunter2-db@h/db")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2-aws")
+    text = repr(load_settings()) + str(load_settings())
+    assert "hunter2" not in text
+
+
+def test_missing_database_url_says_what_to_set() -> None:
+    """Without DATABASE_URL, asking for it is a ConfigError naming it and --database-url."""
+    with pytest.raises(ConfigError) as info:
+        load_settings().require_database_url()
+    assert "DATABASE_URL" in str(info.value)
+    assert "--database-url" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BACKUP_MAX_BACKUPS", "many"),
+        ("BACKUP_MAX_BACKUPS", "-1"),
+        ("BACKUP_ENABLED", "perhaps"),
+        ("BACKUP_FORMAT", "zip"),
+        ("BACKUP_COMPRESSION", "lz4"),
+        ("BACKUP_LOCK_TIMEOUT", "soon"),
+        ("BACKUP_JOBS", "0"),
+        ("BACKUP_COMPRESSION_LEVEL", "99"),
+    ],
+)
+def test_bad_value_is_a_one_line_config_error(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """A malformed value is one line, names the variable, and says where to fix it (exit 2)."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert name in message
+    assert "\n" not in message
+    assert "fix it" in message
+    assert info.value.exit_code == 2
+
+
+def test_bad_secret_value_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error for a bad setting never repeats the value (it may be a secret)."""
+    monkeypatch.setenv("BACKUP_API_PORT", "hunter2-not-a-port")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "BACKUP_API_PORT" in str(info.value)
+    assert "hunter2" not in str(info.value)
