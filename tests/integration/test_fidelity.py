@@ -227,6 +227,38 @@ def _pgkeeper(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
     )
 
 
+def _env(pg_cluster: PgCluster, source_url: str, backup_dir: Path) -> dict[str, str]:
+    # Secrets travel in the environment only: DATABASE_URL for the source, PGPASSWORD for the
+    # target, whose URL on the command line carries no password.
+    return {
+        **os.environ,
+        "DATABASE_URL": source_url,
+        "BACKUP_DIR": str(backup_dir),
+        "PGPASSWORD": pg_cluster.password,
+    }
+
+
+def _restore_and_compare(
+    pg_cluster: PgCluster,
+    env: dict[str, str],
+    backup_id: str,
+    target: str,
+    source_snapshot: compare.Snapshot,
+    extra_args: tuple[str, ...] = (),
+) -> None:
+    pg_cluster.drop_database(target)
+    try:
+        restore = _pgkeeper(
+            ["restore", backup_id, "--target-url", pg_cluster.url(target, password=""),
+             *extra_args],
+            env,
+        )  # fmt: skip
+        assert restore.returncode == 0, restore.stderr
+        compare.assert_same(source_snapshot, compare.snapshot(pg_cluster.url(target)))
+    finally:
+        pg_cluster.drop_database(target)
+
+
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_round_trip_is_exact(
@@ -238,14 +270,7 @@ def test_round_trip_is_exact(
     tmp_path: Path,
 ) -> None:
     """`pgkeeper backup`, then `pgkeeper restore` into a new database, reproduces the source."""
-    # Secrets travel in the environment only: DATABASE_URL for the source, PGPASSWORD for the
-    # target, whose URL on the command line carries no password.
-    env = {
-        **os.environ,
-        "DATABASE_URL": fidelity_source,
-        "BACKUP_DIR": str(tmp_path / "backups"),
-        "PGPASSWORD": pg_cluster.password,
-    }
+    env = _env(pg_cluster, fidelity_source, tmp_path / "backups")
     backup = _pgkeeper(["backup", "--format", fmt, "--compression", compression, "--json"], env)
     if fmt == "directory" and compression == "zstd" and _pg_dump_major(pg_cluster) < 16:
         # pg_dump 15 cannot write zstd into a directory dump: a clear usage error, not a crash.
@@ -264,14 +289,23 @@ def test_round_trip_is_exact(
     }
     verify = _pgkeeper(["verify", manifest["id"]], env)
     assert verify.returncode == 0, verify.stderr
+    _restore_and_compare(
+        pg_cluster, env, manifest["id"], f"fidelity_{fmt}_{compression}", source_snapshot
+    )
 
-    target = f"fidelity_{fmt}_{compression}"
-    pg_cluster.drop_database(target)
-    try:
-        restore = _pgkeeper(
-            ["restore", manifest["id"], "--target-url", pg_cluster.url(target, password="")], env
-        )
-        assert restore.returncode == 0, restore.stderr
-        compare.assert_same(source_snapshot, compare.snapshot(pg_cluster.url(target)))
-    finally:
-        pg_cluster.drop_database(target)
+
+def test_round_trip_streamed_into_pg_restore_is_exact(
+    pg_cluster: PgCluster,
+    fidelity_source: str,
+    source_snapshot: compare.Snapshot,
+    tmp_path: Path,
+) -> None:
+    """A restore with `--jobs 1` (the dump piped into pg_restore, no staged file) is exact too."""
+    env = _env(pg_cluster, fidelity_source, tmp_path / "backups")
+    backup = _pgkeeper(["backup", "--no-verify", "--json"], env)
+    assert backup.returncode == 0, backup.stderr
+    manifest = json.loads(backup.stdout)
+    assert (manifest["format"], manifest["compression"]) == ("custom", "zstd")
+    _restore_and_compare(
+        pg_cluster, env, manifest["id"], "fidelity_streamed", source_snapshot, ("--jobs", "1")
+    )
