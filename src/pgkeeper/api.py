@@ -698,7 +698,7 @@ def create_backup(ctx: Ctx, body: CreateBackupRequest) -> Any:
     from pgkeeper.backup import BackupOptions, run_backup
 
     settings = ctx.settings
-    name = naming.validate_name(body.name or DEFAULT_BACKUP_NAME)
+    name = naming.validate_name(DEFAULT_BACKUP_NAME if body.name is None else body.name)
     compression = _compression(body, settings)
     if not body.wait:
         parameters: dict[str, Any] = {"name": name, "compression": compression}
@@ -874,12 +874,12 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise unsatisfiable
         return max(size - suffix, 0), size - 1
     first = int(first_text)
-    last = int(last_text) if last_text else size - 1
-    if last < first:
+    last = int(last_text) if last_text else None
+    if last is not None and last < first:
         return None
     if first >= size:
         raise unsatisfiable
-    return first, min(last, size - 1)
+    return first, size - 1 if last is None else min(last, size - 1)
 
 
 def _skip(src: BinaryIO, count: int) -> None:
