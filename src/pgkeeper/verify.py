@@ -121,6 +121,7 @@ def _check_object(
     size = 0
     decoder = Decoder(manifest.compression) if (decode or sink is not None) else None
     decoding = decoder is not None
+    broken: VerificationError | None = None
     try:
         with storage.open_read(key) as src:
             while chunk := src.read(CHUNK):
@@ -129,7 +130,13 @@ def _check_object(
                 if progress:
                     progress(len(chunk))
                 if decoding and decoder is not None:
-                    data = decoder.decompress(chunk)
+                    try:
+                        data = decoder.decompress(chunk)
+                    except VerificationError as exc:
+                        # Keep hashing: bytes that differ from the manifest (damage in storage)
+                        # are reported as the checksum failure, which says more than the decoder.
+                        broken, decoding = exc, False
+                        continue
                     if sink is not None:
                         sink.feed(data)
                         if not decode and sink.satisfied:
@@ -137,8 +144,7 @@ def _check_object(
         if decoding and decoder is not None:
             decoder.finish()
     except VerificationError as exc:
-        _fail(checks, "compression", f"{obj.name}: {exc}")
-        return
+        broken = exc
     except StorageError as exc:
         _fail(checks, "objects", f"{obj.name}: {exc}")
         return
@@ -146,6 +152,8 @@ def _check_object(
         _fail(checks, "checksum", f"{obj.name}: {size} bytes stored, manifest says {obj.size}")
     elif digest.hexdigest() != obj.sha256:
         _fail(checks, "checksum", f"{obj.name}: sha256 {digest.hexdigest()[:12]}... != manifest")
+    elif broken is not None:
+        _fail(checks, "compression", f"{obj.name}: {broken}")
 
 
 def check_backup(
