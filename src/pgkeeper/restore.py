@@ -451,8 +451,9 @@ def restore_backup(
                 _load(settings, copy_manifest, storage, conn, scratch, jobs, progress)
             except VerificationError as exc:
                 postgres.drop_database(admin, scratch)
-                log.warning("copy of %s in %s is bad: %s", backup_id, storage.url, exc)
                 last_error = exc
+                if storage is not found[-1][1]:  # the last copy's error is raised, not logged
+                    log.warning("copy of %s in %s is bad: %s", backup_id, storage.url, exc)
                 continue
             except BaseException:
                 postgres.drop_database(admin, scratch)
