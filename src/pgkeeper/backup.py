@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pgkeeper import __version__, catalog, naming, postgres
-from pgkeeper.errors import DumpError, PgkeeperError, UsageError
+from pgkeeper.errors import DumpError, PgkeeperError, StorageFullError, UsageError
 from pgkeeper.manifest import Manifest, StoredObject, utcnow
 from pgkeeper.pipeline import ClientProcess, Progress, compress_stream
 from pgkeeper.postgres import ConnInfo
@@ -220,7 +220,14 @@ def _discard(storage: Storage, backup_id: str) -> None:
         log.warning("could not remove the partial backup %s: %s", backup_id, exc)
 
 
-def _dump_failed(proc: ClientProcess) -> DumpError:
+def _dump_failed(proc: ClientProcess) -> PgkeeperError:
+    # pg_dump -Fd writes the files itself: a full disk is its error, and with -j the last
+    # line is only "a worker process died unexpectedly", so look through what it said.
+    for line in proc.stderr_lines:
+        if "no space left on device" in line.lower():
+            return StorageFullError(
+                f"no space left writing the backup ({line}) (free disk space or move BACKUP_DIR)"
+            )
     return DumpError(f"pg_dump failed: {proc.last_error()}")
 
 
