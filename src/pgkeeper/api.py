@@ -1263,9 +1263,10 @@ def check_bind(settings: Settings, host: str) -> None:
 
 
 def serve_api(settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    """Serve the API with uvicorn until interrupted.
+    """Serve the API with uvicorn until interrupted (``pgkeeper api``).
 
-    Raises ConfigError when ``host`` is not a loopback address and no token is configured.
+    Raises ConfigError, before listening, when ``host`` is not a loopback address and no token
+    is configured, or when a storage target is malformed.
     """
     host = host or settings.backup_api_host
     port = settings.backup_api_port if port is None else port
@@ -1273,10 +1274,12 @@ def serve_api(settings: Settings, host: str | None = None, port: int | None = No
     token = _token(settings.backup_api_token)
     if token is not None and len(token) < 16:
         log.warning("BACKUP_API_TOKEN is shorter than 16 characters: use a long random token")
+    app = create_app(settings)
+    app.state.pgkeeper.storages()  # a malformed target fails now, in one line, not per request
     import uvicorn
 
     uvicorn.run(
-        create_app(settings),
+        app,
         host=host.strip("[]"),
         port=port,
         server_header=False,
