@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -228,6 +229,12 @@ def _dump_failed(proc: ClientProcess) -> PgkeeperError:
             return StorageFullError(
                 f"no space left writing the backup ({line}) (free disk space or move BACKUP_DIR)"
             )
+    code = proc.proc.returncode
+    if code is not None and code < 0:  # killed: pg_dump had no chance to say anything
+        return DumpError(
+            f"pg_dump was killed by {signal.Signals(-code).name} (the partial backup was "
+            "removed; check the system log, e.g. for the OOM killer, and run the backup again)"
+        )
     return DumpError(f"pg_dump failed: {proc.last_error()}")
 
 
