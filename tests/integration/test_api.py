@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -40,6 +41,7 @@ from pgkeeper.settings import Settings, load_settings
 from pgkeeper.storage import LocalStorage
 from tests.servers import free_port
 from tests.servers.postgres import DEFAULT_PASSWORD, PgCluster
+from tests.servers.s3 import S3Server
 
 with warnings.catch_warnings():
     # Starlette 1.x asks for `httpx2` under its TestClient; the installed httpx works the same.
@@ -765,6 +767,73 @@ def test_restore_errors_never_carry_a_password(
             "/api/backups/restore", json={"backupId": made["id"], **body}, headers=AUTH
         )
         assert_error(response, 400)
+
+
+# --- an offsite S3 copy ---------------------------------------------------------------------------
+
+
+def test_an_s3_copy_is_made_listed_downloaded_and_deleted(
+    sample_db: str, backup_dir: Path, s3_server: S3Server, s3_bucket: str
+) -> None:
+    """With an offsite S3 target, a new backup is copied there and listed in both places;
+    with the local copy gone the download (and a Range of it) comes from S3; delete empties
+    both."""
+    settings = settings_for(
+        sample_db, backup_dir, backup_targets=[f"s3://{s3_bucket}/pg"],
+        aws_access_key_id=s3_server.access_key, aws_secret_access_key=s3_server.secret_key,
+        backup_s3_endpoint_url=s3_server.endpoint_url, backup_s3_region=s3_server.region,
+    )  # fmt: skip
+    with TestClient(create_app(settings, prefect=NO_PREFECT)) as client:
+        response = client.post("/api/backups", json={}, headers=AUTH)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        s3_url = body["locations"][1]
+        assert body["locations"][0] == str(backup_dir) and s3_url.startswith("s3://")
+        assert body["upload"] == {"copiedTo": [s3_url], "failed": {}}
+        made = body["backup"]
+        assert client.get(f"/api/backups/{made['id']}", headers=AUTH).json()["backup"][
+            "locations"
+        ] == [str(backup_dir), s3_url]
+        data = stored_file(backup_dir, made).read_bytes()
+        shutil.rmtree(backup_dir / made["id"])
+        params = {"id": made["id"]}
+        whole = client.get("/api/backups/download", params=params, headers=AUTH)
+        assert whole.status_code == 200 and whole.content == data
+        part = client.get("/api/backups/download", params=params,
+                          headers={**AUTH, "Range": "bytes=100-199"})  # fmt: skip
+        assert part.status_code == 206 and part.content == data[100:200]
+        deleted = client.delete("/api/backups", params=params, headers=AUTH)
+        assert deleted.status_code == 200
+    listing = s3_server.client().list_objects_v2(Bucket=s3_bucket)
+    assert listing.get("KeyCount", 0) == 0
+
+
+# --- Prefect stays out of the process -------------------------------------------------------------
+
+_NO_PREFECT_PROBE = """
+import sys
+from starlette.testclient import TestClient
+from pgkeeper.api import create_app
+from pgkeeper.settings import load_settings
+client = TestClient(create_app(load_settings(_env_file=None, backup_dir=sys.argv[1])))
+for path in ("/api/health", "/api/backups", "/api/backups/download?id=x_2020-01-01T00-00-00Z",
+             "/openapi.json"):
+    assert client.get(path).status_code in (200, 404), path
+print(sorted(m for m in sys.modules if m == "prefect" or m.startswith("prefect.")))
+"""
+
+
+def test_serving_and_reading_never_import_prefect(backup_dir: Path, tmp_path: Path) -> None:
+    """Building the app and answering reads never imports Prefect (seconds and tens of MiB),
+    even with a Prefect server configured."""
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:1/api"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the child's warnings are not this process's
+        out = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", _NO_PREFECT_PROBE, str(backup_dir)],
+            env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 # --- errors that are nobody's fault ---------------------------------------------------------------
