@@ -1,0 +1,44 @@
+"""Real servers for the test suite: PostgreSQL, an S3 server, a GCS emulator, a fault proxy.
+
+Each helper is plain Python (no pytest import) so it can also be driven from a REPL or a
+script. `tests/conftest.py` wraps them in session-scoped fixtures that start lazily.
+
+Cleanup happens in three layers: `stop()` (fixture teardown), `atexit` (Ctrl-C, errors),
+and, for a test process killed outright (SIGKILL, SIGTERM), orphan guards: server
+subprocesses run under `guarded_module_argv`, which exits them when their parent dies, and
+PostgreSQL (a daemon started by pg_ctl) gets a small reaper process that does the same.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+# Runs `python -m <module> <args>` in-process, plus a daemon thread that exits the process
+# once its parent (the test process) is gone. SIGINT is left alone: Ctrl-C in a terminal
+# reaches the whole process group and may stop the server early, which is harmless.
+_GUARD = """
+import os, runpy, sys, threading, time
+parent = os.getppid()
+def _watch():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+threading.Thread(target=_watch, daemon=True).start()
+module = sys.argv[1]
+sys.argv = [module, *sys.argv[2:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free on `host` a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def guarded_module_argv(module: str, *args: str) -> list[str]:
+    """argv for `python -m module args` that also exits when the launching process dies."""
+    return [sys.executable, "-c", _GUARD, module, *args]
