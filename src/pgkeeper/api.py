@@ -680,7 +680,8 @@ def show_backup(ctx: Ctx, backup_id: str) -> dict[str, Any]:
     return {"success": True, "backup": {**manifest.to_public(), "locations": locations}}
 
 
-def _compression(body: CreateBackupRequest, settings: Settings) -> str:
+def _compression(body: CreateBackupRequest, settings: Settings) -> str | None:
+    """The compression the request asks for; None leaves BACKUP_COMPRESSION to decide."""
     if not body.compress:
         if body.compression not in (None, "none"):
             raise UsageError(
@@ -689,8 +690,8 @@ def _compression(body: CreateBackupRequest, settings: Settings) -> str:
         return "none"
     if body.compression is not None:
         return body.compression
-    # "compress": true asks for compression even where the default is none.
-    return settings.backup_compression if settings.backup_compression != "none" else "zstd"
+    # "compress": true (the seed's default) asks for compression even where the default is none.
+    return "zstd" if settings.backup_compression == "none" else None
 
 
 def create_backup(ctx: Ctx, body: CreateBackupRequest) -> Any:
@@ -701,7 +702,10 @@ def create_backup(ctx: Ctx, body: CreateBackupRequest) -> Any:
     name = naming.validate_name(DEFAULT_BACKUP_NAME if body.name is None else body.name)
     compression = _compression(body, settings)
     if not body.wait:
-        parameters: dict[str, Any] = {"name": name, "compression": compression}
+        # Only what the request chose: the flow's own settings decide the rest.
+        parameters: dict[str, Any] = {"name": name}
+        if compression is not None:
+            parameters["compression"] = compression
         if body.format is not None:
             parameters["format"] = body.format
         handle = ctx.prefect.start_run("backup", parameters)

@@ -985,6 +985,8 @@ def test_wait_false_starts_a_backup_run_whose_state_the_api_reports(
         assert response.headers["location"] == f"/api/runs/{run['id']}"
         assert prefect_api.run_parameters(run["id"]) == {"name": "nightly", "compression": "none"}
         assert backup_folders(backup_dir) == []
+        defaults = client.post("/api/backups", json={"wait": False}, headers=AUTH).json()["run"]
+        assert prefect_api.run_parameters(defaults["id"]) == {"name": "manual_backup"}
 
         state = client.get(f"/api/runs/{run['id']}", headers=READ_AUTH).json()["run"]
         assert (state["state"], state["stateType"], state["finished"]) == (
