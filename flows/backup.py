@@ -1,0 +1,47 @@
+"""Flow ``backup``: dump the database, verify the copy, publish the inventory.
+
+Upload to offsite targets and rotation join this sequence when their cores land.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow
+from prefect.states import State
+from pydantic import Field
+
+from tasks.backup import backup_database
+from tasks.inventory import publish_inventory
+from tasks.schedule import missed_run, run_trigger
+from tasks.verify import default_verify_level, verify_backup
+
+TIMEOUT_SECONDS = 6 * 3600
+
+
+@flow(name="backup", timeout_seconds=TIMEOUT_SECONDS)
+def backup(
+    name: str | None = Field(
+        default=None, description="Backup name, the start of its id (default: BACKUP_NAME)."
+    ),
+    format: Literal["custom", "plain", "directory"] | None = Field(
+        default=None, description="Dump format (default: BACKUP_FORMAT, custom)."
+    ),
+    compression: Literal["zstd", "gzip", "none"] | None = Field(
+        default=None, description="Compression (default: BACKUP_COMPRESSION, zstd)."
+    ),
+    verify: Literal["full", "quick", "off"] | None = Field(
+        default=None, description="Verification after the dump (default: BACKUP_VERIFY, full)."
+    ),
+    max_lateness_minutes: int | None = Field(
+        default=None,
+        description="Skip the run if it starts this late (set by schedules to one period).",
+    ),
+) -> str | State:
+    """Back up the database, verify the stored copy and publish the backup inventory."""
+    if skipped := missed_run(max_lateness_minutes):  # 0. a run missed during downtime: skip
+        return skipped
+    manifest = backup_database(name, format, compression, run_trigger())  # 1. dump
+    verify_backup(manifest.id, default_verify_level(verify))  # 2. verify the stored copy
+    publish_inventory()  # 3. inventory artifact
+    return manifest.id
