@@ -28,7 +28,6 @@ credentials; with ``STORAGE_EMULATOR_HOST`` set, anonymous credentials and a fix
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import io
 import logging
@@ -119,6 +118,7 @@ class GCSStorage:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         page_size: int = DEFAULT_PAGE_SIZE,
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        retry_delay: float = 1.0,
     ) -> None:
         from google.cloud.storage.retry import DEFAULT_RETRY
 
@@ -133,7 +133,11 @@ class GCSStorage:
         self.bucket = client.bucket(bucket)
         self.chunk_size = chunk_size
         self.page_size = page_size
-        self.retry = DEFAULT_RETRY.with_timeout(retry_timeout)
+        # Exponential backoff from retry_delay seconds (doubling, at most 60 s between tries)
+        # until retry_timeout seconds have passed; the predicate stays the library's own.
+        self.retry = DEFAULT_RETRY.with_timeout(retry_timeout).with_delay(
+            initial=retry_delay, maximum=60.0, multiplier=2.0
+        )
         self._bucket_seen = False
 
     @classmethod
@@ -291,6 +295,11 @@ class GCSStorage:
         except Exception as exc:
             raise self.translate(exc, what) from exc
 
+    def close(self) -> None:
+        """Release the client's pooled HTTP connections (the target stays usable: a later
+        call opens new ones)."""
+        self.client.close()
+
     # --- GCS extras ----------------------------------------------------------------------
 
     def remote_checksums(self, key: str) -> dict[str, str]:
@@ -402,10 +411,17 @@ class _GCSWriter:
 
     def abort(self) -> None:
         """Cancel the resumable session; never ``close()``, which would finalise it."""
-        if self._out.closed:
+        out = self._out
+        if out.closed:
             return
+        session = getattr(out, "_upload_and_transport", None)
         try:
-            self._out.terminate()
+            if session is not None:
+                upload, transport = session
+                # Google cancels a session with a DELETE on the *session* URI (answer: 499),
+                # https://cloud.google.com/storage/docs/performing-resumable-uploads ;
+                # BlobWriter.terminate() sends it to the initiation URL, which cancels nothing.
+                transport.delete(upload.resumable_url, timeout=TIMEOUT)
         except Exception as exc:
             # The session stays unfinalised (invisible) and GCS expires it after a week.
             log.warning(
@@ -414,9 +430,11 @@ class _GCSWriter:
                 self._gcs.url,
                 type(exc).__name__,
             )
-        # terminate() closes the buffer, but make sure no later close() can finalise.
-        with contextlib.suppress(Exception):
-            self._out._buffer.close()
+        finally:
+            # With no session left, terminate() only closes the buffer: nothing is sent, and
+            # a later close() (even from garbage collection) finds the writer closed.
+            out._upload_and_transport = None
+            out.terminate()
 
 
 class _GCSReader(io.RawIOBase):

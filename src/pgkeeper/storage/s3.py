@@ -292,10 +292,7 @@ class S3Storage:
             code = str(error.get("Code", ""))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             if code == "NoSuchBucket":
-                return StorageError(
-                    f"bucket '{self.bucket}' does not exist ({what}; create it or fix "
-                    "AWS_S3_BUCKET / the s3:// URL)"
-                )
+                return self._missing_bucket(what)
             if code == "PreconditionFailed" or status == 412:
                 return StorageError(f"{what}: the object changed in {self.url} (retry)")
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
@@ -355,10 +352,27 @@ class S3Storage:
         self._bucket_seen = True
         return head
 
+    def _missing_bucket(self, what: str) -> StorageError:
+        return StorageError(
+            f"bucket '{self.bucket}' does not exist ({what}; create it or fix "
+            "AWS_S3_BUCKET / the s3:// URL)"
+        )
+
     def _require_bucket(self, what: str) -> None:
-        if not self._bucket_seen:
-            self._call(what, "head_bucket")
-            self._bucket_seen = True
+        """Raise when the bucket does not exist; checked once per instance."""
+        from botocore.exceptions import ClientError
+
+        if self._bucket_seen:
+            return
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                raise self._missing_bucket(what) from exc
+            raise self.translate(exc, what) from exc
+        except Exception as exc:
+            raise self.translate(exc, what) from exc
+        self._bucket_seen = True
 
     # --- the protocol --------------------------------------------------------------------
 
@@ -449,6 +463,11 @@ class S3Storage:
                 key,
             )
         self._call(what, "delete_object", Key=full_key)
+
+    def close(self) -> None:
+        """Release the client's pooled HTTP connections (the target stays usable: a later
+        call opens new ones)."""
+        self.client.close()
 
     # --- S3 extras -----------------------------------------------------------------------
 
