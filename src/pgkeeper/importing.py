@@ -31,7 +31,10 @@ from pgkeeper.verify import check_backup, failed_check
 
 log = logging.getLogger(__name__)
 
-PLAIN_MARKERS = (b"-- PostgreSQL database dump", b"-- PostgreSQL database cluster dump")
+PLAIN_MARKERS = (b"-- PostgreSQL database dump",)
+# pg_dumpall output creates roles and databases and \connects between them: it cannot be
+# restored into one database, so it is refused rather than stored as an unrestorable backup.
+CLUSTER_MARKER = b"-- PostgreSQL database cluster dump"
 _PLAIN_VERSION = re.compile(rb"-- Dumped from database version (\S+)")
 _PLAIN_CLIENT = re.compile(rb"-- Dumped by pg_dump version (\S+)")
 
@@ -108,6 +111,11 @@ def detect(head: bytes) -> DumpKind:
     if len(inner) >= 512 and inner[257:262] == b"ustar":
         return _detect_tar(inner, compression)
     text = inner.lstrip(b"\xef\xbb\xbf")[:8192]
+    if CLUSTER_MARKER in text:
+        raise NotADumpError(
+            "this is a pg_dumpall cluster dump, which cannot be restored into one database "
+            "(import a pg_dump of a single database instead)"
+        )
     if any(marker in text for marker in PLAIN_MARKERS):
         kind = DumpKind("plain", compression)
         if (m := _PLAIN_VERSION.search(text)) is not None:
