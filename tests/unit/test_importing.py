@@ -161,6 +161,19 @@ def test_non_dumps_are_refused(what: str, data: bytes) -> None:
     assert "not a" in str(info.value)
 
 
+CLUSTER_DUMP = (
+    b"--\n-- PostgreSQL database cluster dump\n--\n\nSET default_transaction_read_only = off;\n"
+    b"CREATE ROLE app;\n\\connect template1\n\n--\n-- PostgreSQL database dump\n--\n"
+)
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_cluster_dumps_are_refused(compression: str) -> None:
+    """pg_dumpall output (roles, CREATE DATABASE, \\connect) cannot restore into one database."""
+    with pytest.raises(NotADumpError, match="pg_dumpall"):
+        detect(COMPRESS[compression](CLUSTER_DUMP))
+
+
 def test_parse_archive_header_of_garbage_is_empty() -> None:
     """A header that is not PGDMP, or is cut short, gives no fields rather than an error."""
     assert parse_archive_header(b"nothing") == {}
