@@ -1,0 +1,95 @@
+"""One process serving every pgkeeper deployment (`pgkeeper serve`, `python -m deployments.serve`).
+
+Deployments (see ``deployments.schedules`` for schedules and the missed-run policy):
+``backup/backup-{hourly,daily,weekly,monthly,custom}``, ``verify/verify``, ``restore/restore``,
+``restore-test/restore-test``. ``prefect.yaml`` registers the same flows for workers under the
+names ``<name>-pool``, so the two ways of running never overwrite each other's deployments.
+
+Concurrency: every backup deployment (and restore-test) has a deployment concurrency limit of
+1 with CANCEL_NEW: a run that comes due while one runs is cancelled, not queued behind it.
+The engine's per-database advisory lock also stops two backups from different deployments.
+
+Shutdown: on SIGTERM or Ctrl-C Prefect's runner cancels in-flight runs: their flow processes
+get SIGTERM, which the backup engine turns into cleanup (pg_dump terminated and reaped, the
+partial object and backup folder removed, the lock released), and the runs end Cancelled.
+Then the deployments are paused, which also deletes their queued scheduled runs, so a later
+restart does not replay what came due while it was down; ``serve`` unpauses them on start.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from deployments.schedules import plan
+from pgkeeper.errors import PgkeeperError
+from pgkeeper.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+
+TAGS = ["pgkeeper"]
+
+
+def build_deployments(settings: Settings) -> list[RunnerDeployment]:
+    """Every deployment as a RunnerDeployment; raises ConfigError for a malformed schedule."""
+    specs = plan(settings)  # validate before importing Prefect: bad config fails fast
+
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.schedules import Cron
+
+    from flows.backup import backup
+    from flows.restore import restore
+    from flows.restore_test import restore_test
+    from flows.verify import verify
+
+    flows = {"backup": backup, "verify": verify, "restore": restore, "restore-test": restore_test}
+    one_at_a_time = ConcurrencyLimitConfig(
+        limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+    )
+    deployments = []
+    for spec in specs:
+        schedule = spec.schedule
+        deployments.append(
+            flows[spec.flow].to_deployment(
+                name=spec.name,
+                description=spec.description,
+                tags=TAGS,
+                schedules=[
+                    Cron(
+                        schedule.cron,
+                        timezone=schedule.timezone,
+                        active=schedule.active,
+                        parameters=schedule.parameters,
+                    )
+                ]
+                if schedule
+                else [],
+                concurrency_limit=one_at_a_time if spec.cancel_new_when_busy else None,
+            )
+        )
+    return deployments
+
+
+def serve_all(settings: Settings) -> None:
+    """Register every deployment and run their scheduled and manual runs until stopped."""
+    from prefect import serve
+
+    deployments = build_deployments(settings)
+    serve(*deployments, pause_on_shutdown=True)
+
+
+def main() -> int:
+    """Entry point: serve until SIGTERM/Ctrl-C; a bad setting is one line and exit code 2."""
+    try:
+        serve_all(load_settings())
+    except PgkeeperError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
