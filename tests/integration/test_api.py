@@ -1074,6 +1074,79 @@ def test_without_a_prefect_server_runs_answer_503_and_listing_still_works(
         assert "pw-in-url" not in response.text
 
 
+_SERVED_BACKUP_FLOW = """
+import os, threading, time
+parent = os.getppid()
+def _watch():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+threading.Thread(target=_watch, daemon=True).start()
+from prefect import flow, serve
+from pgkeeper.backup import BackupOptions, run_backup
+from pgkeeper.settings import load_settings
+
+@flow(name="backup")
+def backup(name: str | None = None, compression: str | None = None, format: str | None = None):
+    options = BackupOptions(name=name, compression=compression, format=format, trigger="api")
+    return run_backup(load_settings(_env_file=None), options).id
+
+if __name__ == "__main__":
+    serve(backup.to_deployment("backup-daily", cron="0 2 * * *"), limit=1)
+"""
+
+
+@pytest.mark.slow
+def test_a_real_runner_makes_the_scheduler_run_and_executes_a_wait_false_backup(
+    prefect_api: PrefectApi, api_settings: Settings, sample_db: str, backup_dir: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """With a real `prefect.serve` runner (a stand-in `backup` flow over the core), the API
+    reports the scheduler running, a wait-false backup runs to Completed and is listed, and
+    once the runner stops (it pauses its deployments) the scheduler is reported stopped."""
+    env = {
+        **os.environ, "PREFECT_API_URL": prefect_api.url, "DATABASE_URL": sample_db,
+        "BACKUP_DIR": str(backup_dir), "BACKUP_COMPRESSION_THREADS": "1",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    }  # fmt: skip
+    log = (tmp_path / "runner.log").open("wb")
+    (tmp_path / "served_backup.py").write_text(_SERVED_BACKUP_FLOW)  # serve needs a file
+    runner = subprocess.Popen(
+        [sys.executable, "served_backup.py"], env=env, cwd=tmp_path,
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        def running() -> bool:
+            if runner.poll() is not None:
+                raise AssertionError((tmp_path / "runner.log").read_text()[-3000:])
+            return bool(scheduler_of(api_settings)["running"])
+
+        wait_until(running, 90, "the runner to serve the backup deployment")
+        with TestClient(create_app(api_settings)) as client:
+            started = client.post("/api/backups", json={"name": "served", "wait": False},
+                                  headers=AUTH)  # fmt: skip
+            assert started.status_code == 202, started.text
+            run_id = started.json()["run"]["id"]
+
+            def finished() -> bool:
+                run = client.get(f"/api/runs/{run_id}", headers=AUTH).json()["run"]
+                return bool(run["finished"])
+
+            wait_until(finished, 120, "the served backup run to finish")
+            run = client.get(f"/api/runs/{run_id}", headers=AUTH).json()["run"]
+            assert run["state"] == "Completed", run
+            listed = client.get("/api/backups", headers=AUTH).json()["backups"]
+            assert [b["name"] for b in listed] == ["served"]
+        runner.terminate()
+        runner.wait(30)
+        assert scheduler_of(api_settings)["running"] is False
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait(10)
+        log.close()
+
+
 def test_the_prefect_address_comes_from_the_environment_or_the_profile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
