@@ -24,7 +24,8 @@ The rules, per group, over the good backups ordered newest first by their own re
 time (``Manifest.started_at``; never a name or a storage timestamp; ties broken by finish time,
 then id, only to be deterministic):
 
-    newest verified   the newest good backup: never deleted by any rule, size included.
+    newest verified   the newest verified backup: never deleted by any rule, size included
+                      (with verification off, the newest good backup too: "newest").
     minimum count     the ``min_backups`` newest good backups: never deleted, size included;
                       this is what keeps a store from emptying when backups fail for weeks.
     last i/N          the ``keep_last`` newest good backups (``BACKUP_MAX_BACKUPS``).
@@ -533,11 +534,16 @@ def plan(backups: Sequence[Manifest], policy: Policy, now: datetime) -> Plan:
         good_set = set(good)
         good_manifests = [ordered[i] for i in good]
         by_id_index = {ordered[i].id: i for i in good}
-        newest_label = "newest verified" if policy.require_verified else "newest"
+        # With verification off the newest good backup may be unverified; the newest verified
+        # one (verified by hand) is protected as well, so invariant 1 holds in every mode.
+        newest_verified = next((i for i in good if ordered[i].verified), None)
         for rank, index in enumerate(good):
             why = reasons[index]
-            if rank == 0:
-                why.append(newest_label)
+            if index == newest_verified:
+                why.append("newest verified")
+                protected.add(index)
+            elif rank == 0:
+                why.append("newest")
                 protected.add(index)
             if rank < policy.min_backups:
                 why.append(f"minimum count {rank + 1}/{policy.min_backups}")
