@@ -8,9 +8,9 @@ DELETE of the session URI) and never closed, because closing a writer sends the 
 
 Checksums: GCS computes a crc32c (and an md5 for non-composite objects) of every object; the
 upload asks the client to verify the crc32c the server reports at finalisation, and an object
-whose crc32c disagrees is deleted again. The writer also hashes the stream with sha256; when
-the caller passes ``metadata={"sha256": hex}`` it refuses to finalise unless the bytes sent
-hash to that value, and the value is stored in the object's custom metadata.
+whose crc32c disagrees is deleted again. When the caller passes ``metadata={"sha256": hex}`` the
+writer also hashes the stream and refuses to finalise unless the bytes sent hash to that value;
+the value is stored in the object's custom metadata.
 ``remote_checksums`` returns what the provider holds (hex): ``crc32c``, ``md5``, ``sha256``.
 
 Errors are translated at this boundary (``pgkeeper.errors``)::
@@ -347,7 +347,8 @@ class _GCSWriter:
         self._key = full_key
         self._what = f"writing {key!r}"
         self._metadata = metadata
-        self._digest = hashlib.sha256()
+        # The whole-stream hash only when there is a declared value to check it against.
+        self._digest = hashlib.sha256() if metadata.get(SHA256_METADATA) else None
         self.size = 0
         self._blob = storage.bucket.blob(full_key, chunk_size=storage.chunk_size)
         if metadata:
@@ -362,13 +363,9 @@ class _GCSWriter:
             content_type="application/octet-stream",
         )
 
-    @property
-    def sha256(self) -> str:
-        """Hex sha256 of everything written so far."""
-        return self._digest.hexdigest()
-
     def write(self, data: bytes, /) -> int:
-        self._digest.update(data)
+        if self._digest is not None:
+            self._digest.update(data)
         self.size += len(data)
         try:
             self._out.write(data)
@@ -380,11 +377,12 @@ class _GCSWriter:
         from google.cloud.storage.exceptions import DataCorruption
 
         expected = self._metadata.get(SHA256_METADATA)
-        if expected and expected.lower() != self.sha256:
+        actual = self._digest.hexdigest() if self._digest is not None else None
+        if expected and actual != expected.lower():
             raise StorageError(
-                f"the bytes written to '{self._key}' in {self._gcs.url} have sha256 "
-                f"{self.sha256}, not the expected {expected.lower()} (the source changed or is "
-                "corrupt; nothing was stored)"
+                f"the bytes written to '{self._key}' in {self._gcs.url} have sha256 {actual}, "
+                f"not the expected {expected.lower()} (the source changed or is corrupt; "
+                "nothing was stored)"
             )
         try:
             self._out.close()  # sends the last chunk and finalises the object

@@ -7,11 +7,13 @@ completed only when the ``with`` block exits cleanly and aborted on any exceptio
 object is never visible. Every request carries a SHA-256 checksum that S3 verifies on receipt.
 
 Checksums: S3 keeps a SHA-256 of every part, but a multipart object's checksum is *composite*
-(a hash of the part hashes, shown as ``<b64>-<parts>``), not the object's sha256. So the writer
-also hashes the whole stream, and when the caller passes ``metadata={"sha256": hex}`` it refuses
-to complete unless the bytes it sent hash to that value; the value is stored as the object's
-``x-amz-meta-sha256``. ``remote_sha256`` returns that, or the provider's full-object SHA-256 for
-a single-part upload, else None (then the caller re-reads the object to verify it).
+(a hash of the part hashes, shown as ``<b64>-<parts>``), not the object's sha256. So when the
+caller passes ``metadata={"sha256": hex}`` the writer also hashes the whole stream and refuses to
+complete unless the bytes it sent hash to that value; the value is stored as the object's
+``x-amz-meta-sha256``. Without a declared value the writer does not hash the whole stream (the
+backup pipeline already does; every extra pass costs throughput on a small host).
+``remote_sha256`` returns the stored value, or the provider's full-object SHA-256 for a
+single-part upload, else None (then the caller re-reads the object to verify it).
 
 Errors are translated at this boundary (``pgkeeper.errors``)::
 
@@ -531,7 +533,8 @@ class _S3Writer:
         self._metadata = metadata
         self._base, self._planned = plan_parts(size_hint, storage.min_part_size)
         self._buffer = bytearray()
-        self._digest = hashlib.sha256()
+        # The whole-stream hash only when there is a declared value to check it against.
+        self._digest = hashlib.sha256() if metadata.get(SHA256_METADATA) else None
         self.size = 0
         self._upload_id: str | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -539,13 +542,9 @@ class _S3Writer:
         self._parts: list[dict[str, Any]] = []
         self._next_part = 1
 
-    @property
-    def sha256(self) -> str:
-        """Hex sha256 of everything written so far."""
-        return self._digest.hexdigest()
-
     def write(self, data: bytes, /) -> int:
-        self._digest.update(data)
+        if self._digest is not None:
+            self._digest.update(data)
         self._buffer += data
         self.size += len(data)
         while len(self._buffer) >= self._current_part_size():
@@ -561,14 +560,15 @@ class _S3Writer:
                 f"'{self._key}' needs more than S3's {MAX_PARTS} parts in {self._s3.url} "
                 "(pass a size hint closer to the real size)"
             )
-        size = len(self._buffer) if final else self._current_part_size()
-        body = bytes(memoryview(self._buffer)[:size])
-        del self._buffer[:size]
         if self._upload_id is None:
             self._create()
         # Bound memory: wait for the oldest part before queueing more than max_concurrency.
         while len(self._pending) >= self._s3.max_concurrency:
             self._parts.append(self._pending.popleft().result())
+        # Hand the buffer itself to the upload (no copy of the part); keep only the overshoot.
+        size = len(self._buffer) if final else self._current_part_size()
+        body, self._buffer = self._buffer, self._buffer[size:]
+        del body[size:]
         pool = self._pool or self._start_pool()
         self._pending.append(pool.submit(self._upload_part, self._next_part, body))
         self._next_part += 1
@@ -591,7 +591,7 @@ class _S3Writer:
         )
         return self._pool
 
-    def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
+    def _upload_part(self, number: int, body: bytearray) -> dict[str, Any]:
         # Our own digest, so botocore does not hash again; S3 rejects a part that differs.
         checksum = _b64(hashlib.sha256(body).digest())
         response = self._s3._call(
@@ -608,11 +608,11 @@ class _S3Writer:
 
     def _check_sha256(self) -> None:
         expected = self._metadata.get(SHA256_METADATA)
-        if expected and expected.lower() != self.sha256:
+        if expected and self._digest is not None and expected.lower() != self._digest.hexdigest():
             raise StorageError(
                 f"the bytes written to '{self._key}' in {self._s3.url} have sha256 "
-                f"{self.sha256}, not the expected {expected.lower()} (the source changed or is "
-                "corrupt; nothing was stored)"
+                f"{self._digest.hexdigest()}, not the expected {expected.lower()} (the source "
+                "changed or is corrupt; nothing was stored)"
             )
 
     def commit(self) -> None:
@@ -623,11 +623,11 @@ class _S3Writer:
                 self._what,
                 "put_object",
                 Key=self._key,
-                Body=bytes(self._buffer),
+                Body=self._buffer,
                 # Both: the algorithm header is what Object Lock uploads require (with no
                 # Content-MD5); the value is ours, so botocore does not hash again.
                 ChecksumAlgorithm="SHA256",
-                ChecksumSHA256=_b64(self._digest.digest()),
+                ChecksumSHA256=_b64(hashlib.sha256(self._buffer).digest()),
                 Metadata=self._metadata,
                 **self._s3.options.upload_args(),
             )
