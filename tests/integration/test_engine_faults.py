@@ -301,6 +301,10 @@ def test_corrupted_byte_fails_verify_and_restore(
     message = one_line_error(verify, 1)
     assert "failed the checksum check" in message
     assert "do not restore it" in message
+    out = tmp_path / "copy.bin"
+    download = run_cli("download", record["id"], "-o", str(out), env=env, cwd=tmp_path)
+    assert "checksum" in one_line_error(download, 1)
+    assert not out.exists() and not list(tmp_path.glob(".copy.bin*"))
 
     pg_cluster.execute("INSERT INTO items VALUES (100000, 'added later', 1)", dbname=name)
     before, oid = compare.snapshot(url), db_oid(pg_cluster, name)
