@@ -42,6 +42,8 @@ then id, only to be deterministic):
                       borg's ``--keep-within``; restic measures from the newest backup instead:
                       here the newest verified and minimum count rules give that protection).
     pinned            ``Manifest.pinned``: never deleted, whatever its state.
+    (held)            ids the caller passes in ``hold``, with its reason: rotation keeps
+                      backups of the primary not yet uploaded to an offsite target this way.
 
 Then the size limit: while the good backups kept exceed ``max_total_size`` bytes, the oldest
 kept one that is not protected (newest verified, minimum count, pinned) is deleted ("over size
@@ -70,6 +72,7 @@ __all__ = [
     "Decision",
     "Plan",
     "Policy",
+    "aware",
     "format_duration",
     "format_size",
     "overrides_from_settings",
@@ -78,6 +81,7 @@ __all__ = [
     "parse_target_overrides",
     "plan",
     "policy_for_target",
+    "recorded_at",
 ]
 
 # -- durations and sizes ------------------------------------------------------------------------
@@ -463,15 +467,23 @@ class Plan:
         raise KeyError(backup_id)
 
 
-def _aware(when: datetime) -> datetime:
-    # Manifests written by pgkeeper carry UTC offsets; a naive time (hand-written or imported
-    # manifest) is taken as UTC rather than the local zone of whoever runs rotation.
+def aware(when: datetime) -> datetime:
+    """``when`` with a time zone: a naive time is taken as UTC.
+
+    Manifests written by pgkeeper carry UTC offsets; a naive time (a hand-written or imported
+    manifest) is read as UTC rather than in the local zone of whoever runs rotation.
+    """
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def recorded_at(manifest: Manifest) -> datetime:
+    """The time that orders backups: the backup's own recorded start, never a storage time."""
+    return aware(manifest.started_at)
 
 
 def _sort_key(m: Manifest) -> tuple[datetime, datetime, str]:
     # The id only breaks exact ties, to make the plan deterministic; it never orders backups.
-    return (_aware(m.started_at), _aware(m.finished_at), m.id)
+    return (recorded_at(m), aware(m.finished_at), m.id)
 
 
 def _group(m: Manifest) -> str:
@@ -495,7 +507,7 @@ def _gfs(good: Sequence[Manifest], rule: str, count: int, tz: tzinfo) -> dict[st
     for index, manifest in enumerate(good):
         if len(kept) >= count:
             break
-        value = bucket(_aware(manifest.started_at).astimezone(tz))
+        value = bucket(recorded_at(manifest).astimezone(tz))
         oldest = index == len(good) - 1
         if value != last or oldest:
             label = f"{rule} {len(kept) + 1}/{count}"
@@ -510,13 +522,21 @@ def _is_good(m: Manifest, policy: Policy) -> bool:
     return m.verified or not policy.require_verified
 
 
-def plan(backups: Sequence[Manifest], policy: Policy, now: datetime) -> Plan:
+def plan(
+    backups: Sequence[Manifest],
+    policy: Policy,
+    now: datetime,
+    hold: Mapping[str, str] | None = None,
+) -> Plan:
     """Decide, for every backup of one target, whether to keep it and why (see module docstring).
 
-    Pure: reads nothing but its arguments. Raises nothing for any list of manifests (an empty
-    list gives an empty plan).
+    ``hold`` maps ids the caller needs kept to the reason (rotation holds backups of the primary
+    target not yet uploaded offsite). Like every keep rule it applies to good backups only and
+    yields to the size limit. Pure: reads nothing but its arguments. Raises nothing for any list
+    of manifests (an empty list gives an empty plan).
     """
-    now = _aware(now)
+    hold = hold or {}
+    now = aware(now)
     tz = policy.tz
     ordered = sorted(backups, key=_sort_key, reverse=True)
     reasons: dict[int, list[str]] = {i: [] for i in range(len(ordered))}
@@ -559,8 +579,11 @@ def plan(backups: Sequence[Manifest], policy: Policy, now: datetime) -> Plan:
             cutoff = now - policy.keep_within
             label = f"within {format_duration(policy.keep_within)}"
             for index in good:
-                if _aware(ordered[index].started_at) >= cutoff:
+                if recorded_at(ordered[index]) >= cutoff:
                     reasons[index].append(label)
+        for index in good:
+            if ordered[index].id in hold:
+                reasons[index].append(hold[ordered[index].id])
 
         for index in members:
             manifest = ordered[index]
@@ -575,12 +598,12 @@ def plan(backups: Sequence[Manifest], policy: Policy, now: datetime) -> Plan:
             elif manifest.verification_failed:
                 # verification_failed implies a verification record; finished_at is for mypy.
                 at = manifest.verification.at if manifest.verification else manifest.finished_at
-                since = _aware(at)
+                since = aware(at)
                 if now - since <= policy.failed_grace:
                     reasons[index].append("failed verification, in grace")
                 elif not manifest.pinned:
                     deletes[index] = "failed verification"
-            elif now - _aware(manifest.finished_at) <= policy.failed_grace:
+            elif now - aware(manifest.finished_at) <= policy.failed_grace:
                 reasons[index].append("unverified, in grace")
             elif not manifest.pinned:
                 deletes[index] = "unverified past grace"
@@ -597,10 +620,10 @@ def plan(backups: Sequence[Manifest], policy: Policy, now: datetime) -> Plan:
                 f"{policy.min_backups}: all of them are kept"
             )
 
-    future = [m for m in ordered if _aware(m.started_at) > now + timedelta(minutes=5)]
+    future = [m for m in ordered if recorded_at(m) > now + timedelta(minutes=5)]
     for manifest in future:
         warnings.append(
-            f"backup {manifest.id} is recorded at {_aware(manifest.started_at).isoformat()}, "
+            f"backup {manifest.id} is recorded at {recorded_at(manifest).isoformat()}, "
             "in the future (clock skew on the machine that made it?): it sorts as the newest"
         )
 
@@ -612,7 +635,7 @@ def plan(backups: Sequence[Manifest], policy: Policy, now: datetime) -> Plan:
             backup_id=m.id,
             keep=i not in deletes,
             reasons=[deletes[i]] if i in deletes else reasons[i],
-            recorded_at=_aware(m.started_at),
+            recorded_at=recorded_at(m),
             size=m.size,
             state=m.state,
             pinned=m.pinned,

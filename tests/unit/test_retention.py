@@ -494,6 +494,19 @@ def test_size_limit_ignores_unverified_and_failed_backups() -> None:
     assert kept(result) == {b.id for b in history}
 
 
+def test_held_backups_are_kept_with_the_callers_reason_if_good() -> None:
+    """hold (rotation: 'not yet uploaded') keeps good backups only, and yields to the size limit."""
+    good = [backup(NOW - timedelta(days=d)) for d in range(1, 4)]
+    failed = backup(NOW - timedelta(days=5), "failed")
+    hold = {m.id: "not yet uploaded to s3://b" for m in [*good, failed]}
+    result = plan([*good, failed], only(), NOW, hold=hold)
+    assert kept(result) == {m.id for m in good}
+    assert reasons(result)[good[2].id] == ["not yet uploaded to s3://b"]
+    assert reasons(result)[failed.id] == ["failed verification"]
+    trimmed = plan(good, only(max_total_size=150), NOW, hold=hold)
+    assert kept(trimmed) == {good[0].id}
+
+
 def test_order_is_the_recorded_time_not_the_name_or_the_id() -> None:
     """Ids that sort the other way round (a renamed series, a reset clock) do not change it."""
     early_name = backup(NOW - timedelta(days=1), backup_id="zzz_2020-01-01T00-00-00Z")
