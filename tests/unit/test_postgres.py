@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
@@ -219,4 +218,3 @@ def test_lock_key_is_stable_and_fits_int4() -> None:
     assert key == postgres._lock_key("shop")
     assert -(2**31) <= key < 2**31
     assert key != postgres._lock_key("shop2")
-    assert os.environ.get("PGPASSWORD") is None  # the suite runs without a leaked password
