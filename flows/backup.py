@@ -1,6 +1,6 @@
-"""Flow ``backup``: dump the database, verify the copy, publish the inventory.
+"""Flow ``backup``: dump the database, verify the copy, copy it offsite, publish the inventory.
 
-Upload to offsite targets and rotation join this sequence when their cores land.
+Rotation joins this sequence when its core lands.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pydantic import Field
 from tasks.backup import backup_database
 from tasks.inventory import publish_inventory
 from tasks.schedule import missed_run, run_trigger
+from tasks.upload import upload_backup
 from tasks.verify import default_verify_level, verify_backup
 
 TIMEOUT_SECONDS = 6 * 3600
@@ -38,10 +39,11 @@ def backup(
         description="Skip the run if it starts this late (set by schedules to one period).",
     ),
 ) -> str | State:
-    """Back up the database, verify the stored copy and publish the backup inventory."""
+    """Back up the database, verify it, copy it offsite and publish the backup inventory."""
     if skipped := missed_run(max_lateness_minutes):  # 0. a run missed during downtime: skip
         return skipped
     manifest = backup_database(name, format, compression, run_trigger())  # 1. dump
     verify_backup(manifest.id, default_verify_level(verify))  # 2. verify the stored copy
-    publish_inventory()  # 3. inventory artifact
+    upload_backup(manifest.id)  # 3. copy to the offsite targets (none configured: no-op)
+    publish_inventory()  # 4. inventory artifact
     return manifest.id

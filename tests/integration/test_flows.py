@@ -127,6 +127,24 @@ def test_restore_test_fails_the_run_when_restored_data_is_wrong(
     assert [t.ok for t in manifest.restore_tests] == [False]
 
 
+def test_a_backup_is_copied_to_every_offsite_target(
+    flow_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With BACKUP_TARGETS set, the backup run uploads the verified backup and the inventory
+    lists both places it is stored."""
+    from flows.backup import backup
+
+    offsite = tmp_path / "offsite"
+    monkeypatch.setenv("BACKUP_TARGETS", str(offsite))
+
+    state = backup(return_state=True)
+
+    assert state.is_completed(), state.message
+    backup_id = state.result()
+    assert _backups(offsite) == [backup_id]
+    assert str(offsite) in str(_artifacts(state)["backup-inventory"].data)
+
+
 # -- retries -----------------------------------------------------------------------------------
 
 
