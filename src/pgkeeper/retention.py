@@ -199,11 +199,14 @@ def parse_size(text: str | int, setting: str = "size") -> int:
 
 
 def format_size(size: int) -> str:
-    """Bytes for people: ``50 GB`` for a round SI number (as limits are written), else IEC
-    with one decimal (``1.5 GiB``), or ``812 B``."""
+    """Bytes for people: SI when the number is round in it, as limits are written (``50 GB``,
+    ``2.4 GB``), else IEC with one decimal (``1.5 GiB``), or ``812 B``."""
     for unit, factor in (("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor} {unit}"
+        if size >= factor:
+            if size % (factor // 10) == 0:
+                text = f"{size / factor:.1f}".removesuffix(".0")
+                return f"{text} {unit}"
+            break
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(value) < 1024:
