@@ -177,10 +177,10 @@ class GCSStorage:
 
         if isinstance(exc, StorageError):
             return exc
-        if isinstance(exc, api.RetryError) and exc.cause is not None:
-            translated = self.translate(exc.cause, what, check_bucket)
-            if isinstance(translated, TransientStorageError):
-                return translated
+        if isinstance(exc, api.RetryError):  # the retry deadline passed: the last error decides
+            last = self.translate(exc.cause, what, check_bucket) if exc.cause else None
+            if isinstance(last, TransientStorageError):
+                return last
             return TransientStorageError(f"{self.url} kept failing {what} (retry later)")
         status: int | None = None
         if isinstance(exc, api.GoogleAPICallError):

@@ -1,7 +1,9 @@
 """Amazon S3 and S3-compatible backend (MinIO, Ceph, R2, B2): ``s3://bucket/prefix``.
 
 Writes stream: the writer buffers one part, then uploads it while the caller keeps writing
-(a few parts in flight, so memory is bounded by ``(max_concurrency + 1) * part size``). An object
+(up to ``max_concurrency`` parts, and no more than INFLIGHT_BUDGET bytes, in flight: memory is
+about 40 MiB at the default 8 MiB parts, and about two parts once S3's 10,000-part limit forces
+parts past 32 MiB, i.e. for objects over ~160 GB). An object
 smaller than one part is sent with one PutObject; anything larger is a multipart upload that is
 completed only when the ``with`` block exits cleanly and aborted on any exception, so a partial
 object is never visible. Every request carries a SHA-256 checksum that S3 verifies on receipt.
@@ -72,6 +74,7 @@ DEFAULT_PART_SIZE = 8 * MIB  # the AWS CLI's default part size
 HINTED_PARTS = 5_000  # a hinted size fills half the part budget; the other half absorbs a low hint
 GROWTH_STEP = 1_000  # past the planned parts, the part size doubles every this many parts
 DEFAULT_MAX_CONCURRENCY = 4  # parts uploading while the caller fills the next one
+INFLIGHT_BUDGET = 64 * MIB  # fewer parts in flight when parts are big (at least one)
 DEFAULT_PAGE_SIZE = 1_000  # ListObjectsV2 returns at most 1,000 keys a page anyway
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
@@ -562,8 +565,10 @@ class _S3Writer:
             )
         if self._upload_id is None:
             self._create()
-        # Bound memory: wait for the oldest part before queueing more than max_concurrency.
-        while len(self._pending) >= self._s3.max_concurrency:
+        # Bound memory: wait for the oldest part before queueing more than the parts allowed.
+        budget = INFLIGHT_BUDGET // self._current_part_size()
+        allowed = max(1, min(self._s3.max_concurrency, budget))
+        while len(self._pending) >= allowed:
             self._parts.append(self._pending.popleft().result())
         # Hand the buffer itself to the upload (no copy of the part); keep only the overshoot.
         size = len(self._buffer) if final else self._current_part_size()
