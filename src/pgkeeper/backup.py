@@ -24,7 +24,6 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pgkeeper import __version__, catalog, naming, postgres
 from pgkeeper.errors import DumpError, PgkeeperError, StorageFullError, UsageError
@@ -68,14 +67,6 @@ def _resolve(settings: Settings, options: BackupOptions) -> tuple[str, str, str,
         raise UsageError("--schema-only and --data-only exclude each other (choose one)")
     jobs = options.jobs or settings.backup_jobs
     return name, url, fmt, compression, jobs
-
-
-def _new_id(storage: Storage, name: str) -> tuple[str, Any]:
-    started = utcnow()
-    backup_id = naming.make_id(name, started)
-    if any(True for _ in storage.list(naming.backup_prefix(backup_id))):
-        backup_id = naming.make_id(name, started, millis=True)
-    return backup_id, started
 
 
 def _dump_argv(
@@ -127,9 +118,8 @@ def run_backup(
         server = postgres.server_info(lock_conn)
         postgres.check_client(pg_dump, server.major, server.version)
         catalog.clean_incomplete(primary, conn.dbname, conn.server)
-        backup_id, started = _new_id(primary, name)
+        backup_id, started = catalog.reserve_id(primary, name, conn.dbname, conn.server)
         log.info("backup %s of %s to %s started", backup_id, conn.display(), primary.url)
-        catalog.write_pending(primary, backup_id, conn.dbname, conn.server)
         try:
             snapshot = postgres.begin_snapshot(lock_conn)
             counts: dict[str, int] | None = None
@@ -259,8 +249,10 @@ def _dump_stream(
         )
         if proc.wait() != 0:
             raise _dump_failed(proc)  # raised inside open_write: the object is never committed
-    return [StoredObject(name=relative, size=result.size, sha256=result.sha256)], result.size, (
-        result.raw_size
+    return (
+        [StoredObject(name=relative, size=result.size, sha256=result.sha256)],
+        result.size,
+        (result.raw_size),
     )
 
 

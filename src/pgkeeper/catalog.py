@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -109,6 +111,48 @@ def write_pending(storage: Storage, backup_id: str, database: str, server: str) 
     """Mark a backup as being written (who and since when), before any data object."""
     body = {"id": backup_id, "database": database, "server": server, "since": utcnow().isoformat()}
     put_bytes(storage, naming.pending_key(backup_id), json.dumps(body).encode())
+
+
+def _claim(storage: Storage, key: str, data: bytes) -> bool:
+    """Create ``key`` only if it does not exist; True when this caller created it.
+
+    Backends with an atomic create-if-absent expose ``create_exclusive``; elsewhere the data
+    carries a random token and is read back, so of two racing writers at most the last one
+    proceeds (a rare loser fails cleanly on its next step instead of sharing the id).
+    """
+    create = getattr(storage, "create_exclusive", None)
+    if create is not None:
+        return bool(create(key, data))
+    if storage.stat(key) is not None:
+        return False
+    put_bytes(storage, key, data)
+    return get_bytes(storage, key) == data
+
+
+def reserve_id(
+    storage: Storage, name: str, database: str, server: str, attempts: int = 20
+) -> tuple[str, datetime]:
+    """Pick a new backup id on a target and claim it by creating its ``pending.json``.
+
+    Two runs with one name in the same second (two databases, one default name) get two ids:
+    the later one carries milliseconds. Raises StorageError when no id can be claimed.
+    """
+    for attempt in range(attempts):
+        started = utcnow()
+        backup_id = naming.make_id(name, started, millis=attempt > 0)
+        if any(True for _ in storage.list(naming.backup_prefix(backup_id))):
+            continue
+        body = {
+            "id": backup_id,
+            "database": database,
+            "server": server,
+            "since": started.isoformat(),
+            "token": secrets.token_hex(8),
+        }
+        if _claim(storage, naming.pending_key(backup_id), json.dumps(body).encode()):
+            return backup_id, started
+        time.sleep(0.002)
+    raise StorageError(f"could not claim a new backup id for {name!r} in {storage.url} (retry)")
 
 
 def clear_pending(storage: Storage, backup_id: str) -> None:

@@ -174,8 +174,11 @@ def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> N
     if manifest.last_restore_test is not None:
         test = manifest.last_restore_test
         rows.append(
-            ("restore test", f"{'passed' if test.ok else 'FAILED'} {test.at:%Y-%m-%d %H:%M}Z, "
-             f"{test.duration_seconds:.1f}s")
+            (
+                "restore test",
+                f"{'passed' if test.ok else 'FAILED'} {test.at:%Y-%m-%d %H:%M}Z, "
+                f"{test.duration_seconds:.1f}s",
+            )
         )
     if locations:
         rows.append(("stored in", ", ".join(locations)))
@@ -248,7 +251,10 @@ def backup(
     if not no_verify and settings.backup_verify != "off":
         with progress_bar("verify", manifest.size) as progress:
             manifest = verify_backup(
-                settings, manifest.id, storages=[primary], level=settings.backup_verify,
+                settings,
+                manifest.id,
+                storages=[primary],
+                level=settings.backup_verify,
                 progress=progress,
             )
     locations = [primary.url]
@@ -266,8 +272,11 @@ def backup(
         _print_manifest(manifest, locations)
     if failed:
         where = ", ".join(f"{url}: {why}" for url, why in failed.items())
-        _fail(f"backup {manifest.id} made, but the upload failed ({where}); "
-              f"retry with 'pgkeeper upload {manifest.id}'", 1)
+        _fail(
+            f"backup {manifest.id} made, but the upload failed ({where}); "
+            f"retry with 'pgkeeper upload {manifest.id}'",
+            1,
+        )
 
 
 @app.command()
@@ -290,8 +299,11 @@ def upload(
     clean_offsite(settings, storages=storages)
     if backup_id is not None:
         with progress_bar("upload") as progress:
-            reports = [upload_backup(settings, _resolve_id(backup_id, settings),
-                                     storages=storages, progress=progress)]
+            reports = [
+                upload_backup(
+                    settings, _resolve_id(backup_id, settings), storages=storages, progress=progress
+                )
+            ]
     else:
         reports = upload_missing(settings, storages=storages)
     if as_json:
@@ -339,7 +351,8 @@ def list_(as_json: JsonOpt = False) -> None:
             "format": f"{e.manifest.format}/{e.manifest.compression}",
             "state": e.manifest.state + (" pinned" if e.manifest.pinned else ""),
             "restore test": (
-                "-" if e.manifest.last_restore_test is None
+                "-"
+                if e.manifest.last_restore_test is None
                 else ("passed" if e.manifest.last_restore_test.ok else "FAILED")
             ),
             "stored in": ", ".join(e.locations),
@@ -352,7 +365,9 @@ def list_(as_json: JsonOpt = False) -> None:
 
 @app.command()
 @handle_errors
-def show(backup_id: Annotated[str, typer.Argument(help="Backup id.")], as_json: JsonOpt = False) -> None:
+def show(
+    backup_id: Annotated[str, typer.Argument(help="Backup id.")], as_json: JsonOpt = False
+) -> None:
     """Show one backup's record."""
     settings = settings_from_env()
     backup_id = _resolve_id(backup_id, settings)
@@ -434,7 +449,9 @@ def restore(
     if as_json:
         print_json(result.__dict__)
         return
-    typer.echo(f"restored {result.backup_id} into {result.target} in {result.duration_seconds:.1f}s")
+    typer.echo(
+        f"restored {result.backup_id} into {result.target} in {result.duration_seconds:.1f}s"
+    )
     if result.safety_backup_id:
         typer.echo(f"the previous contents are in backup {result.safety_backup_id}")
 
@@ -503,7 +520,9 @@ def download_name(manifest: Manifest, decompress: bool) -> str:
 @app.command("import")
 @handle_errors
 def import_(
-    file: Annotated[Path, typer.Argument(help="A pg_dump file: custom, plain, tar, directory tar.")],
+    file: Annotated[
+        Path, typer.Argument(help="A pg_dump file: custom, plain, tar, directory tar.")
+    ],
     name: Annotated[str, typer.Option(help="Backup name for the id.")] = "imported",
     as_json: JsonOpt = False,
 ) -> None:

@@ -8,41 +8,26 @@ VerificationError at the end, so callers writing to a file discard it (the CLI w
 from __future__ import annotations
 
 import tarfile
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 from pgkeeper import naming
+from pgkeeper.errors import VerificationError
 from pgkeeper.manifest import Manifest, StoredObject
-from pgkeeper.pipeline import Decoder, Progress
-from pgkeeper.restore import _HashingReader
+from pgkeeper.pipeline import HashingReader, Progress, decode_verified
 from pgkeeper.storage import Storage
-from pgkeeper.storage.base import CHUNK
 
 
-def _copy(
-    storage: Storage,
-    manifest: Manifest,
-    obj: StoredObject,
-    out: BinaryIO,
-    decode: str,
-    progress: Progress | None,
-) -> None:
-    decoder = Decoder(decode)
-    with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
-        reader = _HashingReader(src, obj, progress)
-        while chunk := reader.read(CHUNK):
-            out.write(decoder.decompress(chunk))
-    decoder.finish()
-    reader.check()
+def _damaged(manifest: Manifest, storage: Storage, exc: VerificationError) -> VerificationError:
+    return VerificationError(
+        f"backup {manifest.id!r} in {storage.url} is damaged ({exc.check} check failed: {exc}); "
+        f"the download is incomplete and must not be used (run 'pgkeeper verify {manifest.id}', "
+        "or download another copy)",
+        check=exc.check,
+    )
 
 
-class _TarSource:
-    """A file-like over one stored object for tarfile.addfile, hashing as it goes."""
-
-    def __init__(self, reader: _HashingReader) -> None:
-        self._reader = reader
-
-    def read(self, n: int = -1) -> bytes:
-        return self._reader.read(CHUNK if n < 0 else n)
+def _reader(src: BinaryIO, obj: StoredObject, progress: Progress | None) -> HashingReader:
+    return HashingReader(src, obj.name, obj.size, obj.sha256, progress)
 
 
 def write_backup(
@@ -54,16 +39,21 @@ def write_backup(
     progress: Progress | None = None,
 ) -> None:
     """Stream a backup to ``out``; raise VerificationError if the stored bytes are bad."""
-    if manifest.format != "directory":
-        decode = manifest.compression if decompress else "none"
-        _copy(storage, manifest, manifest.objects[0], out, decode, progress)
-        return
-    with tarfile.open(fileobj=out, mode="w|") as archive:
-        for obj in manifest.objects:
-            info = tarfile.TarInfo(obj.name)
-            info.size = obj.size
-            info.mtime = int(manifest.finished_at.timestamp())
+    try:
+        if manifest.format != "directory":
+            obj = manifest.objects[0]
             with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
-                reader = _HashingReader(src, obj, progress)
-                archive.addfile(info, _TarSource(reader))  # type: ignore[arg-type]
-                reader.check()
+                decode = manifest.compression if decompress else "none"
+                decode_verified(_reader(src, obj, progress), decode, out.write)
+            return
+        with tarfile.open(fileobj=out, mode="w|") as archive:
+            for obj in manifest.objects:
+                info = tarfile.TarInfo(obj.name)
+                info.size = obj.size
+                info.mtime = int(manifest.finished_at.timestamp())
+                with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
+                    reader = _reader(src, obj, progress)
+                    archive.addfile(info, cast(Any, reader))
+                    reader.check()
+    except VerificationError as exc:
+        raise _damaged(manifest, storage, exc) from None

@@ -18,7 +18,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, cast
 
 from pgkeeper import __version__, catalog, naming
 from pgkeeper.errors import NotADumpError, PgkeeperError, StorageError, VerificationError
@@ -211,11 +211,7 @@ def import_stream(
     if not head:
         raise NotADumpError("not a PostgreSQL dump: the file is empty")
     kind = detect(head)
-    started = utcnow()
-    backup_id = naming.make_id(name, started)
-    if any(True for _ in primary.list(naming.backup_prefix(backup_id))):
-        backup_id = naming.make_id(name, started, millis=True)
-    catalog.write_pending(primary, backup_id, kind.database, "import")
+    backup_id, started = catalog.reserve_id(primary, name, kind.database, "import")
     stream = _Head(head, _limited(read, max_bytes))
     try:
         if kind.format == "directory":
@@ -297,17 +293,15 @@ def _store_directory_tar(
     storage: Storage, backup_id: str, stream: _Head, kind: DumpKind, progress: Progress | None
 ) -> list[StoredObject]:
     folder = naming.data_name(backup_id, "directory", "none")
-    mode = {"zstd": "r|", "gzip": "r|gz", "none": "r|"}[kind.compression]
-    source: BinaryIO
+    source: Any = stream
     if kind.compression == "zstd":
         import zstandard
 
-        source = zstandard.ZstdDecompressor().stream_reader(stream)  # type: ignore[assignment]
-    else:
-        source = stream  # type: ignore[assignment]
+        source = zstandard.ZstdDecompressor().stream_reader(cast(Any, stream))
     objects: list[StoredObject] = []
     try:
-        with tarfile.open(fileobj=source, mode=mode) as archive:
+        gzipped = kind.compression == "gzip"
+        with tarfile.open(fileobj=source, mode="r|gz" if gzipped else "r|") as archive:
             for member in archive:
                 if not member.isfile():
                     continue
@@ -320,7 +314,9 @@ def _store_directory_tar(
                 obj = _store_object(storage, backup_id, f"{folder}/{inner}", handle.read, progress)
                 objects.append(obj)
     except tarfile.TarError as exc:
-        raise NotADumpError(f"not a PostgreSQL dump: the tar archive is unreadable ({exc})") from exc
+        raise NotADumpError(
+            f"not a PostgreSQL dump: the tar archive is unreadable ({exc})"
+        ) from exc
     if not any(o.name.endswith("/toc.dat") for o in objects):
         raise NotADumpError("not a directory-format dump: the tar has no toc.dat")
     toc = next(o for o in objects if o.name.endswith("/toc.dat"))

@@ -7,6 +7,7 @@ size; nothing uncompressed touches disk. The sha256 is of the stored (compressed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -58,7 +59,9 @@ def make_compressor(kind: str, level: int | None = None, threads: int = 0) -> Co
         )
         return compressor.compressobj()
     if kind == "gzip":
-        return zlib.compressobj(DEFAULT_LEVEL["gzip"] if level is None else level, zlib.DEFLATED, 31)
+        return zlib.compressobj(
+            DEFAULT_LEVEL["gzip"] if level is None else level, zlib.DEFLATED, 31
+        )
     if kind == "none":
         return _Identity()
     raise ValueError(f"unknown compression {kind!r}")
@@ -212,10 +215,77 @@ class ClientProcess:
             self.kill()
         for stream in (self.proc.stdout, self.proc.stdin):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
         self.wait()
         if self.proc.stderr is not None and not self._reader.is_alive():
             self.proc.stderr.close()  # the drain thread is done with it
+
+
+# --- reading a stored object back, verified ----------------------------------------------------
+
+
+class HashingReader:
+    """Reads one stored object, hashing it; ``check()`` compares with the manifest's record."""
+
+    def __init__(
+        self,
+        src: IO[bytes],
+        name: str,
+        size: int,
+        sha256: str,
+        progress: Progress | None = None,
+    ) -> None:
+        self._src = src
+        self.name = name
+        self._expected = (size, sha256)
+        self._digest = hashlib.sha256()
+        self._size = 0
+        self._progress = progress
+
+    def read(self, n: int = CHUNK) -> bytes:
+        chunk = self._src.read(n if n >= 0 else CHUNK)
+        self._digest.update(chunk)
+        self._size += len(chunk)
+        if self._progress and chunk:
+            self._progress(len(chunk))
+        return chunk
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+    @property
+    def matches(self) -> bool:
+        return (self._size, self._digest.hexdigest()) == self._expected
+
+    def check(self) -> None:
+        """Raise VerificationError (check ``checksum``) when the bytes read are not the record's."""
+        if not self.matches:
+            raise VerificationError(
+                f"{self.name} does not match its manifest ({self._size} bytes, sha256 "
+                f"{self._digest.hexdigest()[:12]}...)",
+                check="checksum",
+            )
+
+
+def decode_verified(
+    reader: HashingReader, compression: str, sink: Callable[[bytes], object]
+) -> None:
+    """Feed ``sink`` the decoded bytes of a stored object; raise VerificationError naming the
+    failed check if the object is damaged.
+
+    The checksum is judged over every stored byte, so a damaged byte is reported as a checksum
+    failure even when the decoder trips over it first. Callers must not commit anything they
+    built from ``sink`` before this returns.
+    """
+    decoder = Decoder(compression)
+    try:
+        while chunk := reader.read(CHUNK):
+            sink(decoder.decompress(chunk))
+        decoder.finish()
+    except VerificationError:
+        reader.drain()  # tell a damaged byte (checksum) from a bad encoder (compression)
+        reader.check()
+        raise
+    reader.check()

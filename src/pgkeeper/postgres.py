@@ -111,8 +111,10 @@ class ConnInfo:
 
     @property
     def dbname(self) -> str:
-        return self.params.get("dbname") or self.params.get("user") or os.environ.get(
-            "PGDATABASE", os.environ.get("PGUSER", "postgres")
+        return (
+            self.params.get("dbname")
+            or self.params.get("user")
+            or os.environ.get("PGDATABASE", os.environ.get("PGUSER", "postgres"))
         )
 
     @property
@@ -167,7 +169,9 @@ def translate_connect_error(exc: Exception, conn: ConnInfo) -> Exception:
     return DatabaseError(f"{where}: {text}")
 
 
-def connect(conn: ConnInfo, autocommit: bool = True, dbname: str | None = None) -> psycopg.Connection[Any]:
+def connect(
+    conn: ConnInfo, autocommit: bool = True, dbname: str | None = None
+) -> psycopg.Connection[Any]:
     """Open a psycopg connection; raise the project's connection errors."""
     target = conn.with_dbname(dbname) if dbname else conn
     params: dict[str, Any] = dict(target.params)
@@ -197,7 +201,9 @@ def candidate_bin_dirs(pg_bin_dir: Path | None) -> list[Path]:
     debian = Path("/usr/lib/postgresql")
     if debian.is_dir():
         versions = sorted(
-            (p for p in debian.iterdir() if p.name.isdigit()), key=lambda p: int(p.name), reverse=True
+            (p for p in debian.iterdir() if p.name.isdigit()),
+            key=lambda p: int(p.name),
+            reverse=True,
         )
         dirs.extend(v / "bin" for v in versions)
     pg_config = shutil.which("pg_config")

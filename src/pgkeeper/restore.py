@@ -15,15 +15,15 @@ exactly as it was.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
 import secrets
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -43,11 +43,10 @@ from pgkeeper.errors import (
     VerificationError,
 )
 from pgkeeper.manifest import Manifest, StoredObject, utcnow
-from pgkeeper.pipeline import ClientProcess, Decoder, Progress
+from pgkeeper.pipeline import ClientProcess, HashingReader, Progress, decode_verified
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.settings import Settings
 from pgkeeper.storage import Storage, targets
-from pgkeeper.storage.base import CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -92,39 +91,26 @@ def copies(storages: list[Storage], backup_id: str) -> list[tuple[Manifest, Stor
             found.append((manifest, storage))
     if not found:
         where = ", ".join(s.url for s in storages)
-        raise BackupNotFoundError(f"backup {backup_id!r} not found in {where} (run 'pgkeeper list')")
+        raise BackupNotFoundError(
+            f"backup {backup_id!r} not found in {where} (run 'pgkeeper list')"
+        )
     return found
 
 
 # --- reading a stored copy --------------------------------------------------------------------
 
 
-class _HashingReader:
-    """Reads one stored object, hashing it; ``check()`` compares with the manifest."""
+def _reader(src: BinaryIO, obj: StoredObject, progress: Progress | None) -> HashingReader:
+    return HashingReader(src, obj.name, obj.size, obj.sha256, progress)
 
-    def __init__(self, src: BinaryIO, obj: StoredObject, progress: Progress | None) -> None:
-        self._src = src
-        self._obj = obj
-        self._digest = hashlib.sha256()
-        self._size = 0
-        self._progress = progress
 
-    def read(self, n: int) -> bytes:
-        chunk = self._src.read(n)
-        self._digest.update(chunk)
-        self._size += len(chunk)
-        if self._progress and chunk:
-            self._progress(len(chunk))
-        return chunk
-
-    def check(self) -> None:
-        if self._size != self._obj.size or self._digest.hexdigest() != self._obj.sha256:
-            raise VerificationError(
-                f"{self._obj.name} does not match its manifest (checksum check failed: "
-                f"{self._size} bytes, sha256 {self._digest.hexdigest()[:12]}...); "
-                "nothing was restored (use another copy or another backup)",
-                check="checksum",
-            )
+def _damaged(manifest: Manifest, storage: Storage, exc: VerificationError) -> VerificationError:
+    return VerificationError(
+        f"backup {manifest.id!r} in {storage.url} is damaged ({exc.check} check failed: {exc}); "
+        "nothing was restored (restore another copy or another backup, and run "
+        f"'pgkeeper verify {manifest.id}')",
+        check=exc.check,
+    )
 
 
 def _stream_object(
@@ -135,14 +121,12 @@ def _stream_object(
     progress: Progress | None,
 ) -> None:
     """Decode one object into ``sink``; raise VerificationError if its bytes are not the
-    manifest's (checked at the end: callers must not commit anything before this returns)."""
-    decoder = Decoder(manifest.compression)
+    manifest's (judged at the end: callers must not commit anything before this returns)."""
     with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
-        reader = _HashingReader(src, obj, progress)
-        while chunk := reader.read(CHUNK):
-            sink(decoder.decompress(chunk))
-    decoder.finish()
-    reader.check()
+        try:
+            decode_verified(_reader(src, obj, progress), manifest.compression, sink)
+        except VerificationError as exc:
+            raise _damaged(manifest, storage, exc) from None
 
 
 def _stage_object(
@@ -154,31 +138,67 @@ def _stage_object(
     progress: Progress | None,
 ) -> None:
     """Write one object (decoded when ``decode``) to a local file, verifying its checksum."""
-    decoder = Decoder(manifest.compression if decode else "none")
-    with storage.open_read(naming.object_key(manifest.id, obj.name)) as src, open(
-        dest, "wb"
-    ) as out:
-        reader = _HashingReader(src, obj, progress)
-        while chunk := reader.read(CHUNK):
-            out.write(decoder.decompress(chunk))
-    decoder.finish()
-    reader.check()
+    with (
+        storage.open_read(naming.object_key(manifest.id, obj.name)) as src,
+        open(dest, "wb") as out,
+    ):
+        try:
+            decode_verified(
+                _reader(src, obj, progress), manifest.compression if decode else "none", out.write
+            )
+        except VerificationError as exc:
+            raise _damaged(manifest, storage, exc) from None
 
 
-def _verify_local_object(path: Path, obj: StoredObject, progress: Progress | None) -> None:
+def _verify_local_object(
+    manifest: Manifest, storage: Storage, path: Path, obj: StoredObject, progress: Progress | None
+) -> None:
     with open(path, "rb") as src:
-        reader = _HashingReader(src, obj, progress)  # type: ignore[arg-type]
-        while reader.read(CHUNK):
-            pass
-    reader.check()
+        reader = _reader(src, obj, progress)
+        reader.drain()
+        try:
+            reader.check()
+        except VerificationError as exc:
+            raise _damaged(manifest, storage, exc) from None
+
+
+SCRATCH_PREFIX = ".pgkeeper-restore-"
+
+
+def sweep_scratch(parent: Path) -> list[Path]:
+    """Remove staging folders left by restores whose process is gone (e.g. SIGKILLed).
+
+    A folder is named ``.pgkeeper-restore-<pid>-<random>``; it is only removed when no process
+    with that pid runs on this machine, so a concurrent restore's folder is never touched.
+    """
+    removed = []
+    for path in parent.glob(f"{SCRATCH_PREFIX}*"):
+        pid_text = path.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed the staging folder of an interrupted restore: %s", path)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
 def _scratch_dir(storage: Storage) -> Iterator[Path]:
     """Where decoded files are staged: beside a local backup folder, else the temp folder."""
     base = storage.local_path("")
-    parent = base if base is not None and base.is_dir() else None
-    path = Path(tempfile.mkdtemp(prefix=".pgkeeper-restore-", dir=parent))
+    parent = base if base is not None and base.is_dir() else Path(tempfile.gettempdir())
+    sweep_scratch(parent)
+    path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent))
     try:
         yield path
     finally:
@@ -209,8 +229,16 @@ def _load(
     env = conn.with_dbname(dbname).env()
     if manifest.format == "plain":
         psql = postgres.find_client("psql", settings.pg_bin_dir)
-        argv = [psql.argv0, "--no-password", "-X", "-q", "-v", "ON_ERROR_STOP=1",
-                "--single-transaction", f"--dbname={dbname}"]
+        argv = [
+            psql.argv0,
+            "--no-password",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "--single-transaction",
+            f"--dbname={dbname}",
+        ]
         _pipe_into(argv, env, settings, manifest, storage, progress)
         return
     pg_restore = postgres.find_client("pg_restore", settings.pg_bin_dir)
@@ -224,7 +252,7 @@ def _load(
                 for obj in manifest.objects:
                     path = storage.local_path(naming.object_key(manifest.id, obj.name))
                     assert path is not None  # noqa: S101 - local storage has local paths
-                    _verify_local_object(path, obj, progress)
+                    _verify_local_object(manifest, storage, path, obj, progress)
                 source = local
             else:
                 source = tmp / "dump"
@@ -240,7 +268,7 @@ def _load(
         # or use the stored file itself when it is local and uncompressed.
         local = storage.local_path(naming.object_key(manifest.id, obj.name))
         if manifest.compression == "none" and local is not None and local.is_file():
-            _verify_local_object(local, obj, progress)
+            _verify_local_object(manifest, storage, local, obj, progress)
             _run([*base, f"--jobs={jobs}", str(local)], env)
             return
         with _scratch_dir(storage) as tmp:
@@ -288,10 +316,8 @@ def _pipe_into(
                 raise _restore_failed(proc) from None
 
         _stream_object(storage, manifest, manifest.objects[0], sink, progress)
-        try:
+        with suppress(BrokenPipeError):
             stdin.close()
-        except BrokenPipeError:
-            pass
         if proc.wait() != 0:
             raise _restore_failed(proc)
 
@@ -318,7 +344,9 @@ def _create_database(
             admin.execute(query + sql.SQL(" ENCODING {}").format(sql.Literal(encoding)))
             return
         except psycopg.errors.InvalidParameterValue:
-            log.warning("encoding %s is not usable with the server's locale; using default", encoding)
+            log.warning(
+                "encoding %s is not usable with the server's locale; using default", encoding
+            )
     try:
         admin.execute(query)
     except psycopg.errors.InsufficientPrivilege as exc:
@@ -394,7 +422,9 @@ def restore_into_new_database(
     started = time.monotonic()
     with _admin(conn) as admin:
         if postgres.database_exists(admin, dbname):
-            raise UsageError(f"database {dbname!r} already exists on {conn.server} (pick a new name)")
+            raise UsageError(
+                f"database {dbname!r} already exists on {conn.server} (pick a new name)"
+            )
         _create_database(admin, dbname, None, manifest.options.get("encoding"))
         try:
             _load(settings, manifest, storage, conn, dbname, jobs or settings.backup_jobs, progress)

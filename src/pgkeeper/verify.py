@@ -48,7 +48,10 @@ class _StructureSink:
         self.listing = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         if fmt in ("custom", "tar") and pg_restore is not None:
             self.proc = ClientProcess(
-                [pg_restore.argv0, "--list"], dict(os.environ), stdin=subprocess.PIPE, stdout=self.listing
+                [pg_restore.argv0, "--list"],
+                dict(os.environ),
+                stdin=subprocess.PIPE,
+                stdout=self.listing,
             )
 
     @property
@@ -64,24 +67,23 @@ class _StructureSink:
         self.tail = (self.tail + data)[-4096:]
         proc = self.proc
         if proc is not None and proc.proc.poll() is None and proc.proc.stdin is not None:
-            try:
+            # pg_restore --list stops reading after the table of contents: a closed pipe is fine.
+            with contextlib.suppress(BrokenPipeError, OSError):
                 proc.proc.stdin.write(data)
-            except (BrokenPipeError, OSError):
-                pass  # pg_restore --list stops reading after the table of contents
 
     def result(self, complete: bool) -> CheckResult:
         if self.proc is not None:
             if self.proc.proc.stdin is not None:
-                try:
+                with contextlib.suppress(OSError):
                     self.proc.proc.stdin.close()
-                except OSError:
-                    pass
             code = self.proc.wait()
             self.listing.seek(0)
             entries = sum(1 for line in self.listing if line[:1] not in (b";", b"\n"))
             if code != 0:
                 return CheckResult(
-                    name="structure", ok=False, detail=f"pg_restore --list: {self.proc.last_error()}"
+                    name="structure",
+                    ok=False,
+                    detail=f"pg_restore --list: {self.proc.last_error()}",
                 )
             return CheckResult(name="structure", ok=True, detail=f"{entries} archive entries")
         if self.fmt == "plain":
@@ -203,7 +205,9 @@ def check_backup(
         if manifest.format == "directory" and all(c.ok for c in checks):
             checks.insert(1, CheckResult(name="checksum", ok=True, detail="every object"))
     ok = all(c.ok for c in checks)
-    return Verification(ok=ok, at=utcnow(), level="full" if level == "full" else "quick", checks=checks)
+    return Verification(
+        ok=ok, at=utcnow(), level="full" if level == "full" else "quick", checks=checks
+    )
 
 
 def _directory_structure(

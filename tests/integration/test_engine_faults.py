@@ -507,26 +507,23 @@ def test_password_never_leaks(pg_cluster: PgCluster, big_db: str, tmp_path: Path
 # --- ids ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a backup claims its id by checking that the folder is absent, then writing "
-    "pending.json, so two databases backed up under one name in the same second share an id "
-    "and one backup silently replaces the other (needs an exclusive create on every backend)",
-)
 def test_same_name_backups_of_two_databases_get_two_ids(
     pg_cluster: PgCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two databases backed up at the same moment under one name both end up listed."""
     both_chose = threading.Barrier(2, timeout=30)
-    write_pending = catalog.write_pending
+    claim = catalog._claim
+    first_claims: set[int] = set()
 
-    def in_step(*args: object, **kwargs: object) -> None:
-        both_chose.wait()  # each has picked its id; neither has claimed it yet
-        write_pending(*args, **kwargs)  # type: ignore[arg-type]
+    def in_step(*args: object, **kwargs: object) -> bool:
+        if threading.get_ident() not in first_claims:
+            first_claims.add(threading.get_ident())
+            both_chose.wait()  # each has picked the same id; neither has claimed it yet
+        return claim(*args, **kwargs)  # type: ignore[arg-type]
 
     moment = datetime(2025, 10, 2, 10, 0, 0, tzinfo=UTC)  # the same second for both
-    monkeypatch.setattr(catalog, "write_pending", in_step)
-    monkeypatch.setattr(backup, "utcnow", lambda: moment)
+    monkeypatch.setattr(catalog, "_claim", in_step)
+    monkeypatch.setattr(catalog, "utcnow", lambda: moment)
     names = [make_db(pg_cluster)[0] for _ in range(2)]
     results: dict[str, str] = {}
 

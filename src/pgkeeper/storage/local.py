@@ -94,6 +94,27 @@ class LocalStorage:
             temp.unlink(missing_ok=True)
             raise
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Atomically create ``key`` with ``data`` unless it exists; True when created here."""
+        final = self._path(key)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            temp = final.with_name(f".{final.name}{TEMP_MARK}{secrets.token_hex(4)}")
+            with open(temp, "xb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(temp, final)  # fails if the key exists: the atomic step
+            except FileExistsError:
+                return False
+            finally:
+                temp.unlink(missing_ok=True)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise translate_os_error(exc, str(final)) from exc
+        return True
+
     @contextmanager
     def open_read(self, key: str) -> Iterator[BinaryIO]:
         path = self._path(key)
