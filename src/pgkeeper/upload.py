@@ -93,9 +93,10 @@ def _send(
 ) -> None:
     key = naming.object_key(manifest.id, obj.name)
     digest = hashlib.sha256()
-    with source.open_read(key) as src, dest.open_write(
-        key, size_hint=obj.size, metadata={"sha256": obj.sha256}
-    ) as out:
+    with (
+        source.open_read(key) as src,
+        dest.open_write(key, size_hint=obj.size, metadata={"sha256": obj.sha256}) as out,
+    ):
         while chunk := src.read(CHUNK):
             digest.update(chunk)
             out.write(chunk)
