@@ -17,6 +17,7 @@ import pytest
 
 from pgkeeper.errors import StorageError
 from pgkeeper.settings import Settings
+from pgkeeper.storage import open_storage
 from pgkeeper.storage.base import CHUNK, Storage
 from pgkeeper.storage.gcs import GCSStorage
 from pgkeeper.storage.local import LocalStorage
@@ -130,6 +131,30 @@ def multipart_uploads(storage: Storage) -> list[Any]:
 
 def keys(storage: Storage, prefix: str = "") -> list[str]:
     return sorted(info.key for info in storage.list(prefix))
+
+
+def test_every_backend_is_a_storage(storage: Storage) -> None:
+    """Each backend satisfies the Storage protocol and names itself without credentials."""
+    assert isinstance(storage, Storage)
+    assert storage.kind in ("local", "s3", "gcs")
+    assert "testing" not in storage.url  # the moto secret/key must never reach a URL
+
+
+def test_open_storage_builds_cloud_backends_from_urls(
+    s3_server: S3Server,
+    s3_bucket: str,
+    gcs_server: GcsServer,
+    gcs_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """open_storage turns s3:// and gs:// URLs into working backends with the settings' knobs."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.endpoint)
+    for url in (f"s3://{s3_bucket}/nightly/", f"gs://{gcs_bucket}/nightly"):
+        target = open_storage(url, s3_settings(s3_server))
+        write_in_chunks(target, "x", b"data")
+        assert target.url == url.rstrip("/") and read_all(target, "x") == b"data"
+        if isinstance(target, GCSStorage):
+            target.close()
 
 
 @pytest.mark.parametrize("size", [0, 1000, BIG], ids=["empty", "small", "multipart"])
