@@ -540,6 +540,127 @@ def import_(
         _print_manifest(manifest)
 
 
+@app.command("restore-test")
+@handle_errors
+def restore_test(
+    backup_id: Annotated[
+        str | None, typer.Argument(help="Backup id (default: the newest backup).")
+    ] = None,
+    staging_url: Annotated[
+        str | None,
+        typer.Option(help="Server to restore on (default: STAGING_DATABASE_URL, else source)."),
+    ] = None,
+    checks_dir: Annotated[
+        Path | None, typer.Option(help="Folder of .sql checks (default: BACKUP_CHECKS_DIR).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore a backup into a scratch database, compare row counts, run checks, drop it."""
+    from pgkeeper.restore_test import failed_summary, run_restore_test
+
+    settings = settings_from_env()
+    resolved = None if backup_id in (None, "latest") else naming.validate_id(backup_id)
+    result = run_restore_test(
+        settings, resolved, staging_url, checks_dir or settings.backup_checks_dir
+    )
+    if as_json:
+        print_json(result.model_dump(mode="json"))
+    else:
+        status = "passed" if result.ok else "FAILED"
+        typer.echo(
+            f"restore test {status}: {result.tables_compared} tables compared, "
+            f"restore took {result.duration_seconds:.1f}s on {result.server}"
+        )
+        for mismatch in result.mismatches:
+            typer.echo(f"  mismatch: {mismatch}")
+        for check in result.checks:
+            typer.echo(f"  {'ok  ' if check.ok else 'FAIL'} {check.name} {check.detail}")
+    if not result.ok:
+        _fail(failed_summary(result, resolved or "the newest backup"), 1)
+
+
+@app.command()
+@handle_errors
+def rotate(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply the retention policy on every target (or show its plan with --dry-run)."""
+    from pgkeeper.rotate import policies_from_settings
+    from pgkeeper.rotate import rotate as run_rotate
+
+    settings = settings_from_env()
+    storages = targets(settings)
+    report = run_rotate(storages, policies_from_settings(settings, storages), dry_run=dry_run)
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        rows = report.as_table()
+        if rows:
+            print_table(rows, list(rows[0]))
+        typer.echo(report.summary())
+    if not report.ok:
+        _fail("rotation failed on some target (see above); nothing listed was lost", 1)
+
+
+@app.command()
+@handle_errors
+def pin(backup_id: Annotated[str, typer.Argument(help="Backup id.")]) -> None:
+    """Pin a backup: rotation never deletes it."""
+    from pgkeeper.rotate import pin as pin_backup
+
+    settings = settings_from_env()
+    where = pin_backup(targets(settings), naming.validate_id(backup_id))
+    typer.echo(f"pinned {backup_id} in {', '.join(where)}")
+
+
+@app.command()
+@handle_errors
+def unpin(backup_id: Annotated[str, typer.Argument(help="Backup id.")]) -> None:
+    """Unpin a backup: rotation may delete it again."""
+    from pgkeeper.rotate import unpin as unpin_backup
+
+    settings = settings_from_env()
+    where = unpin_backup(targets(settings), naming.validate_id(backup_id))
+    typer.echo(f"unpinned {backup_id} in {', '.join(where)}")
+
+
+@app.command()
+@handle_errors
+def usage(as_json: JsonOpt = False) -> None:
+    """Storage used by complete backups, per target and in total."""
+    from pgkeeper.retention import parse_size
+    from pgkeeper.rotate import usage_report
+
+    settings = settings_from_env()
+    warn = settings.backup_usage_warn_bytes
+    report = usage_report(
+        targets(settings),
+        parse_size(warn, "BACKUP_USAGE_WARN_BYTES") if warn else None,
+    )
+    if as_json:
+        typer.echo(report.to_json())
+        return
+    rows = report.as_table()
+    print_table(rows, list(rows[0]))
+
+
+@app.command()
+@handle_errors
+def api(
+    host: Annotated[
+        str | None, typer.Option(help="Interface (default BACKUP_API_HOST, 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default BACKUP_API_PORT, 8080).")] = None,
+) -> None:
+    """Serve the HTTP API (uvicorn); OpenAPI docs at /docs."""
+    from pgkeeper.api import serve_api
+
+    serve_api(settings_from_env(), host=host, port=port)
+
+
 def _terminate(signum: int, frame: object) -> None:
     # SIGTERM unwinds like Ctrl-C, so the engine's cleanup runs: pg_dump is stopped, the partial
     # object is removed and the backup lock is released.

@@ -79,6 +79,9 @@ class Manifest(BaseModel):
     verification: Verification | None = None
     restore_tests: list[RestoreTest] = Field(default_factory=list)
     pinned: bool = False
+    uploads: dict[str, datetime] = Field(
+        default_factory=dict, description="offsite target URL -> when a proven copy landed there"
+    )
     pgkeeper_version: str = ""
 
     # -- derived views -------------------------------------------------------------------------

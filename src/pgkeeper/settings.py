@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     backup_max_total_size: str | None = Field(default=None, description="e.g. '50GB'.")
     backup_min_backups: int = Field(default=1, ge=0)
     backup_failed_grace: str = "24h"
+    backup_retention_targets: str | None = Field(
+        default=None,
+        description='per-target overrides as JSON, e.g. {"s3": "keep_within=30d keep_monthly=12"}',
+    )
     backup_usage_warn_bytes: str | None = None
 
     # --- offsite storage ------------------------------------------------------------------

@@ -180,19 +180,45 @@ def upload_backup(
             continue
         report.copied_to.append(dest.url)
         log.info("uploaded %s to %s", backup_id, dest.url)
+    if report.copied_to or report.already_there:
+        _record_uploads(source, backup_id, report.copied_to + report.already_there)
     return report
+
+
+def _record_uploads(source: Storage, backup_id: str, urls: list[str]) -> None:
+    """Note on the source manifest where proven copies landed, so ``upload_missing`` does not
+    send again a copy that offsite retention deleted on purpose."""
+    try:
+        current = catalog.read_manifest(source, backup_id)
+        if current is None:
+            return
+        now = utcnow()
+        uploads = {**current.uploads, **{url: current.uploads.get(url, now) for url in urls}}
+        if uploads != current.uploads:
+            catalog.write_manifest(source, current.model_copy(update={"uploads": uploads}))
+    except PgkeeperError as exc:
+        log.warning("could not record the uploads of %s: %s", backup_id, exc)
 
 
 def upload_missing(
     settings: Settings, *, storages: Sequence[Storage] | None = None
 ) -> list[UploadReport]:
-    """Upload every backup of the primary target that some offsite target lacks."""
+    """Upload every backup of the primary target that some offsite target has never received.
+
+    A backup whose manifest records a proven copy on a target is not sent there again, even if
+    that target's own retention has since deleted it (no upload/rotate churn).
+    """
     storages = list(storages) if storages is not None else targets(settings)
     if len(storages) < 2:
         return []
     reports = []
     for manifest in catalog.list_backups(storages[0]):
-        if all(copy_is_complete(dest, manifest) for dest in storages[1:]):
+        if manifest.verification_failed:
+            continue
+        if all(
+            dest.url in manifest.uploads or copy_is_complete(dest, manifest)
+            for dest in storages[1:]
+        ):
             continue
         reports.append(upload_backup(settings, manifest.id, storages=storages))
     return reports
