@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pgkeeper import catalog, naming
-from pgkeeper.errors import PgkeeperError, VerificationError
+from pgkeeper.errors import PgkeeperError, VerificationError, is_transient
 from pgkeeper.manifest import CheckResult, Manifest, StoredObject, Verification, utcnow
 from pgkeeper.pipeline import Progress
 from pgkeeper.settings import Settings
@@ -40,6 +40,7 @@ class UploadReport:
     copied_to: list[str] = field(default_factory=list)
     already_there: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    transient: list[str] = field(default_factory=list)  # failed targets worth retrying
 
     @property
     def ok(self) -> bool:
@@ -177,6 +178,8 @@ def upload_backup(
         except PgkeeperError as exc:
             log.warning("upload of %s to %s failed: %s", backup_id, dest.url, exc)
             report.failed[dest.url] = exc.message
+            if is_transient(exc):
+                report.transient.append(dest.url)
             continue
         report.copied_to.append(dest.url)
         log.info("uploaded %s to %s", backup_id, dest.url)
