@@ -363,6 +363,46 @@ def _owner_of(admin: psycopg.Connection[Any], dbname: str) -> str | None:
     return str(row[0]) if row else None
 
 
+SCRATCH_DATABASES = ("pgk_restore_", "pgk_restoretest_")
+SCRATCH_LOCK_CLASS = postgres.LOCK_CLASS + 1  # a second lock space: scratch databases in use
+
+
+def _hold_scratch(admin: psycopg.Connection[Any], dbname: str) -> None:
+    """Mark a scratch database as in use for the life of this session (see sweep)."""
+    admin.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, dbname))
+
+
+def sweep_scratch_databases(admin: psycopg.Connection[Any]) -> list[str]:
+    """Drop scratch databases that a killed restore or restore test left on this server.
+
+    A scratch database is in use while its restore holds an advisory lock on its name and has a
+    connection to it; only databases with neither are dropped.
+    """
+    rows = admin.execute(
+        "SELECT d.datname FROM pg_database d WHERE (d.datname LIKE 'pgk\\_restore\\_%%'"
+        " OR d.datname LIKE 'pgk\\_restoretest\\_%%')"
+        " AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)"
+    ).fetchall()
+    dropped = []
+    for (name,) in rows:
+        got = admin.execute(
+            "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name)
+        ).fetchone()
+        if not (got and got[0]):
+            continue
+        try:
+            postgres.drop_database(admin, str(name))
+            dropped.append(str(name))
+            log.info("dropped %s, left by an interrupted restore", name)
+        except psycopg.Error as exc:
+            log.warning("could not drop the leftover scratch database %s: %s", name, exc)
+        finally:
+            admin.execute(
+                "SELECT pg_advisory_unlock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name)
+            )
+    return dropped
+
+
 def _swap(admin: psycopg.Connection[Any], target: str, scratch: str, exists: bool) -> None:
     """Make ``scratch`` the ``target`` in one transaction; drop the old target afterwards."""
     old = f"pgk_old_{secrets.token_hex(4)}"
@@ -421,10 +461,12 @@ def restore_into_new_database(
     conn = ConnInfo.parse(server_url)
     started = time.monotonic()
     with _admin(conn) as admin:
+        sweep_scratch_databases(admin)
         if postgres.database_exists(admin, dbname):
             raise UsageError(
                 f"database {dbname!r} already exists on {conn.server} (pick a new name)"
             )
+        _hold_scratch(admin, dbname)
         _create_database(admin, dbname, None, manifest.options.get("encoding"))
         try:
             _load(settings, manifest, storage, conn, dbname, jobs or settings.backup_jobs, progress)
@@ -464,6 +506,7 @@ def restore_backup(
     started = time.monotonic()
 
     with _admin(conn) as admin:
+        sweep_scratch_databases(admin)
         exists = postgres.database_exists(admin, target)
         has_data = exists and postgres.database_has_data(conn, target)
         if has_data and confirm != target:
@@ -475,6 +518,7 @@ def restore_backup(
         last_error: PgkeeperError | None = None
         for copy_manifest, storage in found:
             scratch = f"pgk_restore_{secrets.token_hex(4)}"
+            _hold_scratch(admin, scratch)
             _create_database(admin, scratch, owner, copy_manifest.options.get("encoding"))
             try:
                 log.info("restoring %s from %s into %s", backup_id, storage.url, conn.display())
