@@ -661,6 +661,23 @@ def api(
     serve_api(settings_from_env(), host=host, port=port)
 
 
+@app.command()
+@handle_errors
+def serve() -> None:
+    """Serve every Prefect deployment (schedules, UI-triggered runs) in this one process."""
+    from deployments.serve import serve_all
+
+    serve_all(settings_from_env())
+
+
+@app.command()
+def demo() -> None:
+    """Local Prefect server + sample PostgreSQL + every deployment served; Ctrl-C stops all."""
+    from deployments.demo import main as demo_main
+
+    raise typer.Exit(demo_main())
+
+
 def _terminate(signum: int, frame: object) -> None:
     # SIGTERM unwinds like Ctrl-C, so the engine's cleanup runs: pg_dump is stopped, the partial
     # object is removed and the backup lock is released.

@@ -263,6 +263,9 @@ def test_pgkeeper_killed_between_data_and_manifest(
     assert "manifest.json" not in left
     assert listed(env, tmp_path) == []
 
+    # A run in the same second may reuse the freed id (harmless, but it would hide whether the
+    # leftover folder was removed), so the next run starts in the next second.
+    time.sleep(1.1)
     # The server drops the dead session's lock at once; the timeout only absorbs scheduling.
     nxt = run_cli("backup", "--json", env={**env, "BACKUP_LOCK_TIMEOUT": "10"}, cwd=tmp_path)
     assert nxt.returncode == 0, nxt.stderr

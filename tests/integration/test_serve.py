@@ -76,11 +76,18 @@ def _flow_run(run_id: uuid.UUID) -> FlowRun:
         return client.read_flow_run(run_id)
 
 
-@pytest.fixture
+SERVE_COMMANDS = {
+    "module": [sys.executable, "-m", "deployments.serve"],
+    "cli": [str(Path(sys.executable).parent / "pgkeeper"), "serve"],
+}
+
+
+@pytest.fixture(params=sorted(SERVE_COMMANDS))
 def serve_process(
-    prefect_server: str, big_db: str, tmp_path: Path
+    request: pytest.FixtureRequest, prefect_server: str, big_db: str, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """`python -m deployments.serve` for the big database, schedules off, polling every second."""
+    """Serve (`python -m deployments.serve` or `pgkeeper serve`) for the big database,
+    schedules off, polling every second."""
     backups = tmp_path / "backups"
     env = {
         **os.environ,
@@ -93,7 +100,7 @@ def serve_process(
     }
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deployments.serve"], cwd=ROOT, env=env, stdout=log, stderr=log
+        SERVE_COMMANDS[request.param], cwd=ROOT, env=env, stdout=log, stderr=log
     )
     try:
         yield proc, backups
