@@ -13,9 +13,13 @@ carry an inactive schedule an operator can switch on in the UI. ``BACKUP_ENABLED
 every schedule inactive. A malformed value raises ConfigError with one line at start-up.
 
 Preset times are staggered (backups at :00, 02:00, Sunday 03:00, the 1st at 04:00; verify at
-06:00; restore-test Sunday 05:00 after the weekly backup) so that two active presets rarely
-meet; when they do, the engine's per-database lock makes the second fail with
-BackupRunningError rather than run two dumps at once.
+06:00; restore-test Sunday 05:00 after the weekly backup; rotate 05:30 after the day's backups)
+so that two active presets rarely meet; when they do, the engine's per-database lock makes the
+second fail with BackupRunningError rather than run two dumps at once. ``monitor`` runs every 30
+minutes. ``upload`` is never scheduled: every backup run uploads its own backup, and a copy
+missed meanwhile is what the monitor reports and a manual ``upload`` run fills in (a scheduled
+catch-up could copy a backup whose verification is still running, and an unverified offsite
+copy is one offsite retention later deletes).
 
 Missed runs: every schedule passes ``max_lateness_minutes`` = one period of its cron (the
 shortest gap between two of its fire times) as a run parameter. A run that starts later than
@@ -44,6 +48,8 @@ PRESETS: dict[str, str] = {
 VERIFY_CRON = "0 6 * * *"  # daily: re-verify backups not verified for a week (bit rot)
 VERIFY_AFTER_HOURS = 7 * 24
 RESTORE_TEST_CRON = "0 5 * * 0"  # weekly, after the weekly backup
+ROTATE_CRON = "30 5 * * *"  # daily, after the daily/weekly/monthly presets' backups
+MONITOR_CRON = "*/30 * * * *"
 
 HOW_TO_FIX = (
     "use hourly, daily, weekly, monthly, a comma list of them, "
@@ -56,6 +62,9 @@ ENTRYPOINTS: dict[str, str] = {
     "verify": "flows/verify.py:verify",
     "restore": "flows/restore.py:restore",
     "restore-test": "flows/restore_test.py:restore_test",
+    "upload": "flows/upload.py:upload",
+    "rotate": "flows/rotate.py:rotate",
+    "monitor": "flows/monitor.py:monitor",
 }
 
 
@@ -148,6 +157,28 @@ def period(cron: str) -> timedelta:
     return min(b - a for a, b in itertools.pairwise(times))
 
 
+def longest_gap(cron: str) -> timedelta:
+    """The longest time between two fire times of a cron over its next 60 (from the same fixed
+    date as ``period``): a weekday-only schedule waits 3 days over a weekend."""
+    times = fire_times(cron, "UTC", PERIOD_REFERENCE, 61)
+    return max(b - a for a, b in itertools.pairwise(times))
+
+
+def backup_interval(settings: Settings) -> timedelta | None:
+    """The longest time the active backup schedules leave between two backups (the monitor's
+    freshness yardstick); None when no backup schedule is active.
+
+    With several schedules (``hourly,weekly``) the shortest of their longest gaps: the union
+    of schedules never waits longer than any one of them. Raises ConfigError like ``plan``.
+    """
+    gaps = [
+        longest_gap(spec.schedule.cron)
+        for spec in plan(settings)
+        if spec.flow == "backup" and spec.schedule is not None and spec.schedule.active
+    ]
+    return min(gaps, default=None)
+
+
 def is_missed(scheduled: datetime, now: datetime, max_lateness: timedelta | None) -> bool:
     """True when a run scheduled at ``scheduled`` is more than ``max_lateness`` late at ``now``."""
     return max_lateness is not None and now - scheduled > max_lateness
@@ -200,6 +231,25 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
     )
     specs.append(
         DeploymentSpec(
+            flow="upload",
+            name="upload",
+            description=(
+                "Copy backups to the offsite targets, proven by checksum: one by id, or every "
+                "copy missing. Not scheduled: each backup run uploads its own backup."
+            ),
+        )
+    )
+    specs.append(
+        DeploymentSpec(
+            flow="rotate",
+            name="rotate",
+            description="Apply the retention policy on every target (daily; also after backups).",
+            schedule=_schedule(ROTATE_CRON, timezone, enabled),
+            cancel_new_when_busy=True,
+        )
+    )
+    specs.append(
+        DeploymentSpec(
             flow="restore",
             name="restore",
             description=(
@@ -214,6 +264,18 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
             name="restore-test",
             description="Restore the newest backup on staging, compare row counts, run checks.",
             schedule=_schedule(RESTORE_TEST_CRON, timezone, enabled),
+            cancel_new_when_busy=True,
+        )
+    )
+    specs.append(
+        DeploymentSpec(
+            flow="monitor",
+            name="monitor",
+            description=(
+                "Check backup freshness, verification, restore tests, offsite copies and "
+                "usage; the run fails when any check fails (every 30 minutes)."
+            ),
+            schedule=_schedule(MONITOR_CRON, timezone, enabled),
             cancel_new_when_busy=True,
         )
     )

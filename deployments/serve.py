@@ -1,12 +1,14 @@
 """One process serving every pgkeeper deployment (`pgkeeper serve`, `python -m deployments.serve`).
 
 Deployments (see ``deployments.schedules`` for schedules and the missed-run policy):
-``backup/backup-{hourly,daily,weekly,monthly,custom}``, ``verify/verify``, ``restore/restore``,
-``restore-test/restore-test``. ``prefect.yaml`` registers the same flows for workers under the
-names ``<name>-pool``, so the two ways of running never overwrite each other's deployments.
+``backup/backup-{hourly,daily,weekly,monthly,custom}``, ``verify/verify``, ``upload/upload``,
+``rotate/rotate``, ``restore/restore``, ``restore-test/restore-test``, ``monitor/monitor``.
+``prefect.yaml`` registers the same flows for workers under the names ``<name>-pool``, so the
+two ways of running never overwrite each other's deployments.
 
-Concurrency: every backup deployment (and restore-test) has a deployment concurrency limit of
-1 with CANCEL_NEW: a run that comes due while one runs is cancelled, not queued behind it.
+Concurrency: every backup deployment (and restore-test, rotate, monitor) has a deployment
+concurrency limit of 1 with CANCEL_NEW: a run that comes due while one runs is cancelled, not
+queued behind it.
 The engine's per-database advisory lock also stops two backups from different deployments.
 
 Shutdown: on SIGTERM or Ctrl-C Prefect's runner cancels in-flight runs: their flow processes
@@ -39,11 +41,22 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
     from prefect.schedules import Cron
 
     from flows.backup import backup
+    from flows.monitor import monitor
     from flows.restore import restore
     from flows.restore_test import restore_test
+    from flows.rotate import rotate
+    from flows.upload import upload
     from flows.verify import verify
 
-    flows = {"backup": backup, "verify": verify, "restore": restore, "restore-test": restore_test}
+    flows = {
+        "backup": backup,
+        "verify": verify,
+        "upload": upload,
+        "rotate": rotate,
+        "restore": restore,
+        "restore-test": restore_test,
+        "monitor": monitor,
+    }
     one_at_a_time = ConcurrencyLimitConfig(
         limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
     )

@@ -8,14 +8,27 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from deployments import schedules
-from deployments.schedules import DeploymentSpec, is_missed, parse_backup_schedule, period, plan
+from deployments.schedules import (
+    DeploymentSpec,
+    backup_interval,
+    is_missed,
+    longest_gap,
+    parse_backup_schedule,
+    period,
+    plan,
+)
 from pgkeeper.errors import ConfigError
 from pgkeeper.settings import Settings, load_settings
 
 ALL_NAMES = [
     "backup-hourly", "backup-daily", "backup-weekly", "backup-monthly", "backup-custom",
-    "verify", "restore", "restore-test",
+    "verify", "upload", "rotate", "restore", "restore-test", "monitor",
 ]  # fmt: skip
+# Scheduled whatever BACKUP_SCHEDULE says (while BACKUP_ENABLED is true).
+HOUSEKEEPING = {
+    "verify": "0 6 * * *", "rotate": "30 5 * * *", "restore-test": "0 5 * * 0",
+    "monitor": "*/30 * * * *",
+}  # fmt: skip
 
 
 def _settings(**overrides: object) -> Settings:
@@ -49,12 +62,13 @@ def test_each_backup_schedule_value_activates_its_deployments(
     value: str, backups: dict[str, str]
 ) -> None:
     """Each BACKUP_SCHEDULE value activates exactly its backup deployments with their cron;
-    verify and restore-test stay scheduled, restore never is."""
+    verify, rotate, restore-test and monitor stay scheduled, restore and upload never are."""
     specs = plan(_settings(backup_schedule=value))
 
     assert [s.name for s in specs] == ALL_NAMES
-    assert _active(specs) == {**backups, "verify": "0 6 * * *", "restore-test": "0 5 * * 0"}
+    assert _active(specs) == {**backups, **HOUSEKEEPING}
     assert _by_name(specs)["restore"].schedule is None
+    assert _by_name(specs)["upload"].schedule is None
 
 
 def test_presets_not_chosen_exist_with_an_inactive_schedule() -> None:
@@ -84,12 +98,13 @@ def test_the_timezone_is_carried_by_every_schedule() -> None:
 
 
 def test_backups_cancel_a_new_run_while_one_runs_and_others_do_not() -> None:
-    """Backup deployments (and restore-test) use CANCEL_NEW; restore and verify queue."""
+    """Backup deployments (and restore-test, rotate, monitor) use CANCEL_NEW; restore, verify
+    and upload queue."""
     specs = _by_name(plan(_settings()))
 
     assert {n for n, s in specs.items() if s.cancel_new_when_busy} == {
         "backup-hourly", "backup-daily", "backup-weekly", "backup-monthly", "backup-custom",
-        "restore-test",
+        "restore-test", "rotate", "monitor",
     }  # fmt: skip
 
 
@@ -155,7 +170,8 @@ def test_every_schedule_passes_its_period_as_the_missed_run_threshold() -> None:
     }
     assert minutes == {
         "backup-hourly": 60, "backup-daily": 1440, "backup-weekly": 10080,
-        "backup-monthly": 40320, "verify": 1440, "restore-test": 10080,
+        "backup-monthly": 40320, "verify": 1440, "restore-test": 10080, "rotate": 1440,
+        "monitor": 30,
     }  # fmt: skip
     assert specs["verify"].schedule is not None
     assert specs["verify"].schedule.parameters["older_than_hours"] == schedules.VERIFY_AFTER_HOURS
@@ -170,3 +186,41 @@ def test_a_run_later_than_one_period_is_missed_and_manual_runs_never_are() -> No
     assert not is_missed(scheduled, scheduled + hour, hour)
     assert is_missed(scheduled, scheduled + hour + timedelta(seconds=1), hour)
     assert not is_missed(scheduled, scheduled + timedelta(days=30), None)
+
+
+@pytest.mark.parametrize(
+    ("cron", "expected"),
+    [
+        ("0 2 * * *", timedelta(days=1)),
+        ("30 1 * * 1-5", timedelta(days=3)),  # Friday to Monday
+        ("0 4 1 * *", timedelta(days=31)),  # the longest month
+        ("0 1,13 * * *", timedelta(hours=12)),
+    ],
+)
+def test_the_longest_gap_of_a_cron_covers_weekends_and_long_months(
+    cron: str, expected: timedelta
+) -> None:
+    """The monitor's yardstick is a cron's longest gap, so a weekday schedule is not stale on
+    Sunday."""
+    assert longest_gap(cron) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("daily", timedelta(days=1)),
+        ("hourly,weekly", timedelta(hours=1)),  # the union waits no longer than the hourly
+        ("weekly,monthly", timedelta(days=7)),
+        ("30 1 * * 1-5", timedelta(days=3)),
+    ],
+)
+def test_the_backup_interval_is_the_shortest_longest_gap_of_the_active_schedules(
+    value: str, expected: timedelta
+) -> None:
+    """BACKUP_SCHEDULE decides how often the monitor expects a backup."""
+    assert backup_interval(_settings(backup_schedule=value)) == expected
+
+
+def test_with_backups_disabled_no_backup_is_expected() -> None:
+    """BACKUP_ENABLED=false: no active backup schedule, so no interval."""
+    assert backup_interval(_settings(backup_enabled=False)) is None
