@@ -173,10 +173,10 @@ def upload_backup(
     for dest in storages:
         if dest is source:
             continue
-        if copy_is_complete(dest, manifest):
-            report.already_there.append(dest.url)
-            continue
         try:
+            if copy_is_complete(dest, manifest):
+                report.already_there.append(dest.url)
+                continue
             copy_backup(source, dest, manifest, progress)
         except PgkeeperError as exc:
             log.warning("upload of %s to %s failed: %s", backup_id, dest.url, exc)
@@ -209,10 +209,12 @@ def _record_uploads(source: Storage, backup_id: str, urls: list[str]) -> None:
 def upload_missing(
     settings: Settings, *, storages: Sequence[Storage] | None = None
 ) -> list[UploadReport]:
-    """Upload every backup of the primary target that some offsite target has never received.
+    """Upload every verified backup of the primary target that some offsite target has never
+    received (``upload_backup`` skips targets that already hold it).
 
     A backup whose manifest records a proven copy on a target is not sent there again, even if
-    that target's own retention has since deleted it (no upload/rotate churn).
+    that target's own retention has since deleted it (no upload/rotate churn). Unverified
+    backups wait for their verification, unless verification is off (BACKUP_VERIFY=off).
     """
     storages = list(storages) if storages is not None else targets(settings)
     if len(storages) < 2:
@@ -221,10 +223,9 @@ def upload_missing(
     for manifest in catalog.list_backups(storages[0]):
         if manifest.verification_failed:
             continue
-        if all(
-            dest.url in manifest.uploads or copy_is_complete(dest, manifest)
-            for dest in storages[1:]
-        ):
+        if manifest.verification is None and settings.backup_verify != "off":
+            continue  # its verification has not run yet: offsite retention would count it bad
+        if all(dest.url in manifest.uploads for dest in storages[1:]):
             continue
         reports.append(upload_backup(settings, manifest.id, storages=storages))
     return reports
