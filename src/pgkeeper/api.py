@@ -797,7 +797,7 @@ def restore(ctx: Ctx, body: RestoreRequest) -> Any:
             )
         if body.jobs is not None:
             raise UsageError(
-                "jobs applies only with \"wait\": true (the restore flow uses BACKUP_JOBS)"
+                "jobs applies only with \"wait\": true (the restore flow uses BACKUP_RESTORE_JOBS)"
             )
         catalog.find(storages, backup_id)  # a bad id fails now, not in the flow
         parameters: dict[str, Any] = {

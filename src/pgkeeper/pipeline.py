@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]  # called with the number of new bytes handled
 
-DEFAULT_LEVEL = {"zstd": 3, "gzip": 6, "none": 0}
+# zstd 2: measured on realistic data (bench/), it keeps up with one server process's COPY on
+# one core and still stores ~10% less than pg_dump -Fc's gzip; zstd 3 falls behind the dump and
+# zstd 1 is only level with gzip's size. See the README's benchmark section.
+DEFAULT_LEVEL = {"zstd": 2, "gzip": 6, "none": 0}
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -46,12 +49,14 @@ class _Identity:
         return b""
 
 
-def make_compressor(kind: str, level: int | None = None, threads: int = 0) -> Codec:
-    """A streaming compressor; ``threads`` 0 means one zstd worker per core."""
+def make_compressor(kind: str, level: int | None = None, threads: int = 1) -> Codec:
+    """A streaming compressor. ``threads`` 1 compresses in the calling thread; N > 1 gives zstd
+    N worker threads; 0 means one worker per core."""
     if kind == "zstd":
         workers = threads or (os.cpu_count() or 1)
-        # With workers > 1 zstd compresses in its own threads while we keep reading pg_dump,
-        # which is what lets the stream keep up with one server process on two cores.
+        # On two cores the server's COPY takes one core and pg_dump plus this loop the other:
+        # worker threads then only compete for it and cost ~100 MB of buffers (bench/), so the
+        # default is in-thread. Machines with spare cores can raise BACKUP_COMPRESSION_THREADS.
         compressor = zstandard.ZstdCompressor(
             level=DEFAULT_LEVEL["zstd"] if level is None else level,
             threads=workers if workers > 1 else 0,
@@ -125,7 +130,7 @@ def compress_stream(
     out: Writer,
     compression: str,
     level: int | None = None,
-    threads: int = 0,
+    threads: int = 1,
     progress: Progress | None = None,
 ) -> StreamResult:
     """Copy ``read`` to ``out`` through a compressor, hashing what is written."""

@@ -397,9 +397,7 @@ def sweep_scratch_databases(admin: psycopg.Connection[Any]) -> list[str]:
         except psycopg.Error as exc:
             log.warning("could not drop the leftover scratch database %s: %s", name, exc)
         finally:
-            admin.execute(
-                "SELECT pg_advisory_unlock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name)
-            )
+            admin.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name))
     return dropped
 
 
@@ -469,7 +467,15 @@ def restore_into_new_database(
         _hold_scratch(admin, dbname)
         _create_database(admin, dbname, None, manifest.options.get("encoding"))
         try:
-            _load(settings, manifest, storage, conn, dbname, jobs or settings.backup_jobs, progress)
+            _load(
+                settings,
+                manifest,
+                storage,
+                conn,
+                dbname,
+                jobs or settings.backup_restore_jobs,
+                progress,
+            )
         except BaseException:
             postgres.drop_database(admin, dbname)
             raise
@@ -502,7 +508,7 @@ def restore_backup(
     target_url = target_url or _default_target(settings, manifest)
     conn = ConnInfo.parse(target_url)
     target = conn.dbname
-    jobs = jobs or settings.backup_jobs
+    jobs = jobs or settings.backup_restore_jobs
     started = time.monotonic()
 
     with _admin(conn) as admin:

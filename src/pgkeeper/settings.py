@@ -61,9 +61,17 @@ class Settings(BaseSettings):
     backup_compression: Compression = "zstd"
     backup_compression_level: int | None = Field(default=None, ge=-7, le=22)
     backup_compression_threads: int = Field(
-        default=0, ge=0, description="zstd worker threads; 0 means one per core."
+        default=1,
+        ge=0,
+        description="1: compress in the dump stream's thread; N>1: zstd workers; 0: one per core.",
     )
-    backup_jobs: int = Field(default=2, ge=1, le=64)
+    backup_jobs: int = Field(default=2, ge=1, le=64, description="pg_dump -j (directory format).")
+    backup_restore_jobs: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="pg_restore -j; 1 streams the backup into pg_restore with no staging file.",
+    )
     backup_row_counts: bool = Field(
         default=True, description="count rows per table in the dump's snapshot."
     )
