@@ -9,8 +9,10 @@ round-robin (medians reported):
            pg_dump|gzip  pg_dump -Fc -Z0 | gzip, to a file   (the usual hand-rolled way)
            pgkeeper      `pgkeeper backup --database-url ...` with default settings (incl. verify)
            + pgkeeper --no-verify and pgkeeper with BACKUP_ROW_COUNTS=false, to price those parts
+           + pgkeeper --level N for each N of `--levels` (choosing a default level by measurement)
   restores pg_restore -j2  from a local, uncompressed file of pgkeeper's own dump, into a new db
-           pgkeeper      `pgkeeper restore ID --target-url ...` into a new database
+           pgkeeper      `pgkeeper restore ID --target-url ...` into a new database (+ `-j2`)
+           + `pgkeeper verify ID` of the same backup, the check a restore starts with
 
 For each: wall time; client CPU (user+sys of the command and its children, e.g. pg_dump under
 pgkeeper); server CPU (the cluster's processes, read from /proc: the postmaster's reaped
@@ -331,18 +333,26 @@ class Bench:
         finally:
             self.cluster.drop_database(target)
 
-    def pgkeeper_restore(self) -> Run:
+    def _kept(self) -> str:
         if self.kept_id is None:
-            raise RuntimeError("no kept pgkeeper backup to restore (run pgkeeper_backup first)")
+            raise RuntimeError("no kept pgkeeper backup (run pgkeeper_backup(keep=True) first)")
+        return self.kept_id
+
+    def pgkeeper_restore(self, extra_args: Sequence[str] = ()) -> Run:
         target = self._fresh_name("bench_pgkeeper_restore")
         env = {**self.env, "BACKUP_DIR": str(self.keep_dir)}
+        argv = [str(PGKEEPER), "restore", self._kept(), "--target-url", self.url(target),
+                *extra_args]  # fmt: skip
         try:
-            return run_pipeline(
-                [[str(PGKEEPER), "restore", self.kept_id, "--target-url", self.url(target)]],
-                env, self.server, watch=0,
-            )  # fmt: skip
+            return run_pipeline([argv], env, self.server, watch=0)
         finally:
             self.cluster.drop_database(target)
+
+    def pgkeeper_verify(self) -> Run:
+        env = {**self.env, "BACKUP_DIR": str(self.keep_dir)}
+        return run_pipeline(
+            [[str(PGKEEPER), "verify", self._kept()]], env, self.server, watch=0
+        )  # fmt: skip
 
     def decompressed_archive(self) -> Path:
         """pgkeeper's kept dump as a plain pg_restore archive on local disk (not timed)."""
@@ -426,7 +436,7 @@ def print_report(summary: dict[str, dict[str, Any]], checks: list[dict[str, Any]
     print("-" * len(header))
     for case, r in summary.items():
         wall = r["wall"]
-        restore = case.endswith("restore") or case.startswith("pg_restore")
+        restore = "restore" in case
         base = restore_base if restore else floor
         ratio = f"{wall / base:.2f}" if base and wall else "-"
         if restore:
@@ -480,6 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-4x", action="store_true", help="also measure RSS on a 4x dataset")
     parser.add_argument("--no-restore", action="store_true", help="skip the restore cases")
     parser.add_argument(
+        "--levels",
+        type=lambda text: [int(x) for x in text.split(",") if x.strip()],
+        default=[],
+        metavar="N,N",
+        help="extra pgkeeper backup cases with --level N (e.g. '1,-1,-3')",
+    )
+    parser.add_argument(
         "--wait-idle",
         type=float,
         default=0.0,
@@ -519,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
             ("pgkeeper backup, no row counts",
              lambda: bench.pgkeeper_backup(extra_env={"BACKUP_ROW_COUNTS": "false"})),
         ]  # fmt: skip
+        for level in args.levels:
+            cases.append(
+                (f"pgkeeper backup --level {level}",
+                 lambda level=level: bench.pgkeeper_backup(["--level", str(level)]))
+            )  # fmt: skip
         for round_no in range(args.repeat):
             print(f"backup round {round_no + 1}/{args.repeat}", file=sys.stderr)
             for name, case in cases:
@@ -530,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"restore round {round_no + 1}/{args.repeat}", file=sys.stderr)
                 bench.record("pg_restore -j2", lambda: bench.pg_restore_j2(archive))
                 bench.record("pgkeeper restore", bench.pgkeeper_restore)
+                bench.record("pgkeeper restore --jobs 2", lambda: bench.pgkeeper_restore(["-j2"]))
+                bench.record("pgkeeper verify (of that backup)", bench.pgkeeper_verify)
             archive.unlink(missing_ok=True)
 
         data_4x = None
