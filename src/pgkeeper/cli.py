@@ -28,6 +28,11 @@ from pgkeeper.pipeline import Progress
 from pgkeeper.settings import Settings, load_settings
 from pgkeeper.storage import targets
 
+try:  # recent typer vendors click; older ones use the click package
+    from typer._click import exceptions as _click_exceptions
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as _click_exceptions  # type: ignore[no-redef]
+
 app = typer.Typer(
     name="pgkeeper",
     help="Automated PostgreSQL backups: backup, verify, upload, rotate, restore, restore-test.",
@@ -687,7 +692,20 @@ def _terminate(signum: int, frame: object) -> None:
 def main() -> None:
     """Console entry point."""
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    try:
+        result = app(standalone_mode=False)
+    except _click_exceptions.UsageError as exc:
+        # Bad usage is one line too (click's default is a multi-line box), exit code 2.
+        if exc.ctx is not None and type(exc).__name__ == "NoArgsIsHelpError":
+            typer.echo(exc.ctx.get_help())
+            sys.exit(0)
+        where = exc.ctx.command_path if exc.ctx is not None else "pgkeeper"
+        typer.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 __all__ = ["app", "main"]
