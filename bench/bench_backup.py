@@ -28,6 +28,7 @@ everything to `.bench/results.json`.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -483,35 +484,8 @@ def _pg_dump_version(bindir: Path) -> str:
     ).stdout.strip()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, default=1.0, help="dataset size (GiB)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median reported)")
-    parser.add_argument("--rss-4x", action="store_true", help="also measure RSS on a 4x dataset")
-    parser.add_argument("--no-restore", action="store_true", help="skip the restore cases")
-    parser.add_argument(
-        "--levels",
-        type=lambda text: [int(x) for x in text.split(",") if x.strip()],
-        default=[],
-        metavar="N,N",
-        help="extra pgkeeper backup cases with --level N (e.g. '1,-1,-3')",
-    )
-    parser.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="before measuring, wait up to this long for the 1-minute load average to fall "
-        "below 1 (on a shared machine other work distorts every ratio)",
-    )
-    parser.add_argument("--output", default=str(ROOT / ".bench" / "results.json"))
-    args = parser.parse_args(argv)
-
-    out_path = Path(args.output)
-    workdir = out_path.parent / "work"
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    started = time.monotonic()
+def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Start a cluster, build the dataset(s), run every case; return runs and facts."""
     with PgCluster() as cluster:
         # Autovacuum would add noise to every timing (it analyzes restored tables).
         cluster.execute("ALTER SYSTEM SET autovacuum = off")
@@ -567,10 +541,57 @@ def main(argv: list[str] | None = None) -> int:
             bench.record("pgkeeper backup (4x)", bench4.pgkeeper_backup)
             cluster.drop_database("bench4x")
 
-        server_version = cluster.query("SHOW server_version")[0][0]
-        pg_dump_version = _pg_dump_version(cluster.bindir)
+        return {
+            "results": bench.results,
+            "dataset": data,
+            "dataset_4x": data_4x,
+            "server_version": cluster.query("SHOW server_version")[0][0],
+            "pg_dump_version": _pg_dump_version(cluster.bindir),
+        }
 
-    summary = summarize(bench.results)
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gb", type=float, default=1.0, help="dataset size (GiB)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median reported)")
+    parser.add_argument("--rss-4x", action="store_true", help="also measure RSS on a 4x dataset")
+    parser.add_argument("--no-restore", action="store_true", help="skip the restore cases")
+    parser.add_argument(
+        "--levels",
+        type=lambda text: [int(x) for x in text.split(",") if x.strip()],
+        default=[],
+        metavar="N,N",
+        help="extra pgkeeper backup cases with --level N (e.g. '1,-1,-3')",
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before measuring, wait up to this long for the 1-minute load average to fall "
+        "below 1 (on a shared machine other work distorts every ratio)",
+    )
+    parser.add_argument("--output", default=str(ROOT / ".bench" / "results.json"))
+    args = parser.parse_args(argv)
+
+    out_path = Path(args.output)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # One benchmark at a time: a second one would compete for the CPUs and distort both.
+    lock = open(out_path.parent / "bench.lock", "a+")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"error: another benchmark holds {lock.name}; wait for it (timings would be "
+              "distorted by both runs)", file=sys.stderr)  # fmt: skip
+        return 2
+    # Each run has its own scratch folder, so nothing else can touch its files.
+    workdir = Path(tempfile.mkdtemp(prefix="work-", dir=out_path.parent))
+    started = time.monotonic()
+    try:
+        measured = measure(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary = summarize(measured["results"])
     checks = targets(summary)
     print_report(summary, checks)
     result = {
@@ -582,21 +603,20 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
-            "server_version": server_version,
-            "pg_dump": pg_dump_version,
+            "server_version": measured["server_version"],
+            "pg_dump": measured["pg_dump_version"],
             "max_rss_of_this_script_mb": round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
             ),
         },
-        "dataset": data,
-        "dataset_4x": data_4x,
+        "dataset": measured["dataset"],
+        "dataset_4x": measured["dataset_4x"],
         "cases": summary,
         "targets": checks,
         "seconds": round(time.monotonic() - started, 1),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
-    shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nresults written to {out_path}")
     return 0 if all(c["pass"] for c in checks) else 1
 
