@@ -61,6 +61,8 @@ TARGET_BACKUP_VS_FLOOR = 1.2
 TARGET_SPEEDUP_VS_PG_DUMP_FC = 5.0
 TARGET_RSS_MB = 150.0
 TARGET_RESTORE_VS_PG_RESTORE = 1.1
+# Other work using more than this share of one CPU during a run makes its timing suspect.
+OTHER_CPU_LIMIT = 0.25
 
 
 @dataclass
@@ -73,6 +75,9 @@ class Run:
     rss_own_mb: float | None  # VmHWM of the watched process (pgkeeper), if any
     rss_tree_mb: float  # largest ru_maxrss among the command's processes and their children
     output_bytes: int | None
+    # CPU the machine spent on anything but this case (other work, this script, kernel
+    # threads): a large value means the timings are distorted.
+    cpu_other: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,6 +112,12 @@ class ServerCpu:
             if child is not None and int(child[1]) == self.postmaster:  # field 1: ppid
                 ticks += int(child[11]) + int(child[12])
         return ticks / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / CLK_TCK
 
 
 def _vm_hwm_mb(pid: int) -> float | None:
@@ -162,6 +173,7 @@ def run_pipeline(
     logs: list[Any] = []
     sink = open(stdout_path or os.devnull, "wb")  # noqa: SIM115 - closed in finally
     cpu_server_before = server.seconds()
+    busy_before = machine_busy_seconds()
     started = time.monotonic()
     try:
         previous = None
@@ -210,6 +222,7 @@ def run_pipeline(
     if failures:
         raise RuntimeError("; ".join(failures))
     cpu_server = server.seconds() - cpu_server_before
+    cpu_other = machine_busy_seconds() - busy_before - cpu_client - cpu_server
     size = output() if output else (stdout_path.stat().st_size if stdout_path else None)
     return Run(
         wall=round(wall, 3),
@@ -218,6 +231,7 @@ def run_pipeline(
         rss_own_mb=round(own_rss, 1) if own_rss is not None else None,
         rss_tree_mb=round(rss_tree, 1),
         output_bytes=size,
+        cpu_other=round(max(0.0, cpu_other), 2),
     )
 
 
@@ -249,10 +263,8 @@ class Bench:
         return self.cluster.url(dbname or self.dbname, password="")
 
     def record(self, case: str, measure: Callable[[], Run]) -> None:
-        """Measure one run of `case`; note the machine's load, which other work distorts."""
-        load_before = os.getloadavg()[0]
+        """Measure one run of `case` and keep it."""
         run = measure()
-        run.extra["load1_before"] = round(load_before, 2)
         self.results.setdefault(case, []).append(run)
         own = f", own RSS {run.rss_own_mb} MB" if run.rss_own_mb is not None else ""
         size = f", {run.output_bytes / MIB:.1f} MiB" if run.output_bytes else ""
@@ -388,6 +400,7 @@ def summarize(results: dict[str, list[Run]]) -> dict[str, dict[str, Any]]:
             "cpu_server": _median(runs, "cpu_server"),
             "rss_own_mb": _median(runs, "rss_own_mb"),
             "rss_tree_mb": _median(runs, "rss_tree_mb"),
+            "cpu_other": _median(runs, "cpu_other"),
             "output_bytes": _median(runs, "output_bytes"),
         }
         for case, runs in results.items()
@@ -431,7 +444,7 @@ def print_report(summary: dict[str, dict[str, Any]], checks: list[dict[str, Any]
     fc = summary.get("pg_dump -Fc", {}).get("wall")
     restore_base = summary.get("pg_restore -j2", {}).get("wall")
     header = (f"{'case':<34}{'wall s':>8}{'x floor':>9}{'x Fc':>7}{'cli CPU':>9}{'srv CPU':>9}"
-              f"{'RSS own':>9}{'RSS tree':>9}{'out MiB':>9}")  # fmt: skip
+              f"{'oth CPU':>9}{'RSS own':>9}{'RSS tree':>9}{'out MiB':>9}")  # fmt: skip
     print()
     print(header)
     print("-" * len(header))
@@ -446,17 +459,24 @@ def print_report(summary: dict[str, dict[str, Any]], checks: list[dict[str, Any]
         own = f"{r['rss_own_mb']:.0f}" if r["rss_own_mb"] is not None else "-"
         out = f"{r['output_bytes'] / MIB:.1f}" if r["output_bytes"] else "-"
         print(f"{case:<34}{wall:>8.2f}{ratio:>9}{vs_fc:>7}{r['cpu_client']:>9.2f}"
-              f"{r['cpu_server']:>9.2f}{own:>9}{r['rss_tree_mb']:>9.0f}{out:>9}")  # fmt: skip
+              f"{r['cpu_server']:>9.2f}{r['cpu_other']:>9.2f}{own:>9}"
+              f"{r['rss_tree_mb']:>9.0f}{out:>9}")  # fmt: skip
     print(
         "(x floor: wall / pg_dump -Fc -Z0 > /dev/null; rN: wall / pg_restore -j2; "
-        "x Fc: how many times faster than pg_dump -Fc; CPU in seconds; RSS in MB)"
+        "x Fc: how many times faster than pg_dump -Fc; CPU in seconds (oth: anything else on "
+        "the machine); RSS in MB)"
     )
-    loads = [r["extra"].get("load1_before", 0.0) for c in summary.values() for r in c["runs"]]
-    if loads and max(loads) >= 1.5:
+    busy = [
+        (case, r["cpu_other"] / r["wall"])
+        for case, c in summary.items()
+        for r in c["runs"]
+        if r["wall"] and r["cpu_other"] / r["wall"] > OTHER_CPU_LIMIT
+    ]
+    if busy:
+        worst = max(busy, key=lambda item: item[1])
         print(
-            f"warning: the 1-minute load average reached {max(loads):.1f} during the runs "
-            f"(median {statistics.median(loads):.1f}) on {os.cpu_count()} CPUs: other work "
-            "competed for the CPUs, so these ratios are unreliable"
+            f"warning: in {len(busy)} run(s) other work used more than {OTHER_CPU_LIMIT:.0%} of "
+            f"a CPU (worst: {worst[1]:.0%} during '{worst[0]}'): those timings are distorted"
         )
     print()
     for c in checks:
@@ -467,14 +487,20 @@ def print_report(summary: dict[str, dict[str, Any]], checks: list[dict[str, Any]
 # --- main ----------------------------------------------------------------------------------------
 
 
-def wait_for_idle(limit: float, threshold: float = 1.0) -> None:
-    """Wait up to `limit` seconds for the 1-minute load average to drop below `threshold`."""
+def wait_for_idle(limit: float, sample: float = 5.0) -> None:
+    """Wait up to `limit` seconds until other work uses less than OTHER_CPU_LIMIT of a CPU."""
     deadline = time.monotonic() + limit
-    while (load := os.getloadavg()[0]) >= threshold and time.monotonic() < deadline:
-        print(f"waiting for an idle machine (load {load:.1f})", file=sys.stderr)
-        time.sleep(15)
-    if load >= threshold:
-        print(f"warning: load average {load:.1f}: other work will distort the timings",
+    while True:
+        before = machine_busy_seconds()
+        time.sleep(sample)
+        used = (machine_busy_seconds() - before) / sample
+        if used < OTHER_CPU_LIMIT:
+            return
+        if time.monotonic() >= deadline:
+            print(f"warning: other work uses {used:.0%} of a CPU: it will distort the timings",
+                  file=sys.stderr)  # fmt: skip
+            return
+        print(f"waiting for an idle machine (other work uses {used:.0%} of a CPU)",
               file=sys.stderr)  # fmt: skip
 
 
