@@ -597,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         help="before measuring, wait up to this long for the 1-minute load average to fall "
         "below 1 (on a shared machine other work distorts every ratio)",
     )
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--output", default=str(ROOT / ".bench" / "results.json"))
     args = parser.parse_args(argv)
 
@@ -644,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nresults written to {out_path}")
-    return 0 if all(c["pass"] for c in checks) else 1
+    # Missed targets are a finding, reported above; they fail the command only with --strict,
+    # so `make bench` goes on to its other benchmarks.
+    return 1 if args.strict and not all(c["pass"] for c in checks) else 0
 
 
 if __name__ == "__main__":
