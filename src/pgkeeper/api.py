@@ -1174,13 +1174,41 @@ Automated PostgreSQL backups over HTTP. Send `Authorization: Bearer <token>`:
 """
 
 
+DOCS_ASSETS = "/docs/assets"
+
+
+def _install_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs with its JavaScript and CSS served from the swagger-ui-bundle
+    package, so the docs work on hosts without internet (FastAPI's default uses a CDN)."""
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount(
+        DOCS_ASSETS,
+        StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
+        name="swagger-ui",
+    )
+
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="pgkeeper API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
+
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
+
+
 def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAPI:
     """The FastAPI application serving ``settings``' backups (Prefect from the environment)."""
     app = FastAPI(
         title="pgkeeper",
         version=__version__,
         description=DESCRIPTION,
-        docs_url="/docs",
+        docs_url=None,  # served by _install_docs from local files, not a CDN
         redoc_url=None,
         openapi_url="/openapi.json",
     )
@@ -1192,6 +1220,7 @@ def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAP
         read_token=_token(settings.backup_api_read_token),
     )
     _install_error_handlers(app)
+    _install_docs(app)
     add = app.add_api_route
     add("/api/health", health, methods=["GET"], tags=["health"], response_model=HealthResponse)
     add(

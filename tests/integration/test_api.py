@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -185,8 +186,14 @@ def test_health_answers_without_a_token(client: TestClient) -> None:
 
 
 def test_openapi_docs_list_every_endpoint(client: TestClient) -> None:
-    """/docs serves Swagger UI and /openapi.json documents every endpoint with bearer auth."""
-    assert client.get("/docs").status_code == 200
+    """/docs serves Swagger UI from local files (no CDN) and /openapi.json documents every
+    endpoint with bearer auth."""
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "cdn" not in page.text.lower()
+    for asset in re.findall(r'(?:src|href)="(/docs/assets/[^"]+)"', page.text):
+        assert client.get(asset).status_code == 200, asset
+    assert "/docs/assets/swagger-ui-bundle.js" in page.text
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) == {
         "/api/health", "/api/backups", "/api/backups/restore", "/api/backups/download",
