@@ -544,3 +544,23 @@ def test_s3_incomplete_folder_under_lock_does_not_block_other_cleanup(
     assert report.ok
     assert target.incomplete_kept == ["auto_backup_2025-01-01T00-00-00Z"]
     assert target.incomplete_removed == ["auto_backup_2025-01-02T00-00-00Z"]
+
+
+def test_per_target_policies_come_from_the_backup_retention_targets_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BACKUP_RETENTION_TARGETS (JSON, keyed by URL or kind) gives one target its own policy."""
+    primary, offsite = LocalStorage(tmp_path / "a"), LocalStorage(tmp_path / "b")
+    for d in range(6):
+        for storage in (primary, offsite):
+            make_backup(storage, NOW - timedelta(days=d))
+    monkeypatch.setenv("BACKUP_MAX_BACKUPS", "2")
+    monkeypatch.setenv("BACKUP_RETENTION_TARGETS", json.dumps({offsite.url: "max_backups=5"}))
+    settings = Settings(_env_file=None)
+
+    report = rotate(
+        [primary, offsite], policies_from_settings(settings, [primary, offsite]), now=NOW
+    )
+
+    assert len(listed(primary)) == 2 and len(listed(offsite)) == 5
+    assert report.ok
