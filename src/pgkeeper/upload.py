@@ -179,7 +179,7 @@ def upload_backup(
                 continue
             copy_backup(source, dest, manifest, progress)
         except PgkeeperError as exc:
-            log.warning("upload of %s to %s failed: %s", backup_id, dest.url, exc)
+            log.info("upload of %s to %s failed: %s", backup_id, dest.url, exc)  # in the report
             report.failed[dest.url] = exc.message
             if is_transient(exc):
                 report.transient.append(dest.url)
