@@ -225,7 +225,3 @@ def clean_incomplete(
         removed.append(item.backup_id)
     return removed
 
-
-def usage(storage: Storage) -> int:
-    """Bytes used by complete backups on one target."""
-    return sum(m.size for m in list_backups(storage))

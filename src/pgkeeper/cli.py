@@ -26,7 +26,7 @@ from pgkeeper.errors import PgkeeperError, UsageError
 from pgkeeper.manifest import Manifest
 from pgkeeper.pipeline import Progress
 from pgkeeper.settings import Settings, load_settings
-from pgkeeper.storage import targets
+from pgkeeper.storage import Storage, targets
 
 try:  # recent typer vendors click; older ones use the click package
     from typer._click import exceptions as _click_exceptions
@@ -192,11 +192,12 @@ def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> N
         typer.echo(f"{key:<{width}}  {value}")
 
 
-def _resolve_id(backup_id: str, settings: Settings) -> str:
+def _resolve_id(backup_id: str, storages: list[Storage]) -> str:
+    """A validated id; ``latest`` is the newest verified backup on ``storages``."""
     if backup_id == "latest":
         from pgkeeper.restore import newest_backup
 
-        return newest_backup(targets(settings)).id
+        return newest_backup(storages).id
     return naming.validate_id(backup_id)
 
 
@@ -250,7 +251,8 @@ def backup(
         jobs=jobs,
         trigger="cli",
     )
-    primary = targets(settings)[0]
+    storages = targets(settings)  # built once: a cloud target builds an SDK client
+    primary = storages[0]
     with progress_bar("backup") as progress:
         manifest = run_backup(settings, options, storage=primary, progress=progress)
     if not no_verify and settings.backup_verify != "off":
@@ -264,11 +266,11 @@ def backup(
             )
     locations = [primary.url]
     failed: dict[str, str] = {}
-    if not no_upload and len(targets(settings)) > 1:
+    if not no_upload and len(storages) > 1:
         from pgkeeper.upload import upload_backup
 
         with progress_bar("upload", manifest.size) as progress:
-            report = upload_backup(settings, manifest.id, progress=progress)
+            report = upload_backup(settings, manifest.id, storages=storages, progress=progress)
         locations += report.copied_to + report.already_there
         failed = report.failed
     if as_json:
@@ -306,7 +308,7 @@ def upload(
         with progress_bar("upload") as progress:
             reports = [
                 upload_backup(
-                    settings, _resolve_id(backup_id, settings), storages=storages, progress=progress
+                    settings, _resolve_id(backup_id, storages), storages=storages, progress=progress
                 )
             ]
     else:
@@ -374,11 +376,11 @@ def show(
     backup_id: Annotated[str, typer.Argument(help="Backup id.")], as_json: JsonOpt = False
 ) -> None:
     """Show one backup's record."""
-    settings = settings_from_env()
-    backup_id = _resolve_id(backup_id, settings)
-    entries = [e for e in catalog.list_all(targets(settings)) if e.id == backup_id]
+    storages = targets(settings_from_env())
+    backup_id = _resolve_id(backup_id, storages)
+    entries = [e for e in catalog.list_all(storages) if e.id == backup_id]
     if not entries:
-        catalog.find(targets(settings), backup_id)  # raises the not-found error
+        catalog.find(storages, backup_id)  # raises the not-found error
     entry = entries[0]
     if as_json:
         print_json({**entry.manifest.to_public(), "locations": entry.locations})
@@ -394,20 +396,22 @@ def verify(
     as_json: JsonOpt = False,
 ) -> None:
     """Re-read a backup and check its checksum, compression stream and dump structure."""
-    from pgkeeper.verify import verify_backup
+    from pgkeeper.verify import verify_copy
 
     settings = settings_from_env()
-    backup_id = _resolve_id(backup_id, settings)
-    manifest, _ = catalog.find(targets(settings), backup_id)
+    storages = targets(settings)
+    backup_id = _resolve_id(backup_id, storages)
+    manifest, storage = catalog.find(storages, backup_id)
     with progress_bar("verify", manifest.size) as progress:
         try:
-            manifest = verify_backup(
-                settings, backup_id, level="quick" if quick else "full", progress=progress
+            manifest = verify_copy(
+                settings, storage, manifest, level="quick" if quick else "full", progress=progress
             )
         except PgkeeperError:
-            if as_json:
-                found, _ = catalog.find(targets(settings), backup_id)
-                print_json(found.verification.model_dump(mode="json") if found.verification else {})
+            if as_json:  # the failed verification was recorded on that copy's manifest
+                found = catalog.read_manifest(storage, backup_id)
+                recorded = found.verification if found is not None else None
+                print_json(recorded.model_dump(mode="json") if recorded else {})
             raise
     assert manifest.verification is not None  # noqa: S101 - verify_backup records it
     if as_json:
@@ -439,8 +443,9 @@ def restore(
     from pgkeeper.restore import restore_backup
 
     settings = settings_from_env()
-    resolved = _resolve_id(backup_id, settings)
-    manifest, _ = catalog.find(targets(settings), resolved)
+    storages = targets(settings)
+    resolved = _resolve_id(backup_id, storages)
+    manifest, _ = catalog.find(storages, resolved)
     with progress_bar("restore", manifest.size) as progress:
         result = restore_backup(
             settings,
@@ -449,6 +454,7 @@ def restore(
             confirm=confirm,
             jobs=jobs,
             safety_backup=not no_safety_backup,
+            storages=storages,
             progress=progress,
         )
     if as_json:
@@ -490,9 +496,9 @@ def download(
     """Write a backup's stored file (verified against its checksum) to a local file."""
     from pgkeeper.download import write_backup
 
-    settings = settings_from_env()
-    backup_id = _resolve_id(backup_id, settings)
-    manifest, storage = catalog.find(targets(settings), backup_id)
+    storages = targets(settings_from_env())
+    backup_id = _resolve_id(backup_id, storages)
+    manifest, storage = catalog.find(storages, backup_id)
     name = download_name(manifest, decompress)
     if output is not None and str(output) == "-":
         write_backup(storage, manifest, sys.stdout.buffer, decompress=decompress)

@@ -12,22 +12,10 @@ from typing import Any, BinaryIO, cast
 
 from pgkeeper import naming
 from pgkeeper.errors import VerificationError
-from pgkeeper.manifest import Manifest, StoredObject
+from pgkeeper.manifest import Manifest
 from pgkeeper.pipeline import HashingReader, Progress, decode_verified
 from pgkeeper.storage import Storage
-
-
-def _damaged(manifest: Manifest, storage: Storage, exc: VerificationError) -> VerificationError:
-    return VerificationError(
-        f"backup {manifest.id!r} in {storage.url} is damaged ({exc.check} check failed: {exc}); "
-        f"the download is incomplete and must not be used (run 'pgkeeper verify {manifest.id}', "
-        "or download another copy)",
-        check=exc.check,
-    )
-
-
-def _reader(src: BinaryIO, obj: StoredObject, progress: Progress | None) -> HashingReader:
-    return HashingReader(src, obj.name, obj.size, obj.sha256, progress)
+from pgkeeper.verify import damaged
 
 
 def write_backup(
@@ -44,7 +32,7 @@ def write_backup(
             obj = manifest.objects[0]
             with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
                 decode = manifest.compression if decompress else "none"
-                decode_verified(_reader(src, obj, progress), decode, out.write)
+                decode_verified(HashingReader.of(src, obj, progress), decode, out.write)
             return
         with tarfile.open(fileobj=out, mode="w|") as archive:
             for obj in manifest.objects:
@@ -52,8 +40,10 @@ def write_backup(
                 info.size = obj.size
                 info.mtime = int(manifest.finished_at.timestamp())
                 with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
-                    reader = _reader(src, obj, progress)
+                    reader = HashingReader.of(src, obj, progress)
                     archive.addfile(info, cast(Any, reader))
                     reader.check()
     except VerificationError as exc:
-        raise _damaged(manifest, storage, exc) from None
+        raise damaged(
+            manifest, storage, exc, "the download is incomplete and must not be used"
+        ) from None

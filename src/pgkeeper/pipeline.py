@@ -22,6 +22,7 @@ from typing import IO, Protocol
 import zstandard
 
 from pgkeeper.errors import DumpError, VerificationError
+from pgkeeper.manifest import StoredObject
 from pgkeeper.storage.base import CHUNK, Writer
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,21 @@ class HashingReader:
         self._digest = hashlib.sha256()
         self._size = 0
         self._progress = progress
+
+    @classmethod
+    def of(
+        cls, src: IO[bytes], obj: StoredObject, progress: Progress | None = None
+    ) -> HashingReader:
+        """A reader checked against one manifest object's size and sha256."""
+        return cls(src, obj.name, obj.size, obj.sha256, progress)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
     def read(self, n: int = CHUNK) -> bytes:
         chunk = self._src.read(n if n >= 0 else CHUNK)

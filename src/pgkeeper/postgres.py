@@ -404,7 +404,3 @@ def drop_database(admin: psycopg.Connection[Any], dbname: str) -> None:
     terminate_connections(admin, dbname)
     admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(dbname)))
 
-
-def admin_dbname(conn: ConnInfo, admin: str | None = None) -> str:
-    """The maintenance database used to create, rename and drop the target."""
-    return admin or "postgres"

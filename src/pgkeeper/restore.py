@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -47,6 +47,7 @@ from pgkeeper.pipeline import ClientProcess, HashingReader, Progress, decode_ver
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.settings import Settings
 from pgkeeper.storage import Storage, targets
+from pgkeeper.verify import damaged
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +101,8 @@ def copies(storages: list[Storage], backup_id: str) -> list[tuple[Manifest, Stor
 # --- reading a stored copy --------------------------------------------------------------------
 
 
-def _reader(src: BinaryIO, obj: StoredObject, progress: Progress | None) -> HashingReader:
-    return HashingReader(src, obj.name, obj.size, obj.sha256, progress)
-
-
 def _damaged(manifest: Manifest, storage: Storage, exc: VerificationError) -> VerificationError:
-    return VerificationError(
-        f"backup {manifest.id!r} in {storage.url} is damaged ({exc.check} check failed: {exc}); "
-        "nothing was restored (restore another copy or another backup, and run "
-        f"'pgkeeper verify {manifest.id}')",
-        check=exc.check,
-    )
+    return damaged(manifest, storage, exc, "nothing was restored")
 
 
 def _stream_object(
@@ -124,7 +116,7 @@ def _stream_object(
     manifest's (judged at the end: callers must not commit anything before this returns)."""
     with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
         try:
-            decode_verified(_reader(src, obj, progress), manifest.compression, sink)
+            decode_verified(HashingReader.of(src, obj, progress), manifest.compression, sink)
         except VerificationError as exc:
             raise _damaged(manifest, storage, exc) from None
 
@@ -144,7 +136,9 @@ def _stage_object(
     ):
         try:
             decode_verified(
-                _reader(src, obj, progress), manifest.compression if decode else "none", out.write
+                HashingReader.of(src, obj, progress),
+                manifest.compression if decode else "none",
+                out.write,
             )
         except VerificationError as exc:
             raise _damaged(manifest, storage, exc) from None
@@ -154,7 +148,7 @@ def _verify_local_object(
     manifest: Manifest, storage: Storage, path: Path, obj: StoredObject, progress: Progress | None
 ) -> None:
     with open(path, "rb") as src:
-        reader = _reader(src, obj, progress)
+        reader = HashingReader.of(src, obj, progress)
         reader.drain()
         try:
             reader.check()

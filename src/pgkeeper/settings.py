@@ -9,7 +9,6 @@ is read from ``FOO_BAR``. Secrets are ``SecretStr``: never printed, logged or st
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -152,6 +151,3 @@ def load_settings(**overrides: object) -> Settings:
             "(fix it in the environment or .env)"
         ) from None
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in {"1", "true", "yes", "on"}

@@ -12,7 +12,6 @@ A ``quick`` verification skips decoding beyond what the structure check needs.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 from pgkeeper import catalog, naming, postgres
 from pgkeeper.errors import PgkeeperError, StorageError, VerificationError
 from pgkeeper.manifest import CheckResult, Manifest, StoredObject, Verification, utcnow
-from pgkeeper.pipeline import ClientProcess, Decoder, Progress
+from pgkeeper.pipeline import ClientProcess, Decoder, HashingReader, Progress
 from pgkeeper.settings import Settings
 from pgkeeper.storage import Storage, targets
 from pgkeeper.storage.base import CHUNK
@@ -119,18 +118,14 @@ def _check_object(
     progress: Progress | None,
 ) -> None:
     key = naming.object_key(manifest.id, obj.name)
-    digest = hashlib.sha256()
-    size = 0
     decoder = Decoder(manifest.compression) if (decode or sink is not None) else None
     decoding = decoder is not None
     broken: VerificationError | None = None
+    reader: HashingReader | None = None
     try:
         with storage.open_read(key) as src:
-            while chunk := src.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                if progress:
-                    progress(len(chunk))
+            reader = HashingReader.of(src, obj, progress)
+            while chunk := reader.read(CHUNK):
                 if decoding and decoder is not None:
                     try:
                         data = decoder.decompress(chunk)
@@ -150,10 +145,13 @@ def _check_object(
     except StorageError as exc:
         _fail(checks, "objects", f"{obj.name}: {exc}")
         return
-    if size != obj.size:
-        _fail(checks, "checksum", f"{obj.name}: {size} bytes stored, manifest says {obj.size}")
-    elif digest.hexdigest() != obj.sha256:
-        _fail(checks, "checksum", f"{obj.name}: sha256 {digest.hexdigest()[:12]}... != manifest")
+    assert reader is not None  # noqa: S101 - open_read either yielded or raised StorageError
+    if reader.size != obj.size:
+        _fail(
+            checks, "checksum", f"{obj.name}: {reader.size} bytes stored, manifest says {obj.size}"
+        )
+    elif reader.hexdigest != obj.sha256:
+        _fail(checks, "checksum", f"{obj.name}: sha256 {reader.hexdigest[:12]}... != manifest")
     elif broken is not None:
         _fail(checks, "compression", f"{obj.name}: {broken}")
 
@@ -232,6 +230,18 @@ def _directory_structure(
             )
         entries = sum(1 for line in out.stdout.splitlines() if line and not line.startswith(";"))
         return CheckResult(name="structure", ok=True, detail=f"{entries} archive entries")
+
+
+def damaged(
+    manifest: Manifest, storage: Storage, exc: VerificationError, outcome: str
+) -> VerificationError:
+    """The one-line error for a stored copy found damaged while reading it; ``outcome`` says
+    what that means for the caller (e.g. 'nothing was restored')."""
+    return VerificationError(
+        f"backup {manifest.id!r} in {storage.url} is damaged ({exc.check} check failed: {exc}); "
+        f"{outcome} (run 'pgkeeper verify {manifest.id}', or use another copy or backup)",
+        check=exc.check,
+    )
 
 
 def failed_check(verification: Verification) -> CheckResult | None:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import uuid
 from collections.abc import Iterator
@@ -28,11 +27,10 @@ from pgkeeper.settings import load_settings
 from tests.fidelity import compare
 from tests.servers import free_port
 from tests.servers.postgres import PgCluster
+from tests.support.cli import cli_env, one_line_error, run_cli
 
 pytestmark = pytest.mark.integration
 
-PGKEEPER = Path(sys.executable).with_name("pgkeeper")
-_STRIPPED = ("DATABASE_URL", "STAGING_DATABASE_URL", "BACKUP_", "AWS_", "GCS_", "PG", "GOOGLE_")
 SEED_FIELDS = ("id", "filename", "size", "timestamp", "database", "compressed", "sha256")
 UNKNOWN_ID = "auto_backup_2001-01-01T00-00-00Z"
 
@@ -40,40 +38,11 @@ UNKNOWN_ID = "auto_backup_2001-01-01T00-00-00Z"
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def cli_env(url: str | None, backup_dir: Path, **extra: str) -> dict[str, str]:
-    """The developer's environment without anything that points pgkeeper elsewhere, plus ours."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_STRIPPED)}
-    if url is not None:
-        env["DATABASE_URL"] = url
-    env["BACKUP_DIR"] = str(backup_dir)
-    env.update(extra)
-    return env
-
-
-def run_cli(
-    *args: str, env: dict[str, str], cwd: Path, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """Run `pgkeeper ARGS` (in `cwd`, so no stray .env is read) and capture its output."""
-    return subprocess.run(
-        [str(PGKEEPER), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
-
-
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
     """Assert success with nothing on stderr (no progress bar when piped); return stdout."""
     assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
     assert proc.stderr == "", proc.stderr
     return proc.stdout
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
-    """Assert the command failed with `code` and one stderr line, no traceback; return it."""
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def sha256_file(path: Path) -> str:

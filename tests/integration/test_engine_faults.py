@@ -31,11 +31,10 @@ from pgkeeper.settings import load_settings
 from pgkeeper.storage import LocalStorage
 from tests.fidelity import compare
 from tests.servers.postgres import PgCluster
+from tests.support.cli import PGKEEPER, cli_env, one_line_error, run_cli
 
 pytestmark = pytest.mark.integration
 
-PGKEEPER = Path(sys.executable).with_name("pgkeeper")
-_STRIPPED = ("DATABASE_URL", "STAGING_DATABASE_URL", "BACKUP_", "AWS_", "GCS_", "PG", "GOOGLE_")
 BIG_ROWS = 300_000
 # zstd at level 9 in one thread turns the big database's ~30 MB dump into a run of several
 # seconds in which pg_dump is blocked on its pipe: a window to find and kill processes.
@@ -43,35 +42,6 @@ SLOW = {"BACKUP_COMPRESSION_LEVEL": "9", "BACKUP_COMPRESSION_THREADS": "1"}
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def cli_env(url: str | None, backup_dir: Path, **extra: str) -> dict[str, str]:
-    """The developer's environment without anything that points pgkeeper elsewhere, plus ours."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_STRIPPED)}
-    if url is not None:
-        env["DATABASE_URL"] = url
-    env["BACKUP_DIR"] = str(backup_dir)
-    env.update(extra)
-    return env
-
-
-def run_cli(
-    *args: str, env: dict[str, str], cwd: Path, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """Run `pgkeeper ARGS` (in `cwd`, so no stray .env is read) and capture its output."""
-    return subprocess.run(
-        [str(PGKEEPER), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
-    """Assert the command failed with `code` and one stderr line, no traceback; return it."""
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def listed(env: dict[str, str], cwd: Path) -> list[dict[str, object]]:

@@ -17,9 +17,32 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from pgkeeper.errors import StoragePermissionError
+from pgkeeper.errors import StorageError, StoragePermissionError
 
 CHUNK = 1024 * 1024  # 1 MiB: the unit of every streamed read and write
+
+
+def key_parts(key: str) -> list[str]:
+    """The parts of a storage key; raise StorageError for an empty part, '.' or '..'.
+
+    Every backend passes its keys through here, so no key can escape a target's prefix. A
+    trailing '/' (naming a folder) is allowed.
+    """
+    parts = key.rstrip("/").split("/")
+    if not key or any(part in ("", ".", "..") for part in parts):
+        raise StorageError(f"unsafe storage key {key!r}")
+    return parts
+
+
+def with_prefix(prefix: str, key: str) -> str:
+    """The provider's key for ``key`` under a target's prefix (validated)."""
+    key_parts(key)
+    return f"{prefix}/{key}" if prefix else key
+
+
+def without_prefix(prefix: str, full_key: str) -> str:
+    """The target-relative key of a provider key listed under ``prefix``."""
+    return full_key[len(prefix) + 1 :] if prefix else full_key
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from pgkeeper.errors import (
     StoragePermissionError,
     TransientStorageError,
 )
-from pgkeeper.storage.base import ObjectInfo
+from pgkeeper.storage.base import ObjectInfo, with_prefix, without_prefix
 
 if TYPE_CHECKING:
     from pgkeeper.settings import Settings
@@ -152,12 +152,10 @@ class GCSStorage:
     # --- keys and errors -----------------------------------------------------------------
 
     def _full_key(self, key: str) -> str:
-        if not key or any(part in ("", ".", "..") for part in key.split("/")):
-            raise StorageError(f"unsafe storage key {key!r}")
-        return f"{self.prefix}/{key}" if self.prefix else key
+        return with_prefix(self.prefix, key)
 
     def _relative(self, full_key: str) -> str:
-        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+        return without_prefix(self.prefix, full_key)
 
     def _bucket_exists(self) -> bool:
         if not self._bucket_seen:

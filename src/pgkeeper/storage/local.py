@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pgkeeper.errors import StorageError, StorageFullError, StoragePermissionError
-from pgkeeper.storage.base import ObjectInfo
+from pgkeeper.storage.base import ObjectInfo, key_parts
 
 TEMP_MARK = ".tmp-"
 
@@ -62,10 +62,7 @@ class LocalStorage:
         self.url = str(self.root)
 
     def _path(self, key: str) -> Path:
-        parts = key.rstrip("/").split("/")  # a trailing "/" names a folder
-        if not key or any(part in ("", ".", "..") for part in parts):
-            raise StorageError(f"unsafe storage key {key!r}")
-        return self.root.joinpath(*parts)
+        return self.root.joinpath(*key_parts(key))
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key) if key else self.root
