@@ -217,11 +217,18 @@ def clean_incomplete(
         stale = item.since is not None and now - item.since > grace
         if not (mine or stale):
             continue
-        for key in item.keys:
-            if key != naming.pending_key(item.backup_id):
-                storage.delete(key)
-        storage.delete(naming.pending_key(item.backup_id))
+        remove_incomplete(storage, item)
         log.info("removed incomplete backup %s from %s", item.backup_id, storage.url)
         removed.append(item.backup_id)
     return removed
+
+
+def remove_incomplete(storage: Storage, item: Incomplete) -> None:
+    """Delete an incomplete backup's objects, ``pending.json`` last: until the folder is gone
+    it still says whose it was. Raises the backend's StorageError (e.g. Object Lock)."""
+    pending = naming.pending_key(item.backup_id)
+    for key in item.keys:
+        if key != pending:
+            storage.delete(key)
+    storage.delete(pending)
 

@@ -452,18 +452,16 @@ def _remove_incomplete(
     storage: Storage, grace: timedelta, now: datetime, dry_run: bool, report: TargetReport
 ) -> None:
     # Not catalog.clean_incomplete: it stops at the first error, and one folder under Object
-    # Lock (a killed backup on a locked bucket) would then block every other cleanup for days.
+    # Lock (a killed backup on a locked bucket) would then block every other cleanup for days;
+    # the deletion itself (order included) is catalog's.
     for item in catalog.list_incomplete(storage):
         if item.since is None or now - aware(item.since) <= grace:
             continue
-        pending = naming.pending_key(item.backup_id)
         if dry_run:
             report.incomplete_removed.append(item.backup_id)
             continue
         try:
-            # pending.json last: until the folder is gone it still says whose it was.
-            for key in sorted(item.keys, key=lambda k: k == pending):
-                storage.delete(key)
+            catalog.remove_incomplete(storage, item)
         except StorageError as exc:
             if _is_locked(exc):
                 report.incomplete_kept.append(item.backup_id)
