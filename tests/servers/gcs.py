@@ -20,79 +20,32 @@ and `blob.open("rb")` work.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import shutil
-import subprocess
-import tempfile
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-from . import free_port, guarded_module_argv
-from .s3 import stop_process, wait_http
+from . import guarded_module_argv
+from .process import ServerProcess
 
 PROJECT = "pgkeeper-test"
 
 
-class GcsServer:
+class GcsServer(ServerProcess):
     """gcp-storage-emulator on 127.0.0.1, data in memory."""
 
-    host = "127.0.0.1"
+    name = "gcs"
     project = PROJECT
-
-    def __init__(self) -> None:
-        self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_dir: Path | None = None
 
     @property
     def endpoint(self) -> str:
         """`http://127.0.0.1:PORT`: the value for STORAGE_EMULATOR_HOST or api_endpoint."""
-        return f"http://{self.host}:{self.port}"
+        return self.base_url
 
-    def start(self) -> GcsServer:
-        """Start the emulator and wait until it answers; returns self."""
-        if self._proc is not None:
-            return self
-        atexit.register(self.stop)
-        self._log_dir = Path(tempfile.mkdtemp(prefix="pgkeeper-gcs-"))
-        log = self._log_dir / "gcs.log"
-        last_error: RuntimeError | None = None
-        for _attempt in range(3):  # the free port can be taken between probe and bind
-            self.port = free_port(self.host)
-            argv = guarded_module_argv(
-                "gcp_storage_emulator", "start",
-                "--host", self.host, "--port", str(self.port), "--in-memory", "--quiet",
-            )  # fmt: skip
-            with log.open("ab") as out:
-                self._proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-                )
-            try:
-                wait_http(f"{self.endpoint}/", self._proc, log)
-                return self
-            except RuntimeError as exc:
-                last_error = exc
-                stop_process(self._proc)
-                self._proc = None
-        self.stop()
-        raise RuntimeError(f"GCS emulator did not start: {last_error}")
-
-    def stop(self) -> None:
-        """Stop the emulator and drop its log folder. Idempotent."""
-        atexit.unregister(self.stop)
-        proc, self._proc = self._proc, None
-        stop_process(proc)
-        if self._log_dir is not None:
-            shutil.rmtree(self._log_dir, ignore_errors=True)
-            self._log_dir = None
-
-    def __enter__(self) -> GcsServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def argv(self, port: int) -> list[str]:
+        return guarded_module_argv(
+            "gcp_storage_emulator", "start",
+            "--host", self.host, "--port", str(port), "--in-memory", "--quiet",
+        )  # fmt: skip
 
     def reset(self) -> None:
         """Forget every bucket and object (the emulator's `GET /wipe`)."""

@@ -11,120 +11,40 @@ upload dates, and a killed uploader leaves an orphan multipart upload (as real S
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import shutil
-import subprocess
-import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-from . import free_port, guarded_module_argv
+from . import guarded_module_argv
+from .process import ServerProcess
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
-    """Poll `url` until it answers any HTTP status; fail early if `proc` exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{_tail(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - our own http URL
-                return
-        except urllib.error.HTTPError:
-            return  # any HTTP answer means it is serving
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.05)
-    raise RuntimeError(f"server at {url} not ready after {timeout}s:\n{_tail(log)}")
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
-    """Terminate `proc`, killing it if it does not exit within 5 s."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
-def _tail(log: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-class S3Server:
+class S3Server(ServerProcess):
     """moto_server on 127.0.0.1; credentials "testing"/"testing", region us-east-1."""
 
-    host = "127.0.0.1"
+    name = "moto"
+    ready_path = "/moto-api/"
     access_key = ACCESS_KEY
     secret_key = SECRET_KEY
     region = REGION
 
     def __init__(self) -> None:
-        self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_dir: Path | None = None
+        super().__init__()
         self._session: Any = None  # boto3.session.Session, imported lazily
         self._lock = threading.Lock()
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return self.base_url
 
-    def start(self) -> S3Server:
-        """Start moto and wait until it answers; returns self."""
-        if self._proc is not None:
-            return self
-        atexit.register(self.stop)
-        self._log_dir = Path(tempfile.mkdtemp(prefix="pgkeeper-moto-"))
-        log = self._log_dir / "moto.log"
-        last_error: RuntimeError | None = None
-        for _attempt in range(3):  # the free port can be taken between probe and bind
-            self.port = free_port(self.host)
-            with log.open("ab") as out:
-                self._proc = subprocess.Popen(
-                    guarded_module_argv("moto.server", "-H", self.host, "-p", str(self.port)),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            try:
-                wait_http(f"{self.endpoint_url}/moto-api/", self._proc, log)
-                return self
-            except RuntimeError as exc:
-                last_error = exc
-                stop_process(self._proc)
-                self._proc = None
-        self.stop()
-        raise RuntimeError(f"moto server did not start: {last_error}")
-
-    def stop(self) -> None:
-        """Stop the server and drop its log folder. Idempotent."""
-        atexit.unregister(self.stop)
-        proc, self._proc = self._proc, None
-        stop_process(proc)
-        if self._log_dir is not None:
-            shutil.rmtree(self._log_dir, ignore_errors=True)
-            self._log_dir = None
-
-    def __enter__(self) -> S3Server:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def argv(self, port: int) -> list[str]:
+        return guarded_module_argv("moto.server", "-H", self.host, "-p", str(port))
 
     def reset(self) -> None:
         """Forget every bucket and object (moto's `POST /moto-api/reset`)."""
