@@ -8,6 +8,7 @@ size; nothing uncompressed touches disk. The sha256 is of the stored (compressed
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -155,6 +156,20 @@ def compress_stream(
     return StreamResult(size, raw, digest.hexdigest())
 
 
+PIPE_SIZE = 1 << 20  # Linux's default pipe-max-size
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def _widen(fd: int) -> None:
+    """Give a pipe 1 MiB of buffer instead of 64 KiB (Linux; best effort).
+
+    With 64 KiB, pg_dump, the server and the compressor wait on each other every few rows: a
+    1 MiB pipe let the backup stream run ~0.5 s (12%) faster per GB (bench/).
+    """
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+
+
 class ClientProcess:
     """A pg client process whose stderr is collected (bounded) and which never outlives us.
 
@@ -178,6 +193,9 @@ class ClientProcess:
             )
         except OSError as exc:
             raise DumpError(f"cannot start {self.name}: {exc} (check PG_BIN_DIR)") from exc
+        for pipe in (self.proc.stdout, self.proc.stdin):
+            if pipe is not None:
+                _widen(pipe.fileno())
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
 

@@ -21,9 +21,10 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgkeeper import catalog, naming, postgres
+from pgkeeper import catalog, loader, naming, postgres
 from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.errors import (
     BackupNotFoundError,
@@ -126,20 +127,15 @@ def _stage_object(
     manifest: Manifest,
     obj: StoredObject,
     dest: Path,
-    decode: bool,
     progress: Progress | None,
 ) -> None:
-    """Write one object (decoded when ``decode``) to a local file, verifying its checksum."""
+    """Copy one object as stored to a local file, verifying its checksum."""
     with (
         storage.open_read(naming.object_key(manifest.id, obj.name)) as src,
         open(dest, "wb") as out,
     ):
         try:
-            decode_verified(
-                HashingReader.of(src, obj, progress),
-                manifest.compression if decode else "none",
-                out.write,
-            )
+            decode_verified(HashingReader.of(src, obj, progress), "none", out.write)
         except VerificationError as exc:
             raise _damaged(manifest, storage, exc) from None
 
@@ -253,7 +249,7 @@ def _load(
                 for obj in manifest.objects:
                     dest = tmp / "dump" / obj.name[len(folder) + 1 :]
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    _stage_object(storage, manifest, obj, dest, False, progress)
+                    _stage_object(storage, manifest, obj, dest, progress)
             _run([*base, f"--jobs={jobs}", str(source)], env)
         return
     obj = manifest.objects[0]
@@ -266,11 +262,137 @@ def _load(
             _run([*base, f"--jobs={jobs}", str(local)], env)
             return
         with _scratch_dir(storage) as tmp:
-            staged = tmp / "archive.dump"
-            _stage_object(storage, manifest, obj, staged, True, progress)
-            _run([*base, f"--jobs={jobs}", str(staged)], env)
+            _load_parallel(manifest, storage, conn, dbname, jobs, pg_restore, tmp, progress)
         return
     _pipe_into(base, env, settings, manifest, storage, progress)
+
+
+def _load_parallel(
+    manifest: Manifest,
+    storage: Storage,
+    conn: ConnInfo,
+    dbname: str,
+    jobs: int,
+    pg_restore: postgres.Client,
+    tmp: Path,
+    progress: Progress | None,
+) -> None:
+    """A custom-format archive, ``jobs`` wide, straight from its stored stream (loader.py)."""
+    env = conn.with_dbname(dbname).env()
+    base = [pg_restore.argv0, "--no-password", "--exit-on-error", f"--dbname={dbname}"]
+    obj = manifest.objects[0]
+    head = tmp / "head.dump"
+    with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
+        try:
+            listing = loader.capture_head(src, manifest.compression, head, pg_restore.argv0, env)
+        except VerificationError as exc:
+            raise _damaged(manifest, storage, exc) from None
+    data_listing = _output([pg_restore.argv0, "--list", "--section=data", str(head)], env)
+    plan = loader.plan(listing, data_listing)
+    lists = {}
+    for name, lines in (
+        ("tables", plan.table_data), ("streamed", plan.streamed), ("rest", plan.rest)
+    ):  # fmt: skip
+        lists[name] = tmp / f"{name}.list"
+        lists[name].write_text("".join(f"{line}\n" for line in lines), "utf-8")
+    _run([*base, "--section=pre-data", str(head)], env)
+    if plan.table_data or plan.streamed:
+        _load_data(manifest, storage, conn, dbname, jobs, pg_restore, base, lists, plan, progress)
+    else:  # nothing in the data section needs the stream; still verify every stored byte
+        _stream_object(storage, manifest, obj, lambda data: None, progress)
+    _run(
+        [*base, f"--jobs={jobs}", "--section=data", "--section=post-data",
+         f"--use-list={lists['rest']}", str(head)],
+        env,
+    )  # fmt: skip
+
+
+def _load_data(
+    manifest: Manifest,
+    storage: Storage,
+    conn: ConnInfo,
+    dbname: str,
+    jobs: int,
+    pg_restore: postgres.Client,
+    base: list[str],
+    lists: dict[str, Path],
+    plan: loader.Plan,
+    progress: Progress | None,
+) -> None:
+    """Step 3 of loader.py: one verified pass over the stream feeds the table rows to the
+    dealer (through ``pg_restore -f -``) and other data (large objects) to a pg_restore."""
+    env = conn.with_dbname(dbname).env()
+    dumper_argv = [pg_restore.argv0, "--section=data", f"--use-list={lists['tables']}", "--file=-"]
+    dealer = loader.TableDealer(conn, dbname, jobs)
+    failure: list[BaseException] = []
+    ok = False
+    with ExitStack() as stack:
+        procs = []
+        if plan.table_data:
+            dumper = stack.enter_context(
+                ClientProcess(dumper_argv, env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            )
+            procs.append(dumper)
+
+            def deal() -> None:
+                assert dumper.proc.stdout is not None  # noqa: S101 - stdout=PIPE
+                try:
+                    dealer.run(dumper.proc.stdout.read)
+                except BaseException as exc:  # raised by the streaming thread
+                    failure.append(exc)
+                    dumper.kill()  # unblocks the stream writing into it
+
+            dealing = threading.Thread(target=deal, daemon=True, name="pgkeeper-dealer")
+            dealing.start()
+        if plan.streamed:
+            procs.append(
+                stack.enter_context(
+                    ClientProcess(
+                        [*base, "--section=data", f"--use-list={lists['streamed']}"],
+                        env,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL,
+                    )
+                )
+            )
+
+        def failed(proc: ClientProcess) -> BaseException:
+            if failure:
+                return failure[0]
+            return _restore_failed(proc)
+
+        def sink(data: bytes) -> None:
+            for proc in procs:
+                try:
+                    proc.proc.stdin.write(data)  # type: ignore[union-attr]
+                except BrokenPipeError:
+                    raise failed(proc) from None
+
+        try:
+            _stream_object(storage, manifest, manifest.objects[0], sink, progress)
+            for proc in procs:
+                with suppress(BrokenPipeError):
+                    proc.proc.stdin.close()  # type: ignore[union-attr]
+            if plan.table_data:
+                dealing.join()
+            for proc in procs:
+                if proc.wait() != 0:
+                    raise failed(proc)
+            if failure:
+                raise failure[0]
+            ok = True
+        finally:
+            dealer.finish(ok)
+    log.info("loaded %d tables over %d connections", dealer.tables, len(dealer.connections))
+
+
+def _output(argv: list[str], env: dict[str, str]) -> str:
+    with tempfile.TemporaryFile() as out:
+        with ClientProcess(argv, env, stdout=out) as proc:
+            if proc.wait() != 0:
+                raise _restore_failed(proc)
+        out.seek(0)
+        return out.read().decode("utf-8", "replace")
 
 
 def _check_archive_version(pg_restore: postgres.Client, manifest: Manifest) -> None:

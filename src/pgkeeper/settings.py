@@ -66,10 +66,13 @@ class Settings(BaseSettings):
     )
     backup_jobs: int = Field(default=2, ge=1, le=64, description="pg_dump -j (directory format).")
     backup_restore_jobs: int = Field(
-        default=1,
+        default=2,
         ge=1,
         le=64,
-        description="pg_restore -j; 1 streams the backup into pg_restore with no staging file.",
+        description=(
+            "connections loading a restore; N>1 deals each table's rows over N connections "
+            "and builds indexes N wide (pg_restore -j); 1 pipes the backup into one pg_restore."
+        ),
     )
     backup_row_counts: bool = Field(
         default=True, description="count rows per table in the dump's snapshot."
@@ -150,4 +153,3 @@ def load_settings(**overrides: object) -> Settings:
             f"{field.upper()} is invalid: {first['msg'].lower()} "
             "(fix it in the environment or .env)"
         ) from None
-
