@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 from pgkeeper import catalog, naming, postgres
@@ -63,7 +65,7 @@ class _StructureSink:
     def feed(self, data: bytes) -> None:
         if len(self.head) < 4096:
             self.head += data[: 4096 - len(self.head)]
-        self.tail = (self.tail + data)[-4096:]
+        self.tail = (self.tail + data[-4096:])[-4096:]
         proc = self.proc
         if proc is not None and proc.proc.poll() is None and proc.proc.stdin is not None:
             # pg_restore --list stops reading after the table of contents: a closed pipe is fine.
@@ -108,6 +110,51 @@ class _StructureSink:
         self.listing.close()
 
 
+class _Decoding:
+    """Decodes (and feeds the structure check) in its own thread while the caller reads and
+    hashes: both release the GIL, so a full verification takes the longer of the two, not
+    their sum. A decoding error stops decoding only; hashing goes on, so damage in storage is
+    reported as the checksum failure, which says more than the decoder's complaint."""
+
+    def __init__(self, compression: str, sink: _StructureSink | None, full: bool) -> None:
+        self._decoder = Decoder(compression)
+        self._sink = sink
+        self._full = full
+        self.wanted = True  # False once decoding failed or (quick) the structure is judged
+        self.error: VerificationError | None = None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="pgkeeper-decode")
+        self._thread.start()
+
+    def put(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if not self.wanted:
+                continue
+            try:
+                data = self._decoder.decompress(chunk)
+            except VerificationError as exc:
+                self.error, self.wanted = exc, False
+                continue
+            if self._sink is not None:
+                self._sink.feed(data)
+                if not self._full and self._sink.satisfied:
+                    self.wanted = False
+        if self.wanted and self.error is None:
+            try:
+                self._decoder.finish()
+            except VerificationError as exc:
+                self.error = exc
+
+    def finish(self) -> VerificationError | None:
+        """Wait for the decoder; return what it found wrong, if anything."""
+        self._queue.put(None)
+        self._thread.join()
+        return self.error
+
+
 def _check_object(
     storage: Storage,
     manifest: Manifest,
@@ -118,31 +165,22 @@ def _check_object(
     progress: Progress | None,
 ) -> None:
     key = naming.object_key(manifest.id, obj.name)
-    decoder = Decoder(manifest.compression) if (decode or sink is not None) else None
-    decoding = decoder is not None
+    decoding = (
+        _Decoding(manifest.compression, sink, decode) if (decode or sink is not None) else None
+    )
     broken: VerificationError | None = None
     reader: HashingReader | None = None
     try:
         with storage.open_read(key) as src:
             reader = HashingReader.of(src, obj, progress)
             while chunk := reader.read(CHUNK):
-                if decoding and decoder is not None:
-                    try:
-                        data = decoder.decompress(chunk)
-                    except VerificationError as exc:
-                        # Keep hashing: bytes that differ from the manifest (damage in storage)
-                        # are reported as the checksum failure, which says more than the decoder.
-                        broken, decoding = exc, False
-                        continue
-                    if sink is not None:
-                        sink.feed(data)
-                        if not decode and sink.satisfied:
-                            decoding = False
-        if decoding and decoder is not None:
-            decoder.finish()
-    except VerificationError as exc:
-        broken = exc
+                if decoding is not None and decoding.wanted:
+                    decoding.put(chunk)
+        if decoding is not None:
+            broken = decoding.finish()
     except StorageError as exc:
+        if decoding is not None:
+            decoding.finish()
         _fail(checks, "objects", f"{obj.name}: {exc}")
         return
     assert reader is not None  # noqa: S101 - open_read either yielded or raised StorageError
