@@ -196,6 +196,7 @@ class TableDealer:
         self._dbname = dbname
         self._jobs = jobs
         self._settings: list[str] = []
+        self._copy_head: bytes | None = None
         self.connections: list[_Connection] = []
         self._turn = 0
         self.tables = 0
@@ -203,12 +204,18 @@ class TableDealer:
     def run(self, read: Callable[[int], bytes]) -> None:
         """Consume pg_restore's output (``read``) to its end."""
         buf = b""
+        long_row: list[bytes] = []  # pieces of a row longer than a read, joined once
         statement: str | None = None
         started: set[int] = set()  # connections in a COPY of the current table
         eof = False
         while not eof:
             data = read(BATCH)
             eof = not data
+            if not eof and b"\n" not in data:
+                long_row.append(data)
+                continue
+            if long_row:
+                data, long_row = b"".join([*long_row, data]), []
             buf = buf + data if buf else data
             while True:
                 if statement is None:
@@ -234,14 +241,19 @@ class TableDealer:
                     break
                 self._deal(statement, buf[: cut + 1], started)
                 buf = buf[cut + 1 :]
-        if statement is not None or buf.strip():
+        if statement is not None or self._copy_head is not None or buf.strip():
             raise RestoreError("pg_restore's output ended inside a COPY block (truncated archive?)")
 
     def _outside_copy(self, raw: bytes) -> str | None:
         """Handle one line outside the COPY blocks; return the COPY statement it starts."""
         line = raw.rstrip(b"\r")
-        if line.startswith(b"COPY ") and line.endswith(b" FROM stdin;"):
-            return line.decode("utf-8")
+        if self._copy_head is not None:  # a quoted identifier held a newline
+            line, self._copy_head = self._copy_head + b"\n" + line, None
+        if line.startswith(b"COPY "):
+            if line.endswith(b" FROM stdin;"):
+                return line.decode("utf-8")
+            self._copy_head = line
+            return None
         if not line or line.startswith(IGNORED_PREFIXES):
             return None
         if line.startswith(SETTING_PREFIXES):

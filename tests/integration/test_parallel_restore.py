@@ -42,7 +42,13 @@ def _source(pg_cluster: PgCluster, rows: int) -> str:
                jsonb_build_object('g', g, 'tag', E'a\\nb')
         FROM generate_series(1, {rows}) g;
         CREATE TABLE small (id int PRIMARY KEY, note text);
-        INSERT INTO small VALUES (1, E'\\\\.'), (2, NULL), (3, '');
+        INSERT INTO small VALUES (1, E'\\\\.'), (2, NULL), (3, ''),
+            (4, repeat(E'long row\\t', 400000));  -- one row longer than a read (1 MiB)
+        CREATE TABLE "line
+break" ("a
+b" int);
+        INSERT INTO "line
+break" VALUES (42);
         SELECT lo_from_bytea(0, '\\x00010203'::bytea);
         """,  # noqa: S608 - constants of this test
         dbname=name,
@@ -57,6 +63,7 @@ def _fingerprint(pg_cluster: PgCluster, dbname: str) -> tuple[object, ...]:
             SELECT (SELECT count(*) FROM big),
                    (SELECT md5(string_agg(b::text, '|' ORDER BY id)) FROM big b),
                    (SELECT md5(string_agg(s::text, '|' ORDER BY id)) FROM small s),
+                   (SELECT sum("a\nb") FROM "line\nbreak"),
                    (SELECT last_value FROM odd_seq),
                    (SELECT count(*) FROM pg_indexes WHERE indexname = 'big_body'),
                    (SELECT string_agg(lo_get(oid)::text, ',') FROM pg_largeobject_metadata)
