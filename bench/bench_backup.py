@@ -244,6 +244,7 @@ class Bench:
     def __init__(self, cluster: PgCluster, workdir: Path, dbname: str) -> None:
         self.cluster = cluster
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.dbname = dbname
         self.server = ServerCpu(cluster.data_dir)
         self.bin = cluster.bindir
@@ -361,6 +362,15 @@ class Bench:
         finally:
             self.cluster.drop_database(target)
 
+    def pg_dump_fc_file(self) -> Path:
+        """A `pg_dump -Fc` file (its built-in gzip) of the dataset, on local disk (not timed)."""
+        out = self.workdir / "pg_dump_fc.dump"
+        subprocess.run(
+            [str(self.bin / "pg_dump"), "--no-password", "-Fc", "-d", self.dbname, "-f", str(out)],
+            env=self.env, check=True,
+        )  # fmt: skip
+        return out
+
     def pgkeeper_verify(self) -> Run:
         env = {**self.env, "BACKUP_DIR": str(self.keep_dir)}
         return run_pipeline(
@@ -452,6 +462,11 @@ def print_report(summary: dict[str, dict[str, Any]], checks: list[dict[str, Any]
         wall = r["wall"]
         restore = "restore" in case
         base = restore_base if restore else floor
+        if "one table" in case:  # against pg_restore -j2 of the same one-table dump
+            base = next(
+                (c["wall"] for name, c in summary.items()
+                 if name.startswith("pg_restore -j2, one table")), None,
+            )  # fmt: skip
         ratio = f"{wall / base:.2f}" if base and wall else "-"
         if restore:
             ratio = f"r{ratio}"  # ratio against pg_restore -j2
@@ -510,6 +525,20 @@ def _pg_dump_version(bindir: Path) -> str:
     ).stdout.strip()
 
 
+def _one_table_copy(cluster: PgCluster, dbname: str, table: str) -> str:
+    """A copy of database `dbname` holding only `table` of the dataset's schema."""
+    copy = f"{dbname}_one_table"
+    cluster.drop_database(copy)
+    cluster.execute(f'CREATE DATABASE "{copy}" TEMPLATE "{dbname}"')
+    others = cluster.query(
+        "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename <> %s",
+        (dataset.SCHEMA, table), dbname=copy,
+    )  # fmt: skip
+    for (name,) in others:
+        cluster.execute(f'DROP TABLE "{dataset.SCHEMA}"."{name}" CASCADE', dbname=copy)
+    return copy
+
+
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Start a cluster, build the dataset(s), run every case; return runs and facts."""
     with PgCluster() as cluster:
@@ -548,13 +577,30 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         if not args.no_restore:
             archive = bench.decompressed_archive()
+            gzipped = bench.pg_dump_fc_file()
             for round_no in range(args.repeat):
                 print(f"restore round {round_no + 1}/{args.repeat}", file=sys.stderr)
                 bench.record("pg_restore -j2", lambda: bench.pg_restore_j2(archive))
                 bench.record("pgkeeper restore", bench.pgkeeper_restore)
-                bench.record("pgkeeper restore --jobs 2", lambda: bench.pgkeeper_restore(["-j2"]))
+                bench.record("pgkeeper restore --jobs 1", lambda: bench.pgkeeper_restore(["-j1"]))
+                bench.record("pg_restore -j2 of pg_dump -Fc's file",
+                             lambda: bench.pg_restore_j2(gzipped))  # fmt: skip
                 bench.record("pgkeeper verify (of that backup)", bench.pgkeeper_verify)
             archive.unlink(missing_ok=True)
+            gzipped.unlink(missing_ok=True)
+            # A database that is one big table: pg_restore -j gains nothing there, while
+            # pgkeeper deals the table's rows over its connections.
+            table = max(data["tables"], key=lambda name: data["tables"][name]["bytes"])
+            one = Bench(cluster, workdir / "one-table", _one_table_copy(cluster, "bench", table))
+            one.pgkeeper_backup(keep=True)
+            archive = one.decompressed_archive()
+            for round_no in range(args.repeat):
+                print(f"one-table restore round {round_no + 1}/{args.repeat}", file=sys.stderr)
+                bench.record(f"pg_restore -j2, one table ({table})",
+                             lambda: one.pg_restore_j2(archive))  # fmt: skip
+                bench.record(f"pgkeeper restore, one table ({table})", one.pgkeeper_restore)
+            archive.unlink(missing_ok=True)
+            cluster.drop_database(one.dbname)
 
         data_4x = None
         if args.rss_4x:
