@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger, runtime, task
 
 from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.manifest import Manifest
@@ -20,7 +20,10 @@ def backup_database(
     settings = load_settings()
     storages = targets(settings)
     total = expected_dump_size(storages, settings.require_database_url())
-    options = BackupOptions(name=name, format=format, compression=compression, trigger=trigger)
+    options = BackupOptions(
+        name=name, format=format, compression=compression, trigger=trigger,
+        flow_run_id=runtime.flow_run.id,
+    )  # fmt: skip
     with ProgressArtifact("backup-progress", "dumped", total) as progress:
         manifest = run_backup(settings, options, storage=storages[0], progress=progress)
     get_run_logger().info(

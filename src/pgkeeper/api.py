@@ -263,6 +263,9 @@ class RunState(BaseModel):
     endTime: str | None
     finished: bool
     url: str | None
+    backupId: str | None = Field(
+        default=None, description="the backup a finished backup run made (from its manifest)"
+    )
 
 
 class RunResponse(BaseModel):
@@ -847,6 +850,10 @@ def read_run(ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:
     state = ctx.prefect.read_run(run_id)
     if state is None:
         raise _StatusError(f"no pgkeeper flow run {run_id} on {ctx.prefect.shown}", 404)
+    if state.flow == "backup" and state.finished:
+        made = [e.manifest.id for e in catalog.list_all(ctx.storages())
+                if e.manifest.flow_run_id == state.id]  # fmt: skip
+        state.backupId = made[0] if made else None
     return {"success": True, "run": state}
 
 

@@ -52,6 +52,7 @@ class BackupOptions:
     exclude_tables: Sequence[str] = field(default_factory=tuple)
     jobs: int | None = None
     trigger: str = "manual"
+    flow_run_id: str | None = None  # the Prefect run doing this backup, recorded for the API
 
 
 def _resolve(settings: Settings, options: BackupOptions) -> tuple[str, str, str, str, int]:
@@ -177,6 +178,7 @@ def run_backup(
                 started_at=started,
                 finished_at=utcnow(),
                 trigger=options.trigger,
+                flow_run_id=options.flow_run_id,
                 options={
                     "schema_only": options.schema_only,
                     "data_only": options.data_only,

@@ -73,6 +73,9 @@ class Manifest(BaseModel):
     started_at: datetime
     finished_at: datetime
     trigger: str = "manual"
+    flow_run_id: str | None = Field(
+        default=None, description="the Prefect flow run that made this backup, if one did"
+    )
     status: Literal["complete"] = "complete"
     options: dict[str, Any] = Field(default_factory=dict)
     table_counts: dict[str, int] | None = None

@@ -35,6 +35,7 @@ import pytest
 
 from pgkeeper import catalog, naming
 from pgkeeper.api import PrefectLink, check_bind, create_app, parse_range, serve_api
+from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.download import write_backup
 from pgkeeper.errors import ConfigError
 from pgkeeper.manifest import Manifest, StoredObject
@@ -1003,6 +1004,25 @@ def test_wait_false_starts_a_backup_run_whose_state_the_api_reports(
         prefect_api.complete(run["id"])
         state = client.get(f"/api/runs/{run['id']}", headers=READ_AUTH).json()["run"]
         assert (state["state"], state["finished"]) == ("Completed", True)
+        assert state["backupId"] is None  # completed here by hand: it made no backup
+
+
+def test_a_finished_backup_run_reports_the_backup_it_made(
+    prefect_api: PrefectApi, api_settings: Settings
+) -> None:
+    """The backup task records its flow run's id in the manifest; GET /api/runs/{id} of the
+    finished run then names that backup (and nothing while the run is not finished)."""
+    daily = prefect_api.deploy("backup", "backup-daily")
+    prefect_api.poll(daily)
+    with TestClient(create_app(api_settings)) as client:
+        run = client.post("/api/backups", json={"wait": False}, headers=AUTH).json()["run"]
+        # What tasks/backup.py does inside that run (the flow itself is run in test_flows).
+        manifest = run_backup(api_settings, BackupOptions(trigger="api", flow_run_id=run["id"]))
+        state = client.get(f"/api/runs/{run['id']}", headers=READ_AUTH).json()["run"]
+        assert state["finished"] is False and state["backupId"] is None
+        prefect_api.complete(run["id"])
+        state = client.get(f"/api/runs/{run['id']}", headers=READ_AUTH).json()["run"]
+        assert (state["finished"], state["backupId"]) == (True, manifest.id)
 
 
 def test_wait_false_starts_a_restore_run_without_secrets_in_its_parameters(

@@ -97,6 +97,8 @@ def test_backup_then_restore_test_pass_with_their_artifacts(
         targets(load_settings(_env_file=None, backup_dir=str(flow_env))), backup_id
     )
     assert manifest.verified and manifest.restore_tests == [result]
+    # The manifest names the run that made it (GET /api/runs/{id} reports the backup id).
+    assert manifest.flow_run_id == str(state.state_details.flow_run_id)
 
 
 def test_restore_test_fails_the_run_when_restored_data_is_wrong(
