@@ -981,8 +981,11 @@ def _send_tar(storage: Storage, manifest: Manifest) -> Iterator[bytes]:
 
 
 def download(request: Request, ctx: Ctx, backup_id: BackupIdQuery) -> Response:
-    """Stream a backup's stored file (directory backups as a tar), with Range support."""
+    """Stream a backup's stored file (directory backups as a tar), with Range support; HEAD
+    answers the same headers without reading a byte of the backup."""
     from pgkeeper.cli import download_name
+
+    head = request.method == "HEAD"
 
     naming.validate_id(backup_id)
     manifest, storage = catalog.find(ctx.storages(), backup_id)
@@ -996,6 +999,8 @@ def download(request: Request, ctx: Ctx, backup_id: BackupIdQuery) -> Response:
     if manifest.format == "directory":
         _, total = _tar_layout(manifest)
         headers |= {"Content-Length": str(total), "Accept-Ranges": "none"}
+        if head:
+            return Response(headers=headers, media_type=media_type)
         body = _send_tar(storage, manifest)
         return StreamingResponse(body, headers=headers, media_type=media_type)
     obj = manifest.objects[0]
@@ -1011,6 +1016,8 @@ def download(request: Request, ctx: Ctx, backup_id: BackupIdQuery) -> Response:
         return _error_response(ctx, exc, {"Content-Range": f"bytes */{exc.size}"})
     if span is None:
         headers["Content-Length"] = str(obj.size)
+        if head:
+            return Response(headers=headers, media_type=media_type)
         body = _send_object(storage, manifest, obj, 0, obj.size, whole=True)
         return StreamingResponse(body, headers=headers, media_type=media_type)
     first, last = span
@@ -1018,6 +1025,8 @@ def download(request: Request, ctx: Ctx, backup_id: BackupIdQuery) -> Response:
         "Content-Length": str(last - first + 1),
         "Content-Range": f"bytes {first}-{last}/{obj.size}",
     }
+    if head:
+        return Response(status_code=206, headers=headers, media_type=media_type)
     whole = first == 0 and last == obj.size - 1
     body = _send_object(storage, manifest, obj, first, last - first + 1, whole)
     return StreamingResponse(body, status_code=206, headers=headers, media_type=media_type)
@@ -1263,6 +1272,10 @@ def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAP
             **_errors(*AUTH_ERRORS, 404, 416),
         },
         summary="Download a backup's file",
+    )  # fmt: skip
+    add(  # the same headers, no body (documented with GET)
+        "/api/backups/download", download, methods=["HEAD"], dependencies=ReadAccess,
+        include_in_schema=False,
     )  # fmt: skip
     add(
         "/api/backups/import", import_backup, methods=["POST"], tags=["backups"],

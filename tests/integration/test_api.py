@@ -504,6 +504,28 @@ def test_download_sends_the_stored_file_with_length_and_name(
     assert response.headers["content-type"] == "application/octet-stream"
 
 
+def test_head_on_download_answers_the_get_headers_without_a_body(client: TestClient) -> None:
+    """HEAD tells a client the size, name and checksum before it downloads (e.g. to resume)."""
+    made = backup_now(client)
+    params = {"id": made["id"]}
+    got = client.get("/api/backups/download", params=params, headers=AUTH)
+    head = client.head("/api/backups/download", params=params, headers=AUTH)
+    assert head.status_code == 200 and head.content == b""
+    for name in ("content-length", "content-disposition", "etag", "accept-ranges",
+                 "content-type", "x-backup-sha256"):  # fmt: skip
+        assert head.headers[name] == got.headers[name], name
+    ranged = client.head(
+        "/api/backups/download", params=params, headers={**AUTH, "Range": "bytes=0-9"}
+    )
+    assert ranged.status_code == 206 and ranged.content == b""
+    assert ranged.headers["content-range"] == f"bytes 0-9/{made['size']}"
+    assert ranged.headers["content-length"] == "10"
+    missing = client.head(
+        "/api/backups/download", params={"id": "auto_backup_2020-01-01T00-00-00Z"}, headers=AUTH
+    )
+    assert missing.status_code == 404
+
+
 @pytest.mark.parametrize(
     ("header", "first", "last"),
     [
