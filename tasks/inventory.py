@@ -29,7 +29,8 @@ def inventory_rows(entries: list[Entry], now: datetime) -> list[dict[str, str]]:
     rows = []
     for entry in entries:
         m = entry.manifest
-        verified = {"verified": "yes", "unverified": "no", "corrupt": "FAILED"}[m.state]
+        verified = {"verified": "yes", "unverified": "no", "corrupt": "FAILED",
+                    "restore-failed": "FAILED (restore test)"}[m.state]  # fmt: skip
         test = m.last_restore_test
         tested = "never"
         if test is not None:

@@ -105,11 +105,30 @@ class Manifest(BaseModel):
 
     @property
     def verified(self) -> bool:
-        return self.verification is not None and self.verification.ok
+        """Its last verification passed and its last restore test (if any) did not fail."""
+        return self.verification is not None and self.verification.ok and not self.restore_failed
 
     @property
     def verification_failed(self) -> bool:
-        return self.verification is not None and not self.verification.ok
+        """Known bad: its last verification or its last restore test failed. Such a backup
+        never counts for retention, is never ``latest``, and is not copied offsite."""
+        return (self.verification is not None and not self.verification.ok) or self.restore_failed
+
+    @property
+    def restore_failed(self) -> bool:
+        """Its last restore test failed (the restore itself, a row count or a check): the
+        backup did not restore to what was dumped. (Staging being down is never recorded.)"""
+        last = self.last_restore_test
+        return last is not None and not last.ok
+
+    @property
+    def failed_at(self) -> datetime | None:
+        """When the check that found it bad ran (for retention's grace period)."""
+        if self.restore_failed and self.last_restore_test is not None:
+            return self.last_restore_test.at
+        if self.verification is not None and not self.verification.ok:
+            return self.verification.at
+        return None
 
     @property
     def last_restore_test(self) -> RestoreTest | None:
@@ -117,7 +136,9 @@ class Manifest(BaseModel):
 
     @property
     def state(self) -> str:
-        """One word for listings: verified, unverified or corrupt."""
+        """One word for listings: verified, unverified, corrupt or restore-failed."""
+        if self.restore_failed:
+            return "restore-failed"
         if self.verification is None:
             return "unverified"
         return "verified" if self.verification.ok else "corrupt"

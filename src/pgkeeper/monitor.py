@@ -213,6 +213,17 @@ def check_verified(backups: Sequence[Manifest], expect: Expectations, now: datet
     if not backups:
         return Check("verified", "skipped", "no backup to check")
     newest = backups[0]
+    if newest.restore_failed and newest.last_restore_test is not None:
+        test = newest.last_restore_test
+        why = "; ".join([*test.mismatches, *(f"{c.name}: {c.detail}" for c in test.checks
+                                             if not c.ok)])  # fmt: skip
+        return Check(
+            "verified",
+            "failed",
+            f"the newest backup {newest.id} failed its restore test"
+            + (f" ({why[:300]})" if why else "")
+            + ": do not rely on it; look at the restore-test report, then back up again",
+        )
     if newest.verification_failed:
         why = _failed_checks(newest)
         return Check(

@@ -599,13 +599,14 @@ def plan(
                 else:
                     deletes[index] = "no rule keeps it"
             elif manifest.verification_failed:
-                # verification_failed implies a verification record; finished_at is for mypy.
-                at = manifest.verification.at if manifest.verification else manifest.finished_at
-                since = aware(at)
+                since = aware(manifest.failed_at or manifest.finished_at)
+                what = "failed verification"
+                if manifest.restore_failed:
+                    what = "failed its restore test"
                 if now - since <= policy.failed_grace:
-                    reasons[index].append("failed verification, in grace")
+                    reasons[index].append(f"{what}, in grace")
                 elif not manifest.pinned:
-                    deletes[index] = "failed verification"
+                    deletes[index] = what
             elif now - aware(manifest.finished_at) <= policy.failed_grace:
                 reasons[index].append("unverified, in grace")
             elif not manifest.pinned:

@@ -149,6 +149,19 @@ def test_a_newest_backup_that_failed_verification_fails_even_if_older_ones_are_g
     assert "failed verification (checksum)" in check.detail
 
 
+def test_a_newest_backup_that_failed_its_restore_test_fails_the_check() -> None:
+    """A verified backup whose last restore test failed is not one to rely on: the check fails
+    with the mismatch; a later passing test makes it ok again."""
+    failed = backup(timedelta(hours=3), tests=[(timedelta(hours=1), False)])
+    check = check_verified([failed], DAILY, NOW)
+    assert check.status == "failed"
+    assert "failed its restore test (shop.orders: 1 rows restored" in check.detail
+    again = backup(
+        timedelta(hours=3), tests=[(timedelta(hours=2), False), (timedelta(hours=1), True)]
+    )
+    assert check_verified([again], DAILY, NOW).status == "ok"
+
+
 def test_an_unverified_newest_backup_is_pending_within_grace_then_fails() -> None:
     """Verification runs after the dump: within the grace period it is pending, after it the
     unverified backup fails the check with the command to run."""

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgkeeper.errors import ConfigError
-from pgkeeper.manifest import Manifest, StoredObject, Verification
+from pgkeeper.manifest import Manifest, RestoreTest, StoredObject, Verification
 from pgkeeper.retention import (
     Plan,
     Policy,
@@ -843,3 +843,40 @@ def test_property_gfs_rules_match_restic_semantics(
     }
     # The newest verified backup is kept on its own too; restic keeps it as well (newest period).
     assert first_group == expected
+
+
+def _restore_tested(manifest: Manifest, ok: bool, at: datetime) -> Manifest:
+    mismatches = [] if ok else ["orders: 10 rows restored, 12 dumped"]
+    test = RestoreTest(
+        ok=ok, at=at, duration_seconds=1.0, server="staging:5432", mismatches=mismatches
+    )
+    return manifest.model_copy(update={"restore_tests": [*manifest.restore_tests, test]})
+
+
+def test_a_backup_whose_restore_test_failed_counts_as_failed_not_as_verified() -> None:
+    """A verified backup that then failed its restore test does not restore to what was
+    dumped: it takes no 'last' place, is not the protected newest verified backup, and is
+    kept only for the grace period counted from the failed test."""
+    good = [backup(NOW - timedelta(days=2 + d)) for d in range(3)]
+    failed_test = _restore_tested(backup(NOW - timedelta(days=1)), False, NOW - timedelta(hours=2))
+    result = plan([failed_test, *good], only(keep_last=2), NOW)
+    assert kept(result) == {good[0].id, good[1].id, failed_test.id}
+    assert reasons(result)[good[0].id][0] == "newest verified"
+    assert reasons(result)[failed_test.id] == ["failed its restore test, in grace"]
+    later = plan([failed_test, *good], only(keep_last=2), NOW + timedelta(days=2))
+    assert failed_test.id not in kept(later)
+    assert reasons(later)[failed_test.id] == ["failed its restore test"]
+
+
+def test_a_restore_test_passing_again_makes_the_backup_count_again() -> None:
+    """Only the last restore test counts: a flaky failure followed by a pass is verified."""
+    tested = _restore_tested(backup(NOW - timedelta(days=1)), False, NOW - timedelta(hours=5))
+    assert (tested.verified, tested.verification_failed, tested.state) == (
+        False, True, "restore-failed",
+    )  # fmt: skip
+    assert tested.failed_at == NOW - timedelta(hours=5)
+    passed = _restore_tested(tested, True, NOW - timedelta(hours=1))
+    assert (passed.verified, passed.verification_failed, passed.state) == (
+        True, False, "verified",
+    )  # fmt: skip
+    assert reasons(plan([passed], only(keep_last=1), NOW))[passed.id][0] == "newest verified"
