@@ -11,11 +11,13 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from pgkeeper import catalog
 from pgkeeper.errors import ConfigError, StorageError, TransientStorageError
 from pgkeeper.settings import load_settings
 from pgkeeper.storage import targets
 from pgkeeper.upload import UploadReport, clean_offsite, upload_missing
 from pgkeeper.upload import upload_backup as copy_offsite
+from tasks.progress import ProgressArtifact
 from tasks.retry import TRANSIENT_RETRIES
 
 
@@ -42,8 +44,14 @@ def _log(reports: list[UploadReport]) -> None:
 
 @task(name="upload", **TRANSIENT_RETRIES)
 def upload_backup(backup_id: str) -> list[str]:
-    """Copy the backup to every offsite target that lacks it, proven by checksum."""
-    report = copy_offsite(load_settings(), backup_id)
+    """Copy the backup to every offsite target that lacks it, proven by checksum; progress
+    (bytes sent to all targets) shows as the ``upload-progress`` artifact."""
+    settings = load_settings()
+    storages = targets(settings)
+    manifest, _ = catalog.find(storages, backup_id)
+    total = manifest.size * max(1, len(storages) - 1)
+    with ProgressArtifact("upload-progress", "uploaded", total) as progress:
+        report = copy_offsite(settings, backup_id, storages=storages, progress=progress)
     _log([report])
     if error := upload_error([report]):
         raise error

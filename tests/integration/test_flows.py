@@ -144,7 +144,9 @@ def test_a_backup_is_copied_to_every_offsite_target(
     assert state.is_completed(), state.message
     backup_id = state.result()
     assert _backups(offsite) == [backup_id]
-    assert str(offsite) in str(_artifacts(state)["backup-inventory"].data)
+    artifacts = _artifacts(state)
+    assert str(offsite) in str(artifacts["backup-inventory"].data)
+    assert artifacts["upload-progress"].data == 100.0
 
 
 # -- retries -----------------------------------------------------------------------------------
