@@ -443,3 +443,33 @@ def test_gcs_killed_uploader_leaves_nothing_listed(gcs: GCSStorage, gcs_server: 
     kill_mid_upload(script, gcs.url, gcs_server.env())
 
     assert list(gcs.list()) == [] and gcs.stat("db/killed.dump") is None
+
+
+def test_s3_lost_answer_to_complete_multipart_upload_is_not_a_failure(
+    s3: S3Storage, s3_proxy: FaultProxy
+) -> None:
+    """S3 completed the upload but its answer was lost; the retry then gets NoSuchUpload, as
+    from real S3 (moto would accept the repeat, so the proxy answers for it). The object is
+    there with exactly our parts (its multipart ETag says so): a success, not a failure."""
+    lost = s3_proxy.add_fault("reset_after", method="POST", path=r"uploadId=", times=1)
+    gone = s3_proxy.add_fault(
+        "error", method="POST", path=r"uploadId=", times=1, status=404, code="NoSuchUpload"
+    )
+    data = os.urandom(BIG)
+    write(s3, "db/a.dump", data)
+
+    assert (lost.fired, gone.fired) == (1, 1)
+    assert read(s3, "db/a.dump") == data
+
+
+def test_s3_no_such_upload_without_our_object_is_still_a_failure(
+    s3: S3Storage, s3_proxy: FaultProxy
+) -> None:
+    """NoSuchUpload with no object of our parts behind it (the upload was aborted, e.g. by a
+    lifecycle rule) fails the write: nothing is stored."""
+    s3_proxy.add_fault(
+        "error", method="POST", path=r"uploadId=", times=None, status=404, code="NoSuchUpload"
+    )
+    with pytest.raises(StorageError, match=r"NoSuchUpload|no longer exists|does not exist"):
+        write(s3, "db/a.dump", os.urandom(BIG))
+    assert s3.stat("db/a.dump") is None

@@ -10,7 +10,7 @@ provider misbehaves::
 
 Actions, applied to the next `times` requests whose method and target (path + query) match:
 - "503" / "error": read and discard the request body, answer `status` (default 503) with an
-  S3-style XML error (`flavor="s3"`, `<Code>SlowDown</Code>`) or a GCS-style JSON error
+  S3-style XML error (`flavor="s3"`, `<Code>SlowDown</Code>`, or `code`) or a GCS-style JSON error
   (`flavor="gcs"`); the connection stays usable, as with a real provider.
 - "reset": abort the client connection with a TCP RST right after the request head, without
   forwarding anything upstream.
@@ -61,6 +61,7 @@ class Fault:
     status: int = 503
     delay: float = 0.0
     truncate_at: int | None = None
+    code: str | None = None  # the S3 error code of "error" answers (default: from the status)
     fired: int = 0
 
     def take(self, method: str, target: str) -> bool:
@@ -238,13 +239,14 @@ class FaultProxy:
         status: int = 503,
         delay: float = 0.0,
         truncate_at: int | None = None,
+        code: str | None = None,
     ) -> Fault:
         """Add a rule (checked in the order added); returns it, `fault.fired` counts hits."""
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r} (one of {sorted(ACTIONS)})")
         if path is not None:
             re.compile(path)
-        fault = Fault(action, method, path, times, status, delay, truncate_at)
+        fault = Fault(action, method, path, times, status, delay, truncate_at, code)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -352,7 +354,7 @@ class FaultProxy:
         if fault and action in ("503", "error"):
             await _relay_body(reader, _Out(None), _request_framing(head))
             self._record(method, target, fault.status, action)
-            writer.write(self._error_response(fault.status, keep_alive))
+            writer.write(self._error_response(fault.status, keep_alive, fault.code))
             await writer.drain()
             return keep_alive
 
@@ -392,10 +394,12 @@ class FaultProxy:
         finally:
             up_writer.close()
 
-    def _error_response(self, status: int, keep_alive: bool) -> bytes:
+    def _error_response(self, status: int, keep_alive: bool, code: str | None = None) -> bytes:
         phrase = HTTPStatus(status).phrase
         if self.flavor == "s3":
-            code = {503: "SlowDown", 500: "InternalError"}.get(status, phrase.replace(" ", ""))
+            code = code or {503: "SlowDown", 500: "InternalError"}.get(
+                status, phrase.replace(" ", "")
+            )
             body = (
                 '<?xml version="1.0" encoding="UTF-8"?>\n'
                 f"<Error><Code>{code}</Code><Message>{phrase} (injected by FaultProxy)"

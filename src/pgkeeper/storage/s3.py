@@ -641,14 +641,36 @@ class _S3Writer:
         while self._pending:
             self._parts.append(self._pending.popleft().result())
         self._check_sha256()
-        self._s3._call(
-            self._what,
-            "complete_multipart_upload",
-            Key=self._key,
-            UploadId=self._upload_id,
-            MultipartUpload={"Parts": sorted(self._parts, key=lambda p: p["PartNumber"])},
-        )
+        parts = sorted(self._parts, key=lambda p: p["PartNumber"])
+        try:
+            self._s3._call(
+                self._what,
+                "complete_multipart_upload",
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except StorageError as exc:
+            if _error_code(exc.__cause__) != "NoSuchUpload":
+                raise
+            # A retry after S3 completed the upload but the answer was lost finds no upload
+            # any more: the object tells whether it was ours.
+            if not self._is_our_object(parts):
+                raise StorageError(
+                    f"the multipart upload of '{self._key}' in {self._s3.url} no longer exists "
+                    "(aborted by someone else or by a lifecycle rule?); nothing was stored"
+                ) from exc
+            log.info("completing '%s' was answered late: the object is stored", self._key)
         self._shutdown()
+
+    def _is_our_object(self, parts: list[dict[str, Any]]) -> bool:
+        """Whether the key holds the object these parts make (S3's multipart ETag is the MD5
+        of the parts' MD5s and their count)."""
+        head = self._s3._head(self._key, self._what)
+        if head is None:
+            return False
+        md5s = b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in parts)
+        return bool(head.get("ETag") == f'"{hashlib.md5(md5s).hexdigest()}-{len(parts)}"')  # noqa: S324 - S3's ETag
 
     def abort(self) -> None:
         """Drop queued parts, wait for running ones, abort the multipart upload."""
@@ -676,6 +698,15 @@ class _S3Writer:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _error_code(exc: BaseException | None) -> str | None:
+    """The S3 error code of a botocore ClientError (None for anything else)."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code is not None else None
+    return None
 
 
 class _S3Reader(io.RawIOBase):
