@@ -489,14 +489,16 @@ def _hold_scratch(admin: psycopg.Connection[Any], dbname: str) -> None:
 
 
 def sweep_scratch_databases(admin: psycopg.Connection[Any]) -> list[str]:
-    """Drop scratch databases that a killed restore or restore test left on this server.
+    """Drop scratch databases that a killed restore or restore test left on this server, and
+    ``pgk_old_*`` databases: a target a restore had already replaced (the user confirmed it,
+    and its safety backup was taken) when it was killed before dropping it.
 
     A scratch database is in use while its restore holds an advisory lock on its name and has a
     connection to it; only databases with neither are dropped.
     """
     rows = admin.execute(
         "SELECT d.datname FROM pg_database d WHERE (d.datname LIKE 'pgk\\_restore\\_%%'"
-        " OR d.datname LIKE 'pgk\\_restoretest\\_%%')"
+        " OR d.datname LIKE 'pgk\\_restoretest\\_%%' OR d.datname LIKE 'pgk\\_old\\_%%')"
         " AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)"
     ).fetchall()
     dropped = []
@@ -520,6 +522,7 @@ def sweep_scratch_databases(admin: psycopg.Connection[Any]) -> list[str]:
 def _swap(admin: psycopg.Connection[Any], target: str, scratch: str, exists: bool) -> None:
     """Make ``scratch`` the ``target`` in one transaction; drop the old target afterwards."""
     old = f"pgk_old_{secrets.token_hex(4)}"
+    _hold_scratch(admin, old)  # until it is dropped; if we die first, the next restore drops it
     for attempt in range(5):
         try:
             if exists:

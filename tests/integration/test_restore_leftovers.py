@@ -41,7 +41,8 @@ def test_staging_folders_of_dead_restores_are_swept(tmp_path: Path) -> None:
 def test_abandoned_scratch_databases_are_dropped_but_not_ones_in_use(
     pg_cluster: PgCluster, tmp_path: Path
 ) -> None:
-    """A restore drops scratch databases nobody holds, and leaves one another restore holds."""
+    """A restore drops scratch databases nobody holds, and leaves one another restore holds;
+    the same for a replaced target a killed restore had not dropped yet (pgk_old_*)."""
     source = f"leftover_src_{uuid.uuid4().hex[:8]}"
     pg_cluster.create_database(source)
     pg_cluster.execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)", dbname=source)
@@ -49,21 +50,26 @@ def test_abandoned_scratch_databases_are_dropped_but_not_ones_in_use(
     manifest = run_backup(settings)
 
     abandoned = f"pgk_restore_{uuid.uuid4().hex[:8]}"
+    replaced = f"pgk_old_{uuid.uuid4().hex[:8]}"
     in_use = f"pgk_restoretest_{uuid.uuid4().hex[:8]}"
-    pg_cluster.create_database(abandoned)
-    pg_cluster.create_database(in_use)
+    old_in_use = f"pgk_old_{uuid.uuid4().hex[:8]}"
+    for name in (abandoned, replaced, in_use, old_in_use):
+        pg_cluster.create_database(name)
     holder = psycopg.connect(pg_cluster.url("postgres"), autocommit=True)
     try:
         # Another restore's session holds the scratch lock on its database's name.
-        holder.execute(
-            "SELECT pg_advisory_lock(%s, hashtext(%s))", (restore.SCRATCH_LOCK_CLASS, in_use)
-        )
+        for name in (in_use, old_in_use):
+            holder.execute(
+                "SELECT pg_advisory_lock(%s, hashtext(%s))", (restore.SCRATCH_LOCK_CLASS, name)
+            )
         target = f"leftover_dst_{uuid.uuid4().hex[:8]}"
         restore.restore_backup(settings, manifest.id, pg_cluster.url(target))
         assert not pg_cluster.database_exists(abandoned)
+        assert not pg_cluster.database_exists(replaced)
         assert pg_cluster.database_exists(in_use)
+        assert pg_cluster.database_exists(old_in_use)
         assert pg_cluster.query("SELECT count(*) FROM t", dbname=target) == [(1,)]
     finally:
         holder.close()
-        for name in (in_use, source):
+        for name in (in_use, old_in_use, source):
             pg_cluster.drop_database(name)
