@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     backup_s3_kms_key_id: str | None = None
     backup_s3_storage_class: str | None = None
     backup_s3_object_lock_days: int | None = Field(default=None, ge=1)
+    backup_s3_object_lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] = "GOVERNANCE"
     backup_s3_max_attempts: int = Field(default=5, ge=1)
     gcs_bucket: str | None = None
     gcs_keyfile: Path | None = None

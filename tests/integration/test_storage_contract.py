@@ -366,3 +366,19 @@ def test_s3_object_lock_keeps_the_object(s3_server: S3Server, lock_bucket: str) 
         storage.delete("small")
     assert caught.value.key == "small" and caught.value.retain_until is not None
     assert keys(storage) == ["big", "small"]  # still there, still listed
+
+
+def test_s3_object_lock_mode_compliance_is_set_from_settings(s3_server: S3Server) -> None:
+    """BACKUP_S3_OBJECT_LOCK_MODE=COMPLIANCE: retention nobody can shorten, not even admins.
+    (So its bucket cannot be emptied: it stays in this session's moto server.)"""
+    lock_bucket = f"pgk-compliance-{os.urandom(6).hex()}"
+    s3_server.client().create_bucket(Bucket=lock_bucket, ObjectLockEnabledForBucket=True)
+    settings = s3_settings(
+        s3_server, backup_s3_object_lock_days=1, backup_s3_object_lock_mode="COMPLIANCE"
+    )
+    storage = open_s3(s3_server, lock_bucket, settings=settings)
+    write_in_chunks(storage, "small", payload(10))
+    head = storage.client.head_object(Bucket=lock_bucket, Key="pfx/small")
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+    with pytest.raises(ObjectLockedError, match="COMPLIANCE"):
+        storage.delete("small")

@@ -264,6 +264,7 @@ class S3Storage:
             options.setdefault("kms_key_id", settings.backup_s3_kms_key_id)
             options.setdefault("storage_class", settings.backup_s3_storage_class)
             options.setdefault("object_lock_days", settings.backup_s3_object_lock_days)
+            options.setdefault("object_lock_mode", settings.backup_s3_object_lock_mode)
             options.setdefault("max_attempts", settings.backup_s3_max_attempts)
         client = options.pop("client", None) or make_client(settings)
         return cls(parsed.netloc, parsed.path, client=client, **options)
