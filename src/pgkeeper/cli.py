@@ -226,7 +226,9 @@ def backup(
     exclude_table: Annotated[
         list[str] | None, typer.Option("--exclude-table", "-T", help="Skip tables (repeatable).")
     ] = None,
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel jobs.")] = None,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", help="pg_dump -j for the directory format.")
+    ] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip verification.")] = False,
     no_upload: Annotated[
         bool, typer.Option("--no-upload", help="Do not copy to offsite targets.")
@@ -433,7 +435,15 @@ def restore(
     confirm: Annotated[
         str | None, typer.Option(help="Name of the target database, to replace its data.")
     ] = None,
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel jobs.")] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="Connections loading the data and building indexes (default "
+            "BACKUP_RESTORE_JOBS, 2; 1: one pg_restore fed by the stream).",
+        ),
+    ] = None,
     no_safety_backup: Annotated[
         bool, typer.Option("--no-safety-backup", help="Do not back up the target first.")
     ] = False,
