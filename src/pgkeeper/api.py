@@ -219,7 +219,10 @@ class RestoreRequest(BaseModel):
         default=None,
         description="the target database's name: required to replace a database that has data",
     )
-    jobs: int | None = Field(default=None, ge=1, le=64, description="connections loading the restore (default BACKUP_RESTORE_JOBS)")
+    jobs: int | None = Field(
+        default=None, ge=1, le=64,
+        description="connections loading the restore (default BACKUP_RESTORE_JOBS)",
+    )  # fmt: skip
     safetyBackup: bool = Field(
         default=True, description="back up a target with data before replacing it"
     )
