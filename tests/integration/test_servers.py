@@ -9,9 +9,12 @@ from __future__ import annotations
 import http.client
 import io
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import closing
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -21,6 +24,8 @@ from tests.servers.faultproxy import FaultProxy
 from tests.servers.gcs import GcsServer
 from tests.servers.postgres import PgCluster
 from tests.servers.s3 import S3Server
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
@@ -105,6 +110,34 @@ def test_pg_cluster_lets_a_new_role_log_in_with_its_own_password(pg_cluster: PgC
 
 
 # -- S3 (moto) ----------------------------------------------------------------------------------
+
+
+def test_a_killed_owner_s_cluster_is_stopped_and_removed_even_before_it_is_reaped() -> None:
+    """A test process SIGKILLed while nobody has collected its exit status yet (a zombie) no
+    longer owns its cluster: the reaper it started stops and deletes it."""
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from tests.servers.postgres import PgCluster\n"
+        "c = PgCluster().start(); print(c.tmp_dir, flush=True)\n"
+        "import time; time.sleep(600)\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script, str(ROOT)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout is not None
+        tmp_dir = Path(owner.stdout.readline().strip())
+        assert (tmp_dir / "data").is_dir()
+        owner.kill()  # and no wait(): it stays a zombie while the reaper looks at it
+        deadline = time.monotonic() + 60
+        while tmp_dir.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not tmp_dir.exists(), "the killed owner's cluster was left behind"
+    finally:
+        owner.kill()
+        owner.wait()
+        if owner.stdout is not None:
+            owner.stdout.close()
 
 
 def test_s3_bucket_round_trips_an_object(s3_server: S3Server, s3_bucket: str) -> None:
