@@ -48,10 +48,13 @@ def upload_backup(backup_id: str) -> list[str]:
     (bytes sent to all targets) shows as the ``upload-progress`` artifact."""
     settings = load_settings()
     storages = targets(settings)
-    manifest, _ = catalog.find(storages, backup_id)
-    total = manifest.size * max(1, len(storages) - 1)
-    with ProgressArtifact("upload-progress", "uploaded", total) as progress:
-        report = copy_offsite(settings, backup_id, storages=storages, progress=progress)
+    offsite = len(storages) - 1
+    if offsite < 1:  # nothing to copy to: no progress bar either
+        report = copy_offsite(settings, backup_id, storages=storages)
+    else:
+        manifest, _ = catalog.find(storages, backup_id)
+        with ProgressArtifact("upload-progress", "uploaded", manifest.size * offsite) as progress:
+            report = copy_offsite(settings, backup_id, storages=storages, progress=progress)
     _log([report])
     if error := upload_error([report]):
         raise error
