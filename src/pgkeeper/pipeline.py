@@ -315,8 +315,9 @@ def decode_verified(
     failed check if the object is damaged.
 
     The checksum is judged over every stored byte, so a damaged byte is reported as a checksum
-    failure even when the decoder trips over it first. Callers must not commit anything they
-    built from ``sink`` before this returns.
+    failure even when the decoder, or the sink (pg_restore choking on damaged bytes that still
+    decode), trips over it first. Callers must not commit anything they built from ``sink``
+    before this returns.
     """
     decoder = Decoder(compression)
     try:
@@ -326,5 +327,12 @@ def decode_verified(
     except VerificationError:
         reader.drain()  # tell a damaged byte (checksum) from a bad encoder (compression)
         reader.check()
+        raise
+    except Exception as exc:
+        try:
+            reader.drain()
+        except Exception:
+            raise exc from None  # the sink's error is the one to report
+        reader.check()  # damaged stored bytes explain the sink's failure: say so
         raise
     reader.check()

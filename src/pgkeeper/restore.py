@@ -140,6 +140,17 @@ def _stage_object(
             raise _damaged(manifest, storage, exc) from None
 
 
+def _check_whole_object(storage: Storage, manifest: Manifest, obj: StoredObject) -> None:
+    """Read one stored object whole; raise the damaged-copy error if it is not the manifest's."""
+    with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
+        reader = HashingReader.of(src, obj)
+        reader.drain()
+        try:
+            reader.check()
+        except VerificationError as exc:
+            raise _damaged(manifest, storage, exc) from None
+
+
 def _verify_local_object(
     manifest: Manifest, storage: Storage, path: Path, obj: StoredObject, progress: Progress | None
 ) -> None:
@@ -287,6 +298,10 @@ def _load_parallel(
             listing = loader.capture_head(src, manifest.compression, head, pg_restore.argv0, env)
         except VerificationError as exc:
             raise _damaged(manifest, storage, exc) from None
+        except RestoreError:
+            # Not an archive pg_restore can read: damaged bytes if the checksum says so.
+            _check_whole_object(storage, manifest, obj)
+            raise
     data_listing = _output([pg_restore.argv0, "--list", "--section=data", str(head)], env)
     plan = loader.plan(listing, data_listing)
     lists = {}

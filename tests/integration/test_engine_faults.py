@@ -281,16 +281,74 @@ def test_corrupted_byte_fails_verify_and_restore(
 
     pg_cluster.execute("INSERT INTO items VALUES (100000, 'added later', 1)", dbname=name)
     before, oid = compare.snapshot(url), db_oid(pg_cluster, name)
-    for jobs in ("1", "2"):  # streamed, and staged for pg_restore -j
+    for jobs in ("1", "2"):  # one pg_restore fed by the stream, and the parallel loader
         restore = run_cli(
             "restore", record["id"], "--target-url", url, "--confirm", name, "--jobs", jobs,
             env=env, cwd=tmp_path,
         )  # fmt: skip
-        one_line_error(restore, 1)
+        message = one_line_error(restore, 1)
+        assert "checksum" in message, (jobs, message)
     compare.assert_same(before, compare.snapshot(url))
     assert db_oid(pg_cluster, name) == oid
     assert leftover_databases(pg_cluster) == []
     assert [b["id"] for b in listed(env, tmp_path)] == [record["id"]]  # no safety backup taken
+
+
+def _valid_zstd_of_size(size: int) -> bytes:
+    """A well-formed zstd stream of exactly ``size`` bytes whose content is not a dump."""
+    import zstandard
+
+    def frame(n: int) -> bytes:
+        return zstandard.ZstdCompressor(level=1, write_checksum=True).compress(os.urandom(n))
+
+    overhead = len(frame(size)) - size  # random bytes are stored raw: headers only
+    for n in range(size - overhead - 8, size - overhead + 9):
+        if len(candidate := frame(n)) == size:
+            return candidate
+    raise AssertionError(f"no {size}-byte zstd frame of random bytes")
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_damaged_copy_that_still_decodes_falls_back_to_the_offsite_copy(
+    pg_cluster: PgCluster, small_db: tuple[str, str], tmp_path: Path, jobs: str
+) -> None:
+    """The primary copy was replaced by bytes that decode (valid zstd) but are no dump:
+    pg_restore chokes on them before the checksum is known. The restore still judges the
+    copy by its checksum, skips it for the offsite copy, and restores; the target is the
+    backup's content."""
+    name, url = small_db
+    # Larger than the pipes into pg_restore, so it fails while the copy is still being read.
+    pg_cluster.execute(
+        "CREATE TABLE filler AS SELECT g, md5(g::text) FROM generate_series(1, 200000) g",
+        dbname=name,
+    )
+    backups, offsite = tmp_path / "backups", tmp_path / "offsite"
+    env = cli_env(url, backups, BACKUP_TARGETS=str(offsite))
+    made = run_cli("backup", "--json", env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    record = json.loads(made.stdout)
+    assert (offsite / record["id"] / record["filename"]).is_file()
+    stored = backups / record["id"] / record["filename"]
+    stored.write_bytes(_valid_zstd_of_size(stored.stat().st_size))
+    expected = compare.snapshot(url)
+
+    target = f"fallback_{jobs}_{uuid.uuid4().hex[:6]}"
+    target_url = url.rsplit("/", 1)[0] + f"/{target}"
+    restore = run_cli(
+        "restore", record["id"], "--target-url", target_url, "--jobs", jobs, env=env, cwd=tmp_path
+    )
+    try:
+        assert restore.returncode == 0, restore.stderr
+        assert "checksum" in restore.stderr and str(backups) in restore.stderr  # the warning
+        compare.assert_same(expected, compare.snapshot(target_url))
+        assert leftover_databases(pg_cluster) == []
+    finally:
+        pg_cluster.drop_database(target)
+
+    # With no other copy, the same damage is a one-line checksum error.
+    alone = cli_env(url, backups)
+    failed = run_cli("restore", record["id"], "--jobs", jobs, env=alone, cwd=tmp_path)
+    assert "checksum" in one_line_error(failed, 1)
 
 
 # --- a full disk ----------------------------------------------------------------------------------
