@@ -45,11 +45,11 @@ PRESETS: dict[str, str] = {
     "weekly": "0 3 * * 0",
     "monthly": "0 4 1 * *",
 }
-VERIFY_CRON = "0 6 * * *"  # daily: re-verify backups not verified for a week (bit rot)
+# The other flows' default crons are settings (BACKUP_VERIFY_SCHEDULE, ...): verify daily at
+# 06:00 (re-verify backups not verified for a week: bit rot), restore-test Sunday 05:00 after
+# the weekly backup, rotate 05:30 after the presets' backups, monitor every 30 minutes.
 VERIFY_AFTER_HOURS = 7 * 24
-RESTORE_TEST_CRON = "0 5 * * 0"  # weekly, after the weekly backup
-ROTATE_CRON = "30 5 * * *"  # daily, after the daily/weekly/monthly presets' backups
-MONITOR_CRON = "*/30 * * * *"
+FLOW_SCHEDULE_HOW_TO_FIX = "use a 5-field cron expression like '0 5 * * 0', or off"
 
 HOW_TO_FIX = (
     "use hourly, daily, weekly, monthly, a comma list of them, "
@@ -102,20 +102,25 @@ def validate_timezone(name: str) -> str:
     return name
 
 
-def validate_cron(expression: str, what: str = "BACKUP_SCHEDULE") -> str:
+def validate_cron(expression: str, what: str = "BACKUP_SCHEDULE", how: str = HOW_TO_FIX) -> str:
     """Return a 5-field cron expression that Prefect accepts; raise ConfigError otherwise."""
     from prefect.schedules import Cron  # Prefect's own validation: what the server accepts
 
     cron = " ".join(expression.split())
     if len(cron.split(" ")) != 5:
-        raise ConfigError(f"{what} {expression!r} is not a schedule ({HOW_TO_FIX})")
+        raise ConfigError(f"{what} {expression!r} is not a schedule ({how})")
     try:
         Cron(cron)
     except ValueError:
-        raise ConfigError(
-            f"{what} {expression!r} is not a valid cron expression ({HOW_TO_FIX})"
-        ) from None
+        raise ConfigError(f"{what} {expression!r} is not a valid cron expression ({how})") from None
     return cron
+
+
+def flow_cron(value: str, what: str) -> str | None:
+    """One of the BACKUP_*_SCHEDULE knobs of the other flows: a cron, or None for ``off``."""
+    if value.strip().lower() in ("off", "none", "false", ""):
+        return None
+    return validate_cron(value, what, FLOW_SCHEDULE_HOW_TO_FIX)
 
 
 def parse_backup_schedule(value: str) -> tuple[list[str], str | None]:
@@ -197,6 +202,14 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
     timezone = validate_timezone(settings.backup_timezone)
     presets, custom = parse_backup_schedule(settings.backup_schedule)
     enabled = settings.backup_enabled
+    verify_cron = flow_cron(settings.backup_verify_schedule, "BACKUP_VERIFY_SCHEDULE")
+    rotate_cron = flow_cron(settings.backup_rotate_schedule, "BACKUP_ROTATE_SCHEDULE")
+    test_cron = flow_cron(settings.backup_restore_test_schedule, "BACKUP_RESTORE_TEST_SCHEDULE")
+    monitor_cron = flow_cron(settings.backup_monitor_schedule, "BACKUP_MONITOR_SCHEDULE")
+
+    def scheduled(cron: str | None, **parameters: Any) -> ScheduleSpec | None:
+        return _schedule(cron, timezone, enabled, **parameters) if cron else None
+
     specs: list[DeploymentSpec] = []
     for preset, cron in PRESETS.items():
         specs.append(
@@ -225,8 +238,11 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
         DeploymentSpec(
             flow="verify",
             name="verify",
-            description="Re-verify stored backups not verified for a week (daily), or one by id.",
-            schedule=_schedule(VERIFY_CRON, timezone, enabled, older_than_hours=VERIFY_AFTER_HOURS),
+            description=(
+                "Re-verify stored backups not verified for a week "
+                f"({verify_cron or 'by hand'}), or one by id."
+            ),
+            schedule=scheduled(verify_cron, older_than_hours=VERIFY_AFTER_HOURS),
         )
     )
     specs.append(
@@ -243,8 +259,11 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
         DeploymentSpec(
             flow="rotate",
             name="rotate",
-            description="Apply the retention policy on every target (daily; also after backups).",
-            schedule=_schedule(ROTATE_CRON, timezone, enabled),
+            description=(
+                f"Apply the retention policy on every target ({rotate_cron or 'by hand'}; "
+                "also after backups)."
+            ),
+            schedule=scheduled(rotate_cron),
             cancel_new_when_busy=True,
         )
     )
@@ -262,8 +281,11 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
         DeploymentSpec(
             flow="restore-test",
             name="restore-test",
-            description="Restore the newest backup on staging, compare row counts, run checks.",
-            schedule=_schedule(RESTORE_TEST_CRON, timezone, enabled),
+            description=(
+                "Restore the newest backup on staging, compare row counts, run checks "
+                f"({test_cron or 'by hand'})."
+            ),
+            schedule=scheduled(test_cron),
             cancel_new_when_busy=True,
         )
     )
@@ -273,9 +295,9 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
             name="monitor",
             description=(
                 "Check backup freshness, verification, restore tests, offsite copies and "
-                "usage; the run fails when any check fails (every 30 minutes)."
+                f"usage; the run fails when any check fails ({monitor_cron or 'by hand'})."
             ),
-            schedule=_schedule(MONITOR_CRON, timezone, enabled),
+            schedule=scheduled(monitor_cron),
             cancel_new_when_busy=True,
         )
     )

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     backup_enabled: bool = True
     backup_schedule: str = "daily"
     backup_timezone: str = "UTC"
+    # The other scheduled flows: a 5-field cron, or "off" (the deployment stays, unscheduled).
+    backup_verify_schedule: str = "0 6 * * *"
+    backup_restore_test_schedule: str = "0 5 * * 0"
+    backup_rotate_schedule: str = "30 5 * * *"
+    backup_monitor_schedule: str = "*/30 * * * *"
     backup_name: str = "auto_backup"
     backup_dir: str = Field(
         default="backups", description="primary target: a folder, file://, s3:// or gs:// URL."

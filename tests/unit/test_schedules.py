@@ -133,6 +133,33 @@ def test_a_malformed_schedule_is_one_clear_line(value: str, message: str) -> Non
     assert "use hourly, daily, weekly, monthly" in text
 
 
+def test_the_other_flows_follow_their_schedule_knobs_and_off_leaves_them_by_hand() -> None:
+    """BACKUP_VERIFY/RESTORE_TEST/ROTATE/MONITOR_SCHEDULE set those deployments' crons; "off"
+    keeps the deployment (runnable from the UI) without a schedule."""
+    defaults = _active(plan(_settings()))
+    wanted = {"verify": "0 6 * * *", "restore-test": "0 5 * * 0", "rotate": "30 5 * * *",
+              "monitor": "*/30 * * * *"}  # fmt: skip
+    assert {name: defaults[name] for name in wanted} == wanted
+    specs = _by_name(plan(_settings(
+        backup_verify_schedule="15 7 * * *", backup_restore_test_schedule="0 4 1 * *",
+        backup_rotate_schedule="off", backup_monitor_schedule=" */5  * * * * ",
+    )))  # fmt: skip
+    assert specs["verify"].schedule is not None
+    assert specs["verify"].schedule.cron == "15 7 * * *"
+    assert specs["verify"].schedule.parameters["older_than_hours"] == 7 * 24
+    assert specs["restore-test"].schedule is not None
+    assert specs["restore-test"].schedule.cron == "0 4 1 * *"
+    assert specs["monitor"].schedule is not None
+    assert specs["monitor"].schedule.cron == "*/5 * * * *"
+    assert specs["rotate"].schedule is None and "by hand" in specs["rotate"].description
+
+
+def test_a_malformed_flow_schedule_names_its_knob() -> None:
+    with pytest.raises(ConfigError, match="BACKUP_RESTORE_TEST_SCHEDULE 'weekly' is not a") as info:
+        plan(_settings(backup_restore_test_schedule="weekly"))
+    assert "or off" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_a_malformed_timezone_is_one_clear_line() -> None:
     """An unknown BACKUP_TIMEZONE raises ConfigError naming it."""
     with pytest.raises(ConfigError, match="BACKUP_TIMEZONE 'Mars/Olympus' is not a timezone"):
