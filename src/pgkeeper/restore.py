@@ -273,132 +273,134 @@ def _load(
             _run([*base, f"--jobs={jobs}", str(local)], env)
             return
         with _scratch_dir(storage) as tmp:
-            _load_parallel(manifest, storage, conn, dbname, jobs, pg_restore, tmp, progress)
+            _ParallelLoad(manifest, storage, conn, dbname, jobs, pg_restore, tmp, progress).run()
         return
     _pipe_into(base, env, settings, manifest, storage, progress)
 
 
-def _load_parallel(
-    manifest: Manifest,
-    storage: Storage,
-    conn: ConnInfo,
-    dbname: str,
-    jobs: int,
-    pg_restore: postgres.Client,
-    tmp: Path,
-    progress: Progress | None,
-) -> None:
-    """A custom-format archive, ``jobs`` wide, straight from its stored stream (loader.py)."""
-    env = conn.with_dbname(dbname).env()
-    base = [pg_restore.argv0, "--no-password", "--exit-on-error", f"--dbname={dbname}"]
-    obj = manifest.objects[0]
-    head = tmp / "head.dump"
-    with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
-        try:
-            listing = loader.capture_head(src, manifest.compression, head, pg_restore.argv0, env)
-        except VerificationError as exc:
-            raise _damaged(manifest, storage, exc) from None
-        except RestoreError:
-            # Not an archive pg_restore can read: damaged bytes if the checksum says so.
-            _check_whole_object(storage, manifest, obj)
-            raise
-    data_listing = _output([pg_restore.argv0, "--list", "--section=data", str(head)], env)
-    plan = loader.plan(listing, data_listing)
-    lists = {}
-    for name, lines in (
-        ("tables", plan.table_data), ("streamed", plan.streamed), ("rest", plan.rest)
-    ):  # fmt: skip
-        lists[name] = tmp / f"{name}.list"
-        lists[name].write_text("".join(f"{line}\n" for line in lines), "utf-8")
-    _run([*base, "--section=pre-data", str(head)], env)
-    if plan.table_data or plan.streamed:
-        _load_data(manifest, storage, conn, dbname, jobs, pg_restore, base, lists, plan, progress)
-    else:  # nothing in the data section needs the stream; still verify every stored byte
-        _stream_object(storage, manifest, obj, lambda data: None, progress)
-    _run(
-        [*base, f"--jobs={jobs}", "--section=data", "--section=post-data",
-         f"--use-list={lists['rest']}", str(head)],
-        env,
-    )  # fmt: skip
+@dataclass
+class _ParallelLoad:
+    """A custom-format archive loaded ``jobs`` wide straight from its stored stream: the four
+    steps of loader.py, against the new database ``dbname``."""
 
+    manifest: Manifest
+    storage: Storage
+    conn: ConnInfo
+    dbname: str
+    jobs: int
+    pg_restore: postgres.Client
+    tmp: Path
+    progress: Progress | None
 
-def _load_data(
-    manifest: Manifest,
-    storage: Storage,
-    conn: ConnInfo,
-    dbname: str,
-    jobs: int,
-    pg_restore: postgres.Client,
-    base: list[str],
-    lists: dict[str, Path],
-    plan: loader.Plan,
-    progress: Progress | None,
-) -> None:
-    """Step 3 of loader.py: one verified pass over the stream feeds the table rows to the
-    dealer (through ``pg_restore -f -``) and other data (large objects) to a pg_restore."""
-    env = conn.with_dbname(dbname).env()
-    dumper_argv = [pg_restore.argv0, "--section=data", f"--use-list={lists['tables']}", "--file=-"]
-    dealer = loader.TableDealer(conn, dbname, jobs)
-    failure: list[BaseException] = []
-    ok = False
-    with ExitStack() as stack:
-        procs = []
-        if plan.table_data:
-            dumper = stack.enter_context(
-                ClientProcess(dumper_argv, env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            )
-            procs.append(dumper)
+    @property
+    def env(self) -> dict[str, str]:
+        return self.conn.with_dbname(self.dbname).env()
 
-            def deal() -> None:
-                assert dumper.proc.stdout is not None  # noqa: S101 - stdout=PIPE
-                try:
-                    dealer.run(dumper.proc.stdout.read)
-                except BaseException as exc:  # raised by the streaming thread
-                    failure.append(exc)
-                    dumper.kill()  # unblocks the stream writing into it
+    @property
+    def base(self) -> list[str]:
+        """pg_restore into the new database."""
+        return [self.pg_restore.argv0, "--no-password", "--exit-on-error",
+                f"--dbname={self.dbname}"]  # fmt: skip
 
-            dealing = threading.Thread(target=deal, daemon=True, name="pgkeeper-dealer")
-            dealing.start()
-        if plan.streamed:
-            procs.append(
-                stack.enter_context(
-                    ClientProcess(
-                        [*base, "--section=data", f"--use-list={lists['streamed']}"],
-                        env,
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.DEVNULL,
-                    )
+    def run(self) -> None:
+        manifest, storage, obj = self.manifest, self.storage, self.manifest.objects[0]
+        head = self.tmp / "head.dump"
+        with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
+            try:
+                listing = loader.capture_head(
+                    src, manifest.compression, head, self.pg_restore.argv0, self.env
                 )
-            )
+            except VerificationError as exc:
+                raise _damaged(manifest, storage, exc) from None
+            except RestoreError:
+                # Not an archive pg_restore can read: damaged bytes if the checksum says so.
+                _check_whole_object(storage, manifest, obj)
+                raise
+        data_listing = _output(
+            [self.pg_restore.argv0, "--list", "--section=data", str(head)], self.env
+        )
+        plan = loader.plan(listing, data_listing)
+        lists = {}
+        for name, lines in (
+            ("tables", plan.table_data), ("streamed", plan.streamed), ("rest", plan.rest)
+        ):  # fmt: skip
+            lists[name] = self.tmp / f"{name}.list"
+            lists[name].write_text("".join(f"{line}\n" for line in lines), "utf-8")
+        _run([*self.base, "--section=pre-data", str(head)], self.env)
+        if plan.table_data or plan.streamed:
+            self._data(plan, lists)
+        else:  # nothing in the data section needs the stream; still verify every stored byte
+            _stream_object(storage, manifest, obj, lambda data: None, self.progress)
+        _run(
+            [*self.base, f"--jobs={self.jobs}", "--section=data", "--section=post-data",
+             f"--use-list={lists['rest']}", str(head)],
+            self.env,
+        )  # fmt: skip
 
-        def failed(proc: ClientProcess) -> BaseException:
-            if failure:
-                return failure[0]
-            return _restore_failed(proc)
-
-        def sink(data: bytes) -> None:
-            for proc in procs:
-                try:
-                    proc.proc.stdin.write(data)  # type: ignore[union-attr]
-                except BrokenPipeError:
-                    raise failed(proc) from None
-
-        try:
-            _stream_object(storage, manifest, manifest.objects[0], sink, progress)
-            for proc in procs:
-                with suppress(BrokenPipeError):
-                    proc.proc.stdin.close()  # type: ignore[union-attr]
+    def _data(self, plan: loader.Plan, lists: dict[str, Path]) -> None:
+        """Step 3: one verified pass over the stream feeds the table rows to the dealer
+        (through ``pg_restore -f -``) and other data (large objects) to a pg_restore."""
+        env = self.env
+        dumper_argv = [self.pg_restore.argv0, "--section=data",
+                       f"--use-list={lists['tables']}", "--file=-"]  # fmt: skip
+        dealer = loader.TableDealer(self.conn, self.dbname, self.jobs)
+        failure: list[BaseException] = []
+        ok = False
+        with ExitStack() as stack:
+            procs = []
             if plan.table_data:
-                dealing.join()
-            for proc in procs:
-                if proc.wait() != 0:
-                    raise failed(proc)
-            if failure:
-                raise failure[0]
-            ok = True
-        finally:
-            dealer.finish(ok)
-    log.info("loaded %d tables over %d connections", dealer.tables, len(dealer.connections))
+                dumper = stack.enter_context(
+                    ClientProcess(dumper_argv, env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                )
+                procs.append(dumper)
+
+                def deal() -> None:
+                    assert dumper.proc.stdout is not None  # noqa: S101 - stdout=PIPE
+                    try:
+                        dealer.run(dumper.proc.stdout.read)
+                    except BaseException as exc:  # raised by the streaming thread
+                        failure.append(exc)
+                        dumper.kill()  # unblocks the stream writing into it
+
+                dealing = threading.Thread(target=deal, daemon=True, name="pgkeeper-dealer")
+                dealing.start()
+            if plan.streamed:
+                streamer = ClientProcess(
+                    [*self.base, "--section=data", f"--use-list={lists['streamed']}"],
+                    env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                )
+                procs.append(stack.enter_context(streamer))
+
+            def failed(proc: ClientProcess) -> BaseException:
+                return failure[0] if failure else _restore_failed(proc)
+
+            def sink(data: bytes) -> None:
+                for proc in procs:
+                    try:
+                        proc.proc.stdin.write(data)  # type: ignore[union-attr]
+                    except BrokenPipeError:
+                        raise failed(proc) from None
+
+            try:
+                _stream_object(
+                    self.storage, self.manifest, self.manifest.objects[0], sink, self.progress
+                )
+                for proc in procs:
+                    with suppress(BrokenPipeError):
+                        proc.proc.stdin.close()  # type: ignore[union-attr]
+                if plan.table_data:
+                    dealing.join()
+                for proc in procs:
+                    if proc.wait() != 0:
+                        raise failed(proc)
+                if failure:
+                    raise failure[0]
+                ok = True
+            finally:
+                dealer.finish(ok)
+        log.info("loaded %d tables over %d connections", dealer.tables, len(dealer.connections))
 
 
 def _output(argv: list[str], env: dict[str, str]) -> str:
