@@ -7,6 +7,8 @@ objects) around it, and that a connection killed mid-COPY fails the restore clea
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 import uuid
@@ -14,10 +16,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import zstandard
 
 from pgkeeper import restore
 from pgkeeper.backup import run_backup
 from pgkeeper.errors import RestoreError
+from pgkeeper.importing import import_file
 from pgkeeper.settings import load_settings
 from tests.servers.postgres import PgCluster
 
@@ -132,3 +136,26 @@ def test_a_copy_connection_killed_mid_load_fails_and_leaves_the_target(
         "SELECT datname FROM pg_database WHERE datname LIKE 'pgk_restore_%'"
     )
     assert leftovers == []
+
+
+def test_an_imported_pg_dump_fc_file_wrapped_in_zstd_loads_in_parallel_too(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """`pg_dump -Fc | zstd` made by hand (pg_dump's own gzip inside the archive) imports as a
+    zstd custom backup and restores through the parallel load: pg_restore itself unpacks the
+    archive's compressed data blocks into the COPY rows that are dealt."""
+    source = _source(pg_cluster, rows=20_000)
+    dump = subprocess.run(
+        [str(pg_cluster.bindir / "pg_dump"), "--no-password", "-Fc", "-d", source],
+        env={**os.environ, **pg_cluster.libpq_env(source)}, check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    wrapped = tmp_path / "by-hand.dump.zst"
+    wrapped.write_bytes(zstandard.ZstdCompressor().compress(dump))
+    settings = load_settings(database_url=pg_cluster.url(source), backup_dir=str(tmp_path / "b"))
+    manifest = import_file(settings, wrapped, name="handmade")
+    assert (manifest.format, manifest.compression) == ("custom", "zstd")
+    target = f"par_imp_{uuid.uuid4().hex[:8]}"
+    restore.restore_backup(settings, manifest.id, pg_cluster.url(target), jobs=2)
+    assert _fingerprint(pg_cluster, target) == _fingerprint(pg_cluster, source)
+    xmins = pg_cluster.query("SELECT count(DISTINCT xmin::text) FROM big", dbname=target)
+    assert xmins[0][0] == 2
