@@ -208,20 +208,24 @@ def _failed_checks(manifest: Manifest) -> str:
     return "; ".join(f"{c.name}: {c.detail}" if c.detail else c.name for c in failed)
 
 
+def _restore_problems(test: RestoreTest) -> str:
+    """What a failed restore test found, shortened for one line: mismatches, failed checks."""
+    problems = [*test.mismatches, *(c.name for c in test.checks if not c.ok)]
+    return "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+
+
 def check_verified(backups: Sequence[Manifest], expect: Expectations, now: datetime) -> Check:
     """The newest backup passed verification (a young one may still be being verified)."""
     if not backups:
         return Check("verified", "skipped", "no backup to check")
     newest = backups[0]
     if newest.restore_failed and newest.last_restore_test is not None:
-        test = newest.last_restore_test
-        why = "; ".join([*test.mismatches, *(f"{c.name}: {c.detail}" for c in test.checks
-                                             if not c.ok)])  # fmt: skip
+        why = _restore_problems(newest.last_restore_test)
         return Check(
             "verified",
             "failed",
             f"the newest backup {newest.id} failed its restore test"
-            + (f" ({why[:300]})" if why else "")
+            + (f" ({why})" if why else "")
             + ": do not rely on it; look at the restore-test report, then back up again",
         )
     if newest.verification_failed:
@@ -292,8 +296,7 @@ def check_restore_test(backups: Sequence[Manifest], expect: Expectations, now: d
     manifest, test = found
     age = aware(now) - aware(test.at)
     if not test.ok:
-        problems = [*test.mismatches, *(c.name for c in test.checks if not c.ok)]
-        shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        shown = _restore_problems(test)
         return Check(
             "restore-test",
             "failed",

@@ -156,6 +156,23 @@ def compress_stream(
     return StreamResult(size, raw, digest.hexdigest())
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs. A zombie does not: a process that died a moment ago is
+    one until its parent collects its exit status."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
 PIPE_SIZE = 1 << 20  # Linux's default pipe-max-size
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 

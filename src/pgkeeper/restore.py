@@ -44,7 +44,7 @@ from pgkeeper.errors import (
     VerificationError,
 )
 from pgkeeper.manifest import Manifest, StoredObject, utcnow
-from pgkeeper.pipeline import ClientProcess, HashingReader, Progress, decode_verified
+from pgkeeper.pipeline import ClientProcess, HashingReader, Progress, decode_verified, pid_alive
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.settings import Settings
 from pgkeeper.storage import Storage, targets
@@ -140,21 +140,11 @@ def _stage_object(
             raise _damaged(manifest, storage, exc) from None
 
 
-def _check_whole_object(storage: Storage, manifest: Manifest, obj: StoredObject) -> None:
+def _check_whole_object(
+    storage: Storage, manifest: Manifest, obj: StoredObject, progress: Progress | None = None
+) -> None:
     """Read one stored object whole; raise the damaged-copy error if it is not the manifest's."""
     with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
-        reader = HashingReader.of(src, obj)
-        reader.drain()
-        try:
-            reader.check()
-        except VerificationError as exc:
-            raise _damaged(manifest, storage, exc) from None
-
-
-def _verify_local_object(
-    manifest: Manifest, storage: Storage, path: Path, obj: StoredObject, progress: Progress | None
-) -> None:
-    with open(path, "rb") as src:
         reader = HashingReader.of(src, obj, progress)
         reader.drain()
         try:
@@ -175,22 +165,12 @@ def sweep_scratch(parent: Path) -> list[Path]:
     removed = []
     for path in parent.glob(f"{SCRATCH_PREFIX}*"):
         pid_text = path.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+        if not pid_text.isdigit() or pid_alive(int(pid_text)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         log.info("removed the staging folder of an interrupted restore: %s", path)
         removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextmanager
@@ -251,9 +231,7 @@ def _load(
         with _scratch_dir(storage) as tmp:
             if local is not None and local.is_dir():
                 for obj in manifest.objects:
-                    path = storage.local_path(naming.object_key(manifest.id, obj.name))
-                    assert path is not None  # noqa: S101 - local storage has local paths
-                    _verify_local_object(manifest, storage, path, obj, progress)
+                    _check_whole_object(storage, manifest, obj, progress)
                 source = local
             else:
                 source = tmp / "dump"
@@ -265,11 +243,11 @@ def _load(
         return
     obj = manifest.objects[0]
     if manifest.format == "custom" and jobs > 1:
-        # pg_restore -j needs a seekable file: stage the decoded archive (hashing as we go),
-        # or use the stored file itself when it is local and uncompressed.
+        # An uncompressed local file is seekable: pg_restore -j reads it as it is (after its
+        # checksum); anything else loads from the stream (loader.py).
         local = storage.local_path(naming.object_key(manifest.id, obj.name))
         if manifest.compression == "none" and local is not None and local.is_file():
-            _verify_local_object(manifest, storage, local, obj, progress)
+            _check_whole_object(storage, manifest, obj, progress)
             _run([*base, f"--jobs={jobs}", str(local)], env)
             return
         with _scratch_dir(storage) as tmp:

@@ -35,6 +35,8 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
+from pgkeeper.pipeline import pid_alive
+
 from . import free_port
 
 DEFAULT_PASSWORD = "pgk-secret-pw"
@@ -81,22 +83,6 @@ def _clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LEAKY_ENV_PREFIXES)}
     env.setdefault("LC_ALL", "C.UTF-8")
     return env
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs. A zombie does not: the reaper wakes up the moment its owner exits,
-    before anyone has collected the owner's exit status."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != "Z"
 
 
 class PgCluster:
@@ -369,7 +355,7 @@ def sweep_stale_clusters(bindir: Path | None = None) -> None:
             owner = int((tmp / _OWNER_FILE).read_text().strip())
         except (OSError, ValueError):
             continue
-        if _pid_alive(owner):
+        if pid_alive(owner):
             continue
         with contextlib.suppress(RuntimeError):
             _stop_data_dir(bindir or pg_bindir(), tmp / "data", os.geteuid() == 0)
