@@ -89,3 +89,15 @@ def prefect_server() -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=60):
         yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture
+def flow_env(
+    prefect_server: str, sample_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Tasks read settings from the environment: point them at the sample db and a tmp folder."""
+    backups = tmp_path / "backups"
+    monkeypatch.setenv("DATABASE_URL", sample_db)
+    monkeypatch.setenv("BACKUP_DIR", str(backups))
+    monkeypatch.setenv("BACKUP_COMPRESSION_THREADS", "1")
+    return backups

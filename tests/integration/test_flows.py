@@ -9,13 +9,8 @@ import socket
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
 
 from pgkeeper import catalog
 from pgkeeper.settings import load_settings
@@ -23,40 +18,9 @@ from pgkeeper.storage import targets
 from tests.integration.conftest import SHOP_TABLES
 from tests.servers import free_port
 from tests.servers.postgres import PgCluster
+from tests.support.flows import artifacts, task_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-
-@pytest.fixture
-def flow_env(
-    prefect_server: str, sample_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Path:
-    """Tasks read settings from the environment: point them at the sample db and a tmp folder."""
-    backups = tmp_path / "backups"
-    monkeypatch.setenv("DATABASE_URL", sample_db)
-    monkeypatch.setenv("BACKUP_DIR", str(backups))
-    monkeypatch.setenv("BACKUP_COMPRESSION_THREADS", "1")
-    return backups
-
-
-def _task_runs(state: State) -> dict[str, TaskRun]:
-    flow_run_id = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return {r.name.rsplit("-", 1)[0]: r for r in runs}
-
-
-def _artifacts(state: State) -> dict[str, Any]:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    flow_run_id = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    return {a.key: a for a in found if a.key}
 
 
 def _backups(settings_dir: Path) -> list[str]:
@@ -67,7 +31,7 @@ def _backups(settings_dir: Path) -> list[str]:
 # -- backup -> restore-test --------------------------------------------------------------------
 
 
-def test_backup_then_restore_test_pass_with_their_artifacts(
+def test_backup_then_restore_test_pass_with_theirartifacts(
     flow_env: Path, pg_cluster: PgCluster
 ) -> None:
     """A backup run dumps, verifies and publishes the inventory and progress; a restore-test
@@ -79,19 +43,19 @@ def test_backup_then_restore_test_pass_with_their_artifacts(
     assert state.is_completed(), state.message
     backup_id = state.result()
     assert _backups(flow_env) == [backup_id]
-    runs = _task_runs(state)
+    runs = task_runs(state)
     assert {"backup", "verify", "inventory"} <= set(runs)
     assert all(r.state is not None and r.state.is_completed() for r in runs.values())
-    artifacts = _artifacts(state)
-    assert artifacts["backup-progress"].data == 100.0
-    inventory = artifacts["backup-inventory"].data
+    published = artifacts(state)
+    assert published["backup-progress"].data == 100.0
+    inventory = published["backup-inventory"].data
     assert backup_id in str(inventory) and "yes" in str(inventory)  # verified
 
     tested = restore_test(return_state=True)
     assert tested.is_completed(), tested.message
     result = tested.result()
     assert result.ok and result.tables_compared == len(SHOP_TABLES)
-    report = _artifacts(tested)["restore-test-report"].data
+    report = artifacts(tested)["restore-test-report"].data
     assert "PASSED" in report and f"tables compared: **{len(SHOP_TABLES)}**" in report
     manifest, _ = catalog.find(
         targets(load_settings(_env_file=None, backup_dir=str(flow_env))), backup_id
@@ -118,11 +82,11 @@ def test_restore_test_fails_the_run_when_restored_data_is_wrong(
 
     assert state.is_failed()
     assert "orders_nonempty.sql" in (state.message or "") or "restore-test" in (state.message or "")
-    runs = _task_runs(state)
+    runs = task_runs(state)
     assert runs["restore-test-verdict"].state is not None
     assert runs["restore-test-verdict"].state.is_failed()
     assert runs["restore-test-verdict"].run_count == 1  # a data failure is not retried
-    assert "FAILED" in _artifacts(state)["restore-test-report"].data
+    assert "FAILED" in artifacts(state)["restore-test-report"].data
     manifest, _ = catalog.find(
         targets(load_settings(_env_file=None, backup_dir=str(flow_env))), backup_id
     )
@@ -144,9 +108,9 @@ def test_a_backup_is_copied_to_every_offsite_target(
     assert state.is_completed(), state.message
     backup_id = state.result()
     assert _backups(offsite) == [backup_id]
-    artifacts = _artifacts(state)
-    assert str(offsite) in str(artifacts["backup-inventory"].data)
-    assert artifacts["upload-progress"].data == 100.0
+    published = artifacts(state)
+    assert str(offsite) in str(published["backup-inventory"].data)
+    assert published["upload-progress"].data == 100.0
 
 
 # -- retries -----------------------------------------------------------------------------------
@@ -225,7 +189,7 @@ def test_a_transient_database_failure_is_retried_and_recovers(
         proxy.close()
 
     assert state.is_completed(), state.message
-    assert _task_runs(state)["backup"].run_count == 2
+    assert task_runs(state)["backup"].run_count == 2
     assert len(_backups(flow_env)) == 1
 
 
@@ -242,7 +206,7 @@ def test_a_wrong_password_is_not_retried(
     state = backup(return_state=True)
 
     assert state.is_failed()
-    run = _task_runs(state)["backup"]
+    run = task_runs(state)["backup"]
     assert run.run_count == 1
     assert "authentication failed" in (state.message or "")
     assert "wrong-password" not in (state.message or "")
@@ -324,7 +288,7 @@ def test_restore_defaults_to_a_new_database_and_refuses_to_overwrite_without_con
     refused = restore(target=source, return_state=True)
     assert refused.is_failed()
     assert f"pass --confirm {source}" in (refused.message or "")
-    assert _task_runs(refused)["restore"].run_count == 1
+    assert task_runs(refused)["restore"].run_count == 1
     assert pg_cluster.query("SELECT count(*) FROM shop.orders", dbname=source) == [(1200,)]
 
 
