@@ -41,7 +41,7 @@ from pgkeeper.errors import ConfigError
 from pgkeeper.manifest import Manifest, StoredObject
 from pgkeeper.settings import Settings, load_settings
 from pgkeeper.storage import LocalStorage
-from tests.servers import free_port
+from tests.servers import free_port, guarded_script_argv
 from tests.servers.postgres import DEFAULT_PASSWORD, PgCluster
 from tests.servers.s3 import S3Server
 
@@ -1124,13 +1124,6 @@ def test_without_a_prefect_server_runs_answer_503_and_listing_still_works(
 
 
 _SERVED_BACKUP_FLOW = """
-import os, threading, time
-parent = os.getppid()
-def _watch():
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(0)
-threading.Thread(target=_watch, daemon=True).start()
 from prefect import flow, serve
 from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.settings import load_settings
@@ -1161,7 +1154,7 @@ def test_a_real_runner_makes_the_scheduler_run_and_executes_a_wait_false_backup(
     log = (tmp_path / "runner.log").open("wb")
     (tmp_path / "served_backup.py").write_text(_SERVED_BACKUP_FLOW)  # serve needs a file
     runner = subprocess.Popen(
-        [sys.executable, "served_backup.py"], env=env, cwd=tmp_path,
+        guarded_script_argv("served_backup.py"), env=env, cwd=tmp_path,
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -1253,13 +1246,7 @@ def test_parse_range_follows_rfc_9110() -> None:
 # --- a real uvicorn server: streaming and bounded memory ------------------------------------------
 
 _SERVE = """
-import os, sys, threading, time
-parent = os.getppid()
-def _watch():
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(0)
-threading.Thread(target=_watch, daemon=True).start()
+import sys
 from pgkeeper.api import serve_api
 from pgkeeper.settings import load_settings
 serve_api(load_settings(_env_file=None), port=int(sys.argv[1]))
@@ -1313,8 +1300,9 @@ def live_server(tmp_path: Path, backup_dir: Path) -> Iterator[LiveServer]:
         "BACKUP_COMPRESSION_THREADS": "1",
     }
     log = (tmp_path / "server.log").open("wb")
+    (tmp_path / "serve_api.py").write_text(_SERVE)
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVE, str(port)], env=env, cwd=tmp_path,
+        guarded_script_argv("serve_api.py", str(port)), env=env, cwd=tmp_path,
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     server = LiveServer(f"http://127.0.0.1:{port}", proc.pid, backup_dir)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import socket
 import sys
 
-# Runs `python -m <module> <args>` in-process, plus a daemon thread that exits the process
-# once its parent (the test process) is gone. SIGINT is left alone: Ctrl-C in a terminal
-# reaches the whole process group and may stop the server early, which is harmless.
+# Runs `python -m <module> <args>` (or `python <script.py> <args>`) in-process, plus a daemon
+# thread that exits the process once its parent (the test process) is gone. SIGINT is left
+# alone: Ctrl-C in a terminal reaches the whole process group and may stop the server early,
+# which is harmless.
 _GUARD = """
 import os, runpy, sys, threading, time
 parent = os.getppid()
@@ -25,9 +26,13 @@ def _watch():
         time.sleep(0.5)
     os._exit(0)
 threading.Thread(target=_watch, daemon=True).start()
-module = sys.argv[1]
-sys.argv = [module, *sys.argv[2:]]
-runpy.run_module(module, run_name="__main__", alter_sys=True)
+target = sys.argv[1]
+sys.argv = [target, *sys.argv[2:]]
+if target.endswith(".py"):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+    runpy.run_path(target, run_name="__main__")
+else:
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
 """
 
 
@@ -42,3 +47,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 def guarded_module_argv(module: str, *args: str) -> list[str]:
     """argv for `python -m module args` that also exits when the launching process dies."""
     return [sys.executable, "-c", _GUARD, module, *args]
+
+
+def guarded_script_argv(script: str, *args: str) -> list[str]:
+    """argv for `python script.py args` that also exits when the launching process dies."""
+    return [sys.executable, "-c", _GUARD, script, *args]
