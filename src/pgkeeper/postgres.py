@@ -68,21 +68,87 @@ _ENV_OF = {
 LOCK_CLASS = 0x70676B70  # 'pgkp': first key of the advisory lock, so ours never collide with apps'
 
 
-# libpq reads a URI's userinfo up to the first '/' and takes '#' and '?' in it literally, so
-# urllib's idea of netloc/query/fragment is not libpq's: match the userinfo the way libpq does
-# (up to the last '@' before the first '/', erring towards hiding too much).
-_URI_PASSWORD = re.compile(r"^(postgres(?:ql)?://[^@/:]*):[^/]*@", re.IGNORECASE)
+# A URI of any scheme (``mysql://``, ``postgresql+psycopg2://``, a typo): anything between the
+# scheme and the last '@' may hold a password, whatever characters it contains.
+_ANY_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)(.*)$", re.DOTALL)
 _URI_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 # A conninfo value is a bare word or a single-quoted string with backslash escapes.
 _KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE)
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def redact_url(url: str) -> str:
-    """A connection URL or conninfo safe to show: the password replaced by ``***``."""
-    if re.match(r"^postgres(?:ql)?://", url, re.IGNORECASE):
-        url = _URI_PASSWORD.sub(r"\1:***@", url, count=1)
-        return _URI_QUERY_PASSWORD.sub(r"\1***", url)
+    """A connection URL or conninfo safe to show, whatever its shape: the password is ``***``.
+
+    For a URI of any scheme, everything between ``user:`` and the *last* '@' is hidden. libpq
+    reads a URI's userinfo only up to the first '/', so a password holding '/' or '@' would
+    otherwise leak into what looks like the host, port or database; erring towards hiding too
+    much is the point.
+    """
+    match = _ANY_URI.match(url)
+    if match is not None:
+        scheme, rest = match.groups()
+        at = rest.rfind("@")
+        if at >= 0:
+            userinfo, after = rest[:at], rest[at + 1 :]
+            if ":" in userinfo or "/" in userinfo:
+                user = re.split(r"[:/]", userinfo, maxsplit=1)[0]
+                rest = f"{user}:***@{after}"
+        return scheme + _URI_QUERY_PASSWORD.sub(r"\1***", rest)
     return _KV_PASSWORD.sub(r"\1***", url)
+
+
+# Values libpq accepts for the enumerated parameters (libpq docs, 34.1.2): anything else fails
+# only at connect time, where it would read like an unreachable server.
+_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": (
+        "any", "read-write", "read-only", "primary", "standby", "prefer-standby"
+    ),
+    "load_balance_hosts": ("disable", "random"),
+}  # fmt: skip
+_PERCENT_HINT = "percent-encode it in the url: '/' as %2F, '@' as %40"
+
+
+def _validate(url: str, params: dict[str, str]) -> None:
+    """Refuse values libpq would only reject when connecting, and URIs whose password holds an
+    unencoded '/' or '@' (libpq then reads part of the password as host, port or database).
+
+    Messages never echo the host, port or database of such a URI: they may hold the password.
+    """
+    is_uri = url.lower().startswith(_POSTGRES_SCHEMES)
+    if is_uri:
+        rest = url.split("://", 1)[1]
+        if "@" in params.get("host", ""):
+            raise ConfigError(
+                f"the password in the database url contains '@' ({_PERCENT_HINT})"
+            )
+        authority = rest.split("/", 1)[0]
+        if "@" not in authority and "@" in rest.split("?", 1)[0]:
+            raise ConfigError(
+                "the password in the database url seems to contain '/': libpq would read part "
+                f"of it as the host or database ({_PERCENT_HINT})"
+            )
+    for port in params.get("port", "").split(",") if params.get("port") else ():
+        if not port.strip().isdigit() or not 0 < int(port) < 65536:
+            hint = f"; if the password contains '/', {_PERCENT_HINT}" if is_uri else ""
+            raise ConfigError(
+                f"the port in the database url is not a number from 1 to 65535 (fix it{hint})"
+            )
+    timeout = params.get("connect_timeout")
+    if timeout is not None and not timeout.strip().lstrip("-").isdigit():
+        raise ConfigError(
+            f"connect_timeout={timeout[:20]!r} in the database url is not a number of seconds"
+        )
+    for name, allowed in _CHOICES.items():
+        value = params.get(name)
+        if value is not None and value not in allowed:
+            raise ConfigError(
+                f"{name}={value[:30]!r} in the database url is not valid "
+                f"(use one of {', '.join(allowed)})"
+            )
 
 
 @dataclass(frozen=True)
@@ -93,21 +159,32 @@ class ConnInfo:
 
     @classmethod
     def parse(cls, url: str) -> ConnInfo:
-        """Parse a libpq URL or key=value string; raise ConfigError when it is malformed."""
+        """Parse a libpq URL or key=value string; raise ConfigError when it is malformed.
+
+        Error messages show the url redacted (``redact_url``), never its password.
+        """
+        scheme = _ANY_URI.match(url)
+        if scheme is not None and not url.lower().startswith(_POSTGRES_SCHEMES):
+            raise ConfigError(
+                f"database url {redact_url(url)[:120]!r} is not a PostgreSQL url "
+                "(it must start with postgresql://, e.g. postgresql://user:password@host:5432/db)"
+            )
         try:
             params = conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
             raise ConfigError(
-                f"database url {redact_url(url)!r} is malformed "
+                f"database url {redact_url(url)[:120]!r} is malformed "
                 "(use postgresql://user:password@host:5432/dbname)"
             ) from exc
         unknown = sorted(set(params) - set(_ENV_OF))
         if unknown:
             raise ConfigError(
-                f"database url has unsupported parameter(s) {', '.join(unknown)} "
+                f"database url has unsupported parameter(s) {', '.join(unknown)[:120]} "
                 "(remove them from the url)"
             )
-        return cls({k: str(v) for k, v in params.items() if v is not None})
+        found = {k: str(v) for k, v in params.items() if v is not None}
+        _validate(url, found)
+        return cls(found)
 
     @property
     def dbname(self) -> str:

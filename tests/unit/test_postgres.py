@@ -145,6 +145,95 @@ def test_malformed_url_is_a_config_error_without_the_password() -> None:
     assert "postgresql://user:password@host:5432/dbname" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mysql://u:{SECRET}@h/db",
+        f"postgresql+psycopg2://u:{SECRET}@h/db",
+        f"postgrse://u:{SECRET}@h/db",
+        f"https://u:{SECRET}@h/db",
+    ],
+)
+def test_a_url_of_another_scheme_is_refused_without_its_password(url: str) -> None:
+    """A URL that is not postgresql:// is a ConfigError (exit 2) naming the scheme, not the
+    password: libpq's own message would quote the whole string."""
+    with pytest.raises(ConfigError) as info:
+        ConnInfo.parse(url)
+    assert info.value.exit_code == 2
+    assert SECRET not in str(info.value)
+    assert url.split("://")[0] + "://u:***@h/db" in str(info.value)
+    assert "postgresql://" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "hint"),
+    [
+        # libpq reads the userinfo only up to the first '/': 's3cr3t' would become the port and
+        # 'Pw@h/db' the database name.
+        ("postgresql://u:s3cr3t/Pw@h/db", "%2F"),
+        ("postgresql://u:s3cr3t/Pw@h:5432/db?sslmode=require", "%2F"),
+        # With a second '@' libpq takes 'Pw@h' as the host.
+        ("postgresql://u:s3cr3t@Pw@h/db", "%40"),
+    ],
+)
+def test_a_password_with_an_unencoded_slash_or_at_says_to_percent_encode(
+    url: str, hint: str
+) -> None:
+    """A '/' or '@' in a URL's password is refused with how to encode it, and no part of the
+    password appears in the message (nor in the redacted URL)."""
+    with pytest.raises(ConfigError) as info:
+        ConnInfo.parse(url)
+    text = str(info.value)
+    assert hint in text
+    assert "s3cr3t" not in text and "Pw" not in text
+    assert "s3cr3t" not in redact_url(url) and "Pw" not in redact_url(url)
+
+
+def test_a_percent_encoded_password_is_accepted() -> None:
+    """The fix the error suggests works: %2F and %40 decode into the password."""
+    conn = ConnInfo.parse("postgresql://u:s3cr3t%2FP%40w@h/db")
+    assert conn.params["password"] == "s3cr3t/P@w"
+    assert conn.display() == "postgresql://u@h:5432/db"
+
+
+@pytest.mark.parametrize(
+    ("url", "names"),
+    [
+        ("postgresql://u:pw@h:notaport/db", "port"),
+        ("postgresql://u:pw@h:0/db", "port"),
+        ("postgresql://u:pw@h:5432,h2:x/db", "port"),
+        ("host=h port=abc", "port"),
+        ("postgresql://u:pw@h/db?sslmode=bogus", "sslmode='bogus'"),
+        ("postgresql://u:pw@h/db?connect_timeout=soon", "connect_timeout='soon'"),
+        ("postgresql://u:pw@h/db?target_session_attrs=any-old", "target_session_attrs"),
+    ],
+)
+def test_a_bad_port_or_option_value_is_a_bad_url_not_an_unreachable_server(
+    url: str, names: str
+) -> None:
+    """Values libpq only rejects when connecting are a ConfigError (exit 2) naming the part."""
+    with pytest.raises(ConfigError) as info:
+        ConnInfo.parse(url)
+    assert info.value.exit_code == 2
+    assert names in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mysql://u:{SECRET}@h/db",
+        f"postgresql://u:{SECRET}/x@h/db",
+        f"postgresql://u:{SECRET}@x@h/db",
+        f"anything://user:{SECRET}@h",
+        f"s3://key:{SECRET}@bucket/prefix",
+    ],
+)
+def test_redact_url_hides_the_password_of_any_url_shape(url: str) -> None:
+    """Whatever the scheme, and whatever '/' or '@' the password holds, none of it is shown."""
+    assert SECRET not in redact_url(url)
+
+
 def test_translate_connect_error_says_what_to_do() -> None:
     """Connection failures become the project's errors with a hint, and no password."""
     conn = ConnInfo.parse(f"postgresql://u:{SECRET}@h:5432/shop")
