@@ -18,6 +18,22 @@ from pgkeeper.storage import Storage
 from pgkeeper.verify import damaged
 
 
+def check_present(storage: Storage, manifest: Manifest) -> None:
+    """Raise the damaged-copy VerificationError unless every object of the backup is a regular
+    file of its recorded size on ``storage``: checked before a response starts streaming, so a
+    missing or planted object (a link out of the folder) is an error, never a partial body."""
+    for obj in manifest.objects:
+        info = storage.stat(naming.object_key(manifest.id, obj.name))
+        if info is None or info.size != obj.size:
+            problem = "missing or not a regular file" if info is None else "of the wrong size"
+            raise damaged(
+                manifest,
+                storage,
+                VerificationError(f"{obj.name} is {problem}", check="objects"),
+                "nothing was sent",
+            )
+
+
 def write_backup(
     storage: Storage,
     manifest: Manifest,

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pgkeeper.errors import StorageError, StorageFullError, StoragePermissionError
+from pgkeeper.errors import (
+    ConfigError,
+    StorageError,
+    StorageFullError,
+    StoragePermissionError,
+)
 from pgkeeper.storage import LocalStorage, ReadOnlyStorage, open_storage
 from pgkeeper.storage.base import get_bytes, put_bytes, sha256_of
 from pgkeeper.storage.local import TEMP_MARK, translate_os_error
@@ -171,3 +176,106 @@ def test_open_storage_builds_local_targets(url: str) -> None:
     storage = open_storage(url)
     assert isinstance(storage, LocalStorage)
     assert storage.root.is_absolute()
+
+
+# --- links, planted files and modes (issue 10: reads never leave the backup's folder) ---------
+
+BACKUP = "b_2025-10-02T10-00-00Z"
+
+
+def test_a_linked_folder_inside_a_backup_is_never_followed(tmp_path: Path) -> None:
+    """A planted `<id>/link -> /secret/dir` cannot be read through, stat'ed or listed."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "secret.txt").write_text("root's secrets")
+    root = tmp_path / "backups"
+    storage = LocalStorage(root)
+    put_bytes(storage, f"{BACKUP}/manifest.json", b"{}")
+    (root / BACKUP / "link").symlink_to(secret)
+    key = f"{BACKUP}/link/secret.txt"
+    with pytest.raises(StorageError, match="symbolic link"):
+        get_bytes(storage, key)
+    with pytest.raises(StorageError, match="symbolic link"):
+        storage.stat(key)
+    with pytest.raises(StorageError, match="symbolic link"):
+        storage.local_path(key)
+    assert [i.key for i in storage.list()] == [f"{BACKUP}/manifest.json"]
+    with pytest.raises(StorageError, match="symbolic link"), storage.open_write(key) as out:
+        out.write(b"overwrite")
+    assert (secret / "secret.txt").read_text() == "root's secrets"
+
+
+def test_a_linked_file_is_neither_read_nor_listed(tmp_path: Path) -> None:
+    """A planted link to a file outside the target reads as refused, lists as absent."""
+    outside = tmp_path / "shadow"
+    outside.write_text("secret")
+    root = tmp_path / "backups"
+    storage = LocalStorage(root)
+    put_bytes(storage, f"{BACKUP}/manifest.json", b"{}")
+    (root / BACKUP / "data.dump").symlink_to(outside)
+    with pytest.raises(StorageError, match="symbolic link"):
+        get_bytes(storage, f"{BACKUP}/data.dump")
+    assert storage.stat(f"{BACKUP}/data.dump") is None
+    assert [i.key for i in storage.list()] == [f"{BACKUP}/manifest.json"]
+    storage.delete(f"{BACKUP}/data.dump")  # removes the link, never what it points at
+    assert outside.read_text() == "secret"
+    assert not (root / BACKUP / "data.dump").is_symlink()
+
+
+def test_a_planted_fifo_is_refused_instead_of_blocking(tmp_path: Path) -> None:
+    """Reading a FIFO would hang a restore or download forever: it is refused at once."""
+    storage = LocalStorage(tmp_path)
+    put_bytes(storage, f"{BACKUP}/manifest.json", b"{}")
+    os.mkfifo(tmp_path / BACKUP / "pipe.dump")
+    with pytest.raises(StorageError, match="not a regular file"):
+        get_bytes(storage, f"{BACKUP}/pipe.dump")
+    assert storage.stat(f"{BACKUP}/pipe.dump") is None
+
+
+def test_a_linked_root_is_the_operators_choice(tmp_path: Path) -> None:
+    """BACKUP_DIR may itself be a link (/backups -> /mnt/disk): only links below it are refused."""
+    real = tmp_path / "disk"
+    real.mkdir()
+    (tmp_path / "backups").symlink_to(real)
+    storage = LocalStorage(tmp_path / "backups")
+    put_bytes(storage, KEY, b"data")
+    assert get_bytes(storage, KEY) == b"data"
+    assert (real / KEY).read_bytes() == b"data"
+
+
+def test_what_the_backend_creates_is_private_to_its_owner(tmp_path: Path) -> None:
+    """Backups hold every row: files are created 0600 and folders 0700, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        storage = LocalStorage(tmp_path / "backups")
+        put_bytes(storage, KEY, b"rows")
+        assert storage.create_exclusive(f"{BACKUP}/pending.json", b"{}")
+    finally:
+        os.umask(old)
+    root = tmp_path / "backups"
+    assert (root / KEY).stat().st_mode & 0o777 == 0o600
+    assert (root / BACKUP / "pending.json").stat().st_mode & 0o777 == 0o600
+    assert (root / BACKUP).stat().st_mode & 0o777 == 0o700
+    assert root.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_file_as_backup_dir_is_a_config_error(tmp_path: Path) -> None:
+    """BACKUP_DIR naming a file is a user error (exit 2) in one line, not 'no backups'."""
+    path = tmp_path / "not-a-folder"
+    path.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder") as info:
+        open_storage(str(path))
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("url", ["file://somehost/tmp/x", "file://10.0.0.1/backups"])
+def test_a_file_url_with_a_host_is_refused(url: str) -> None:
+    """file://somehost/tmp/x used to write to /tmp/x on this machine, silently."""
+    with pytest.raises(ConfigError, match="names the host"):
+        open_storage(url)
+
+
+def test_a_file_url_for_localhost_is_a_local_folder(tmp_path: Path) -> None:
+    """file://localhost/path and file:///path are the same folder (RFC 8089)."""
+    storage = open_storage(f"file://localhost{tmp_path}")
+    assert storage.url == str(tmp_path)

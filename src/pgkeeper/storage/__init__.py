@@ -23,6 +23,11 @@ def open_storage(url: str, settings: Settings | None = None) -> Storage:
     """Build the backend for a storage URL; raise ConfigError for an unknown scheme."""
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise ConfigError(
+                f"storage URL {url!r} names the host {parsed.netloc!r}: file:// URLs are folders "
+                f"on this machine (use file://{parsed.path or '/path'} or mount the share)"
+            )
         path = parsed.path if parsed.scheme == "file" else url
         if not path:
             raise ConfigError(f"storage URL {url!r} has no path (use file:///var/backups)")
