@@ -16,8 +16,9 @@ from tasks.retry import TRANSIENT_RETRIES
 
 @task(name="choose-backup", **TRANSIENT_RETRIES)
 def choose_backup(backup_id: str | None) -> str:
-    """The backup to test: the one asked for, else the newest not known to be corrupt."""
-    manifest, storage = restore_test.choose_backup(targets(load_settings()), backup_id)
+    """The backup to test: the one asked for, else the database's newest not known to be bad."""
+    settings = load_settings()
+    manifest, storage = restore_test.choose_backup(settings, targets(settings), backup_id)
     get_run_logger().info("restore-testing %s from %s", manifest.id, storage.url)
     return manifest.id
 

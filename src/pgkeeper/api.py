@@ -784,12 +784,12 @@ def _target_has_password(target: str) -> bool:
 
 def restore(ctx: Ctx, body: RestoreRequest) -> Any:
     """Restore a backup; an existing database with data is replaced only when confirm names it."""
-    from pgkeeper.restore import newest_backup, restore_backup
+    from pgkeeper.restore import restore_backup
 
     settings = ctx.settings
     storages = ctx.storages()
     if body.backupId == "latest":
-        backup_id = newest_backup(storages).id
+        backup_id = catalog.latest_backup(settings, storages).id
     else:
         backup_id = naming.validate_id(body.backupId)
     confirm = body.confirm if isinstance(body.confirm, str) else None
@@ -987,11 +987,13 @@ def download(request: Request, ctx: Ctx, backup_id: BackupIdQuery) -> Response:
     """Stream a backup's stored file (directory backups as a tar), with Range support; HEAD
     answers the same headers without reading a byte of the backup."""
     from pgkeeper.cli import download_name
+    from pgkeeper.download import check_present
 
     head = request.method == "HEAD"
 
     naming.validate_id(backup_id)
     manifest, storage = catalog.find(ctx.storages(), backup_id)
+    check_present(storage, manifest)  # an error now, not a response cut short
     filename = download_name(manifest, decompress=False)
     headers = {
         "Content-Disposition": f'attachment; filename="{filename}"',

@@ -23,9 +23,10 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
-from pgkeeper import __version__, catalog, naming, postgres
+from pgkeeper import __version__, catalog, dumpfilter, naming, postgres
 from pgkeeper.errors import DumpError, PgkeeperError, StorageFullError, UsageError
 from pgkeeper.manifest import Manifest, StoredObject, utcnow
 from pgkeeper.pipeline import ClientProcess, Progress, compress_stream
@@ -33,6 +34,7 @@ from pgkeeper.postgres import ConnInfo
 from pgkeeper.settings import Settings
 from pgkeeper.storage import Storage, targets
 from pgkeeper.storage.base import CHUNK
+from pgkeeper.storage.local import DIR_MODE, FILE_MODE
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class BackupOptions:
     jobs: int | None = None
     trigger: str = "manual"
     flow_run_id: str | None = None  # the Prefect run doing this backup, recorded for the API
+    keep_until: datetime | None = None  # rotation keeps it until then (safety backups)
 
 
 def _resolve(settings: Settings, options: BackupOptions) -> tuple[str, str, str, str, int]:
@@ -81,12 +84,20 @@ def _dump_argv(
         argv.append("--schema-only")
     if options.data_only:
         argv.append("--data-only")
-    argv += [f"--table={t}" for t in options.tables]
-    argv += [f"--exclude-table={t}" for t in options.exclude_tables]
+    argv += _filter_argv(options)
     if fmt == "custom":
         argv += ["--format=custom", "--compress=0"]  # we compress the whole stream ourselves
     elif fmt == "plain":
         argv += ["--format=plain"]
+    return argv
+
+
+def _filter_argv(options: BackupOptions) -> list[str]:
+    """The -t/-T switches; --strict-names makes a -t pattern that matches nothing an error."""
+    argv = [f"--table={t}" for t in options.tables]
+    argv += [f"--exclude-table={t}" for t in options.exclude_tables]
+    if options.tables:
+        argv.append("--strict-names")
     return argv
 
 
@@ -110,10 +121,15 @@ def run_backup(
     primary = storage if storage is not None else targets(settings)[0]
     pg_dump = postgres.find_client("pg_dump", settings.pg_bin_dir)
     if fmt == "directory" and compression == "zstd" and pg_dump.major < 16:
-        raise UsageError(
-            f"directory format with zstd needs pg_dump 16 or newer (this is {pg_dump.version}); "
-            "use --compression gzip or --format custom"
-        )
+        # pg_dump -Fd compresses each file itself, and only pg_dump 16+ knows zstd: the default
+        # becomes gzip there; zstd asked for by name is a clear error instead.
+        named = "backup_compression" in settings.model_fields_set
+        if options.compression is not None or named:
+            raise UsageError(
+                f"the directory format with zstd compression needs pg_dump 16 or newer (this is "
+                f"{pg_dump.version}): choose gzip compression or the custom format"
+            )
+        compression = "gzip"
 
     with postgres.backup_lock(conn, settings.backup_lock_timeout) as lock_conn:
         server = postgres.server_info(lock_conn)
@@ -144,6 +160,17 @@ def run_backup(
                 counter.start()
             argv = _dump_argv(pg_dump, fmt, snapshot, options)
             env = conn.env()
+            added: tuple[str, ...] = ()
+            if options.tables or options.exclude_tables:
+                # A filtered dump must still restore into a new database (dumpfilter.py).
+                pg_restore = postgres.find_client("pg_restore", settings.pg_bin_dir)
+                planning = [pg_dump.argv0, "--no-password", f"--snapshot={snapshot}",
+                            *_filter_argv(options)]  # fmt: skip
+                filters = dumpfilter.plan_filters(
+                    lock_conn, pg_dump, pg_restore, planning, env, can_add=bool(options.tables)
+                )
+                argv += [f"--table={pattern}" for pattern in filters.added_tables]
+                added = filters.added_names
             level = options.compression_level
             if level is None:
                 level = settings.backup_compression_level
@@ -184,10 +211,12 @@ def run_backup(
                     "data_only": options.data_only,
                     "tables": list(options.tables),
                     "exclude_tables": list(options.exclude_tables),
+                    "added_sequences": list(added),
                     "encoding": server.encoding,
                     "jobs": jobs if fmt == "directory" else 1,
                 },
                 table_counts=counts,
+                keep_until=options.keep_until,
                 pgkeeper_version=__version__,
             )
             catalog.write_manifest(primary, manifest)
@@ -214,6 +243,9 @@ def _discard(storage: Storage, backup_id: str) -> None:
 
 
 def _dump_failed(proc: ClientProcess) -> PgkeeperError:
+    no_match = dumpfilter.no_match_error(proc.stderr_lines)
+    if no_match is not None:
+        return no_match
     # pg_dump -Fd writes the files itself: a full disk is its error, and with -j the last
     # line is only "a worker process died unexpectedly", so look through what it said.
     for line in proc.stderr_lines:
@@ -305,6 +337,8 @@ def _dump_directory(
         objects: list[StoredObject] = []
         raw = 0
         for path in sorted(out_dir.rglob("*")):
+            # pg_dump creates its files under the umask: a backup is private to its owner.
+            path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
             if not path.is_file():
                 continue
             inner = path.relative_to(out_dir).as_posix()
@@ -316,6 +350,7 @@ def _dump_directory(
             objects.append(StoredObject(name=name, size=size, sha256=sha))
             raw += size
         if local_root is not None:
+            out_dir.chmod(DIR_MODE)
             final = local_root / relative
             os.replace(out_dir, final)
             fd = os.open(local_root, os.O_RDONLY)

@@ -14,11 +14,15 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from pgkeeper import naming
-from pgkeeper.errors import BackupNotFoundError, StorageError
+from pgkeeper.errors import BackupNotFoundError, StorageError, UsageError
 from pgkeeper.manifest import Manifest, utcnow
 from pgkeeper.storage.base import ObjectInfo, Storage, get_bytes, put_bytes
+
+if TYPE_CHECKING:
+    from pgkeeper.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +50,27 @@ def list_backups(storage: Storage) -> list[Manifest]:
         if len(parts) != 2 or parts[1] != naming.MANIFEST or naming.id_from_key(info.key) is None:
             continue
         try:
-            manifests.append(Manifest.from_json(get_bytes(storage, info.key)))
+            manifest = Manifest.from_json(get_bytes(storage, info.key))
         except StorageError as exc:
             log.warning("skipping unreadable manifest %s in %s: %s", info.key, storage.url, exc)
+            continue
         except ValueError as exc:
             log.warning("skipping malformed manifest %s in %s: %s", info.key, storage.url, exc)
+            continue
+        if manifest.id != parts[0]:
+            log.warning("%s", inconsistent(storage, parts[0], manifest.id))
+            continue
+        manifests.append(manifest)
     manifests.sort(key=lambda m: m.started_at, reverse=True)
     return manifests
+
+
+def inconsistent(storage: Storage, folder: str, recorded: str) -> str:
+    """The one line saying a backup folder holds another backup's manifest (copied/renamed)."""
+    return (
+        f"folder {folder!r} in {storage.url} holds the manifest of backup {recorded!r} "
+        "(copied or renamed?): it is ignored; move it back to its own name or remove it"
+    )
 
 
 def list_all(storages: Iterable[Storage]) -> list[Entry]:
@@ -67,12 +85,101 @@ def list_all(storages: Iterable[Storage]) -> list[Entry]:
     return sorted(entries.values(), key=lambda e: e.manifest.started_at, reverse=True)
 
 
+def latest(
+    entries: Iterable[Entry],
+    database: str | None,
+    server: str | None = None,
+    *,
+    usable: bool = False,
+    where: str = "the storage targets",
+) -> Manifest:
+    """What ``latest`` means: the newest verified backup of ``database`` (``usable``: the newest
+    not known to be bad, for restore tests), never another database's.
+
+    ``server`` (``host:port`` of DATABASE_URL) narrows the choice to that server's backups.
+    Without ``database``, the backups must all be of one database on one server. Anything
+    ambiguous (several databases, the database only backed up from another server or
+    imported) raises UsageError listing the candidates; nothing fitting raises
+    BackupNotFoundError.
+    """
+    manifests = [e.manifest for e in entries]
+
+    def fits(m: Manifest) -> bool:
+        return not m.verification_failed if usable else m.verified
+
+    word = "usable" if usable else "verified"
+    if database is None:
+        groups = sorted({(m.database, m.server) for m in manifests if fits(m)})
+        if len(groups) > 1:
+            shown = ", ".join(f"{db} on {srv}" for db, srv in groups[:6])
+            more = f" and {len(groups) - 6} more" if len(groups) > 6 else ""
+            raise UsageError(
+                f"'latest' is ambiguous: {word} backups of {len(groups)} databases are stored "
+                f"({shown}{more}); pass --database NAME or a backup id"
+            )
+        chosen = [m for m in manifests if fits(m)]
+    else:
+        chosen = [m for m in manifests if m.database == database and fits(m)]
+        if server is not None and chosen:
+            here = [m for m in chosen if m.server == server]
+            if not here:
+                others = sorted({m.server for m in chosen})
+                raise UsageError(
+                    f"no {word} backup of database {database!r} from {server}; there are "
+                    f"backups of {database!r} from {', '.join(others[:6])} (restore one by its "
+                    f"id, see 'pgkeeper list --database {database}')"
+                )
+            chosen = here
+    if not chosen:
+        of = f" of database {database!r}" if database is not None else ""
+        pending = [m for m in manifests if m.verification is None
+                   and (database is None or m.database == database)]  # fmt: skip
+        hint = (
+            f"{len(pending)} not verified yet: 'pgkeeper verify {pending[0].id}', or restore "
+            "one by its id"
+            if pending and not usable
+            else "run 'pgkeeper backup', or 'pgkeeper list' to see what there is"
+        )
+        raise BackupNotFoundError(f"no {word} backup{of} in {where} ({hint})")
+    return chosen[0]  # entries are newest first
+
+
+def latest_backup(
+    settings: Settings,
+    storages: list[Storage],
+    database: str | None = None,
+    *,
+    usable: bool = False,
+) -> Manifest:
+    """``latest`` for the configured database: ``database`` (``--database``) or DATABASE_URL's,
+    from DATABASE_URL's server when it is set (see ``latest``)."""
+    server = None
+    if settings.database_url is not None and settings.database_url.get_secret_value():
+        from pgkeeper.postgres import ConnInfo  # lazy: listing needs no psycopg
+
+        conn = ConnInfo.parse(settings.database_url.get_secret_value())
+        server = conn.server
+        database = database or conn.dbname
+    where = ", ".join(s.url for s in storages) or "no storage target"
+    return latest(list_all(storages), database, server, usable=usable, where=where)
+
+
 def read_manifest(storage: Storage, backup_id: str) -> Manifest | None:
     """The manifest of one backup on one target, or None when that target lacks it."""
     key = naming.manifest_key(backup_id)
     if storage.stat(key) is None:
         return None
-    return Manifest.from_json(get_bytes(storage, key))
+    try:
+        manifest = Manifest.from_json(get_bytes(storage, key))
+    except ValueError:
+        raise StorageError(
+            f"the manifest of backup {backup_id!r} in {storage.url} is malformed "
+            f"(run 'pgkeeper verify {backup_id}' against another copy, or delete the backup)"
+        ) from None
+    if manifest.id != backup_id:  # never serve a copied or renamed folder under the wrong id
+        log.warning("%s", inconsistent(storage, backup_id, manifest.id))
+        return None
+    return manifest
 
 
 def find(storages: Iterable[Storage], backup_id: str) -> tuple[Manifest, Storage]:

@@ -53,6 +53,14 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _quiet_stdout() -> None:
+    """stdout's reader went away (a closed pipe is a normal end): point stdout at /dev/null so
+    nothing more (the interpreter's last flush included) complains about it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def handle_errors(func: F) -> F:
     """Turn the project's errors into one-line messages and exit codes at the boundary."""
 
@@ -67,6 +75,9 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted: partial output removed", err=True)
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            _quiet_stdout()  # `pgkeeper list | head -1`: the reader has all it wants
+            raise typer.Exit(0) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # the last line of defence: still one line, never a secret
@@ -129,7 +140,12 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         table.add_row(*(str(row.get(c, "")) for c in columns))
     # Piped output keeps whole ids: a pipe has no width to fit.
     console = Console() if sys.stdout.isatty() else Console(width=400, no_color=True)
+    console.on_broken_pipe = _broken_pipe  # type: ignore[method-assign]  # rich would exit 1
     console.print(table)
+
+
+def _broken_pipe() -> None:
+    raise BrokenPipeError  # handled like any closed stdout: a normal end (handle_errors)
 
 
 @contextmanager
@@ -192,13 +208,24 @@ def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> N
         typer.echo(f"{key:<{width}}  {value}")
 
 
-def _resolve_id(backup_id: str, storages: list[Storage]) -> str:
-    """A validated id; ``latest`` is the newest verified backup on ``storages``."""
+def _resolve_id(
+    backup_id: str, storages: list[Storage], settings: Settings, database: str | None = None
+) -> str:
+    """A validated id; ``latest`` is the newest verified backup of the configured database
+    (``--database``, else DATABASE_URL's), never another database's."""
     if backup_id == "latest":
-        from pgkeeper.restore import newest_backup
-
-        return newest_backup(storages).id
+        return catalog.latest_backup(settings, storages, database).id
     return naming.validate_id(backup_id)
+
+
+DatabaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--database",
+        "-d",
+        help="Which database 'latest' means (default: DATABASE_URL's).",
+    ),
+]
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -294,6 +321,7 @@ def upload(
     backup_id: Annotated[
         str | None, typer.Argument(help="Backup id; default: every backup missing offsite.")
     ] = None,
+    database: DatabaseOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Copy backups to the offsite targets (S3, GCS) and prove each copy by checksum."""
@@ -310,7 +338,10 @@ def upload(
         with progress_bar("upload") as progress:
             reports = [
                 upload_backup(
-                    settings, _resolve_id(backup_id, storages), storages=storages, progress=progress
+                    settings,
+                    _resolve_id(backup_id, storages, settings, database),
+                    storages=storages,
+                    progress=progress,
                 )
             ]
     else:
@@ -332,11 +363,18 @@ def upload(
 
 @app.command("list")
 @handle_errors
-def list_(as_json: JsonOpt = False) -> None:
+def list_(
+    database: Annotated[
+        str | None, typer.Option("--database", "-d", help="Only this database's backups.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """List every complete backup, newest first, with size, age, format and state."""
     settings = settings_from_env()
     storages = targets(settings)
     entries = catalog.list_all(storages)
+    if database is not None:
+        entries = [e for e in entries if e.manifest.database == database]
     total = sum(e.manifest.size for e in entries)
     if as_json:
         print_json(
@@ -375,15 +413,17 @@ def list_(as_json: JsonOpt = False) -> None:
 @app.command()
 @handle_errors
 def show(
-    backup_id: Annotated[str, typer.Argument(help="Backup id.")], as_json: JsonOpt = False
+    backup_id: Annotated[str, typer.Argument(help="Backup id (or 'latest').")],
+    database: DatabaseOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Show one backup's record."""
-    storages = targets(settings_from_env())
-    backup_id = _resolve_id(backup_id, storages)
-    entries = [e for e in catalog.list_all(storages) if e.id == backup_id]
-    if not entries:
-        catalog.find(storages, backup_id)  # raises the not-found error
-    entry = entries[0]
+    settings = settings_from_env()
+    storages = targets(settings)
+    backup_id = _resolve_id(backup_id, storages, settings, database)
+    manifest, _ = catalog.find(storages, backup_id)  # raises the not-found error
+    locations = [s.url for s in storages if catalog.read_manifest(s, backup_id) is not None]
+    entry = catalog.Entry(manifest, locations)
     if as_json:
         print_json({**entry.manifest.to_public(), "locations": entry.locations})
     else:
@@ -395,6 +435,7 @@ def show(
 def verify(
     backup_id: Annotated[str, typer.Argument(help="Backup id (or 'latest').")],
     quick: Annotated[bool, typer.Option("--quick", help="Checksums and header only.")] = False,
+    database: DatabaseOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-read a backup and check its checksum, compression stream and dump structure."""
@@ -402,7 +443,7 @@ def verify(
 
     settings = settings_from_env()
     storages = targets(settings)
-    backup_id = _resolve_id(backup_id, storages)
+    backup_id = _resolve_id(backup_id, storages, settings, database)
     manifest, storage = catalog.find(storages, backup_id)
     with progress_bar("verify", manifest.size) as progress:
         try:
@@ -447,6 +488,7 @@ def restore(
     no_safety_backup: Annotated[
         bool, typer.Option("--no-safety-backup", help="Do not back up the target first.")
     ] = False,
+    database: DatabaseOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a backup; a failed restore leaves the target as it was."""
@@ -454,7 +496,7 @@ def restore(
 
     settings = settings_from_env()
     storages = targets(settings)
-    resolved = _resolve_id(backup_id, storages)
+    resolved = _resolve_id(backup_id, storages, settings, database)
     manifest, _ = catalog.find(storages, resolved)
     with progress_bar("restore", manifest.size) as progress:
         result = restore_backup(
@@ -502,12 +544,14 @@ def download(
     decompress: Annotated[
         bool, typer.Option("--decompress", help="Write the raw dump, not the stored bytes.")
     ] = False,
+    database: DatabaseOpt = None,
 ) -> None:
     """Write a backup's stored file (verified against its checksum) to a local file."""
     from pgkeeper.download import write_backup
 
-    storages = targets(settings_from_env())
-    backup_id = _resolve_id(backup_id, storages)
+    settings = settings_from_env()
+    storages = targets(settings)
+    backup_id = _resolve_id(backup_id, storages, settings, database)
     manifest, storage = catalog.find(storages, backup_id)
     name = download_name(manifest, decompress)
     if output is not None and str(output) == "-":
@@ -520,7 +564,9 @@ def download(
         raise UsageError(f"{path} already exists (remove it or choose another --output)")
     partial = path.with_name(f".{path.name}.part")
     try:
-        with open(partial, "wb") as out, progress_bar("download", manifest.size) as progress:
+        # 0600: a backup holds every row of the database, whatever the umask says.
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out, progress_bar("download", manifest.size) as progress:
             write_backup(storage, manifest, out, decompress=decompress, progress=progress)
         os.replace(partial, path)
     finally:
@@ -574,24 +620,25 @@ def restore_test(
     checks_dir: Annotated[
         Path | None, typer.Option(help="Folder of .sql checks (default: BACKUP_CHECKS_DIR).")
     ] = None,
+    database: DatabaseOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a backup into a scratch database, compare row counts, run checks, drop it."""
-    from pgkeeper.restore_test import failed_summary, run_restore_test
+    from pgkeeper.restore_test import failed_summary, headline, run_restore_test
 
     settings = settings_from_env()
     resolved = None if backup_id in (None, "latest") else naming.validate_id(backup_id)
     result = run_restore_test(
-        settings, resolved, staging_url, checks_dir or settings.backup_checks_dir
+        settings,
+        resolved,
+        staging_url,
+        checks_dir or settings.backup_checks_dir,
+        database=database,
     )
     if as_json:
         print_json(result.model_dump(mode="json"))
     else:
-        status = "passed" if result.ok else "FAILED"
-        typer.echo(
-            f"restore test {status}: {result.tables_compared} tables compared, "
-            f"restore took {result.duration_seconds:.1f}s on {result.server}"
-        )
+        typer.echo(headline(result))
         for mismatch in result.mismatches:
             typer.echo(f"  mismatch: {mismatch}")
         for check in result.checks:
@@ -618,9 +665,15 @@ def rotate(
     if as_json:
         typer.echo(report.to_json())
     else:
+        # Per target: where, its policy, then one row per backup (the artifact has them all).
         rows = report.as_table()
-        if rows:
-            print_table(rows, list(rows[0]))
+        for target in report.targets:
+            typer.echo(f"target: {target.url}\npolicy: {target.policy}")
+            mine = [r for r in rows if r["target"] == target.url]
+            columns = ["backup", "state", "size", "action", "reasons"]
+            if mine:
+                print_table(mine, columns)
+            typer.echo("")
         typer.echo(report.summary())
     if not report.ok:
         _fail("rotation failed on some target (see above); nothing listed was lost", 1)
@@ -710,6 +763,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         result = app(standalone_mode=False)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        _quiet_stdout()
+        sys.exit(0)
     except _click_exceptions.UsageError as exc:
         # Bad usage is one line too (click's default is a multi-line box), exit code 2.
         if exc.ctx is not None and type(exc).__name__ == "NoArgsIsHelpError":

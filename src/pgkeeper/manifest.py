@@ -82,6 +82,10 @@ class Manifest(BaseModel):
     verification: Verification | None = None
     restore_tests: list[RestoreTest] = Field(default_factory=list)
     pinned: bool = False
+    keep_until: datetime | None = Field(
+        default=None,
+        description="rotation never deletes it before this time (safety backups before a restore)",
+    )
     uploads: dict[str, datetime] = Field(
         default_factory=dict, description="offsite target URL -> when a proven copy landed there"
     )

@@ -46,9 +46,10 @@ from pgkeeper.errors import (
 from pgkeeper.manifest import Manifest, StoredObject, utcnow
 from pgkeeper.pipeline import ClientProcess, HashingReader, Progress, decode_verified, pid_alive
 from pgkeeper.postgres import ConnInfo
+from pgkeeper.retention import parse_duration
 from pgkeeper.settings import Settings
 from pgkeeper.storage import Storage, targets
-from pgkeeper.verify import damaged
+from pgkeeper.verify import damaged, verify_copy
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +66,6 @@ class RestoreResult:
 
 
 # --- choosing what to restore -----------------------------------------------------------------
-
-
-def newest_backup(storages: list[Storage]) -> Manifest:
-    """The newest verified backup; if none is verified yet, the newest not known to be corrupt.
-
-    Raises BackupNotFoundError when there is none.
-    """
-    entries = catalog.list_all(storages)
-    for entry in entries:
-        if entry.manifest.verified:
-            return entry.manifest
-    for entry in entries:
-        if not entry.manifest.verification_failed:
-            return entry.manifest
-    where = ", ".join(s.url for s in storages)
-    raise BackupNotFoundError(f"no usable backup in {where} (run 'pgkeeper backup' first)")
 
 
 def copies(storages: list[Storage], backup_id: str) -> list[tuple[Manifest, Storage]]:
@@ -549,12 +534,21 @@ def _swap(admin: psycopg.Connection[Any], target: str, scratch: str, exists: boo
             log.warning("restored, but could not drop the replaced database %s: %s", old, exc)
 
 
+def default_target_name(database: str) -> str:
+    """A new database name ``<db>_restored_<UTC time>_<random>`` within PostgreSQL's 63 bytes.
+
+    The random part keeps two restores started in the same second apart (the second one would
+    otherwise find the first's database and ask for --confirm).
+    """
+    suffix = f"_restored_{utcnow():%Y%m%d_%H%M%S}_{secrets.token_hex(2)}"
+    head = database.encode()[: 63 - len(suffix)].decode("utf-8", "ignore")
+    return head + suffix
+
+
 def _default_target(settings: Settings, manifest: Manifest) -> str:
-    """A new database ``<db>_restored_<timestamp>`` on the source server."""
+    """A new database on the source server (see ``default_target_name``)."""
     source = ConnInfo.parse(settings.require_database_url())
-    stamp = utcnow().strftime("%Y%m%d_%H%M%S")
-    name = f"{manifest.database[:40]}_restored_{stamp}"
-    return source.with_dbname(name).conninfo()
+    return source.with_dbname(default_target_name(manifest.database)).conninfo()
 
 
 def restore_into_new_database(
@@ -596,6 +590,38 @@ def restore_into_new_database(
     return time.monotonic() - started
 
 
+def take_safety_backup(
+    settings: Settings, target_url: str, backup_id: str, primary: Storage
+) -> Manifest:
+    """Back up the database a restore is about to replace, prove it and keep it.
+
+    The safety backup (``pre_restore_<time>``) is verified in full whatever BACKUP_VERIFY says,
+    since it is the only way back from a wrong restore, and rotation keeps it for
+    BACKUP_SAFETY_KEEP (default 7 days) whatever the policy says. Raises RestoreError when it
+    fails verification: the restore then stops with the target untouched.
+    """
+    keep = parse_duration(settings.backup_safety_keep, "BACKUP_SAFETY_KEEP")
+    options = BackupOptions(
+        name="pre_restore",
+        database_url=target_url,
+        trigger=f"safety before restoring {backup_id}",
+        keep_until=utcnow() + keep,
+    )
+    safety = run_backup(settings, options, storage=primary)
+    try:
+        safety = verify_copy(settings, primary, safety, level="full")
+    except VerificationError as exc:
+        raise RestoreError(
+            f"the safety backup {safety.id} of {safety.database!r} failed verification ({exc}); "
+            "nothing was restored (fix the storage target and retry)"
+        ) from None
+    log.info(
+        "safety backup of %s taken and verified: %s (kept until %s)",
+        safety.database, safety.id, options.keep_until,
+    )  # fmt: skip
+    return safety
+
+
 def restore_backup(
     settings: Settings,
     backup_id: str | None,
@@ -616,7 +642,7 @@ def restore_backup(
     """
     storages = storages if storages is not None else targets(settings)
     if backup_id is None:
-        backup_id = newest_backup(storages).id
+        backup_id = catalog.latest_backup(settings, storages).id
     found = copies(storages, backup_id)
     manifest = found[0][0]
     target_url = target_url or _default_target(settings, manifest)
@@ -655,16 +681,7 @@ def restore_backup(
             try:
                 safety_id = None
                 if has_data and safety_backup:
-                    safety = run_backup(
-                        settings,
-                        BackupOptions(
-                            name="pre_restore",
-                            database_url=target_url,
-                            trigger=f"safety before restoring {backup_id}",
-                        ),
-                    )
-                    safety_id = safety.id
-                    log.info("safety backup of %s taken: %s", target, safety_id)
+                    safety_id = take_safety_backup(settings, target_url, backup_id, storages[0]).id
                 _swap(admin, target, scratch, exists)
             except BaseException:
                 postgres.drop_database(admin, scratch)

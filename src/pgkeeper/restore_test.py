@@ -29,7 +29,6 @@ import psycopg
 
 from pgkeeper import catalog, postgres
 from pgkeeper.errors import (
-    BackupNotFoundError,
     ConfigError,
     DumpError,
     PgkeeperError,
@@ -47,19 +46,16 @@ log = logging.getLogger(__name__)
 SCRATCH_PREFIX = "pgk_restoretest_"
 
 
-def choose_backup(storages: list[Storage], backup_id: str | None) -> tuple[Manifest, Storage]:
-    """The backup to test and the first target holding it (default: the newest usable one).
+def choose_backup(
+    settings: Settings, storages: list[Storage], backup_id: str | None, database: str | None = None
+) -> tuple[Manifest, Storage]:
+    """The backup to test and the first target holding it (default: the newest backup of the
+    configured database not known to be bad).
 
-    Raises InvalidBackupIdError/BackupNotFoundError.
+    Raises InvalidBackupIdError/BackupNotFoundError, UsageError when the default is ambiguous.
     """
     if backup_id is None:
-        usable = [e for e in catalog.list_all(storages) if not e.manifest.verification_failed]
-        if not usable:
-            where = ", ".join(s.url for s in storages)
-            raise BackupNotFoundError(
-                f"no backup to restore-test in {where} (run 'pgkeeper backup' first)"
-            )
-        backup_id = usable[0].id
+        backup_id = catalog.latest_backup(settings, storages, database, usable=True).id
     return catalog.find(storages, backup_id)
 
 
@@ -128,14 +124,15 @@ def _inspect(
         restored = postgres.table_counts(connection)
         if manifest.table_counts is None:
             mismatches: list[str] = []
-            tables = len(restored)
+            tables = 0  # nothing was compared; the detail says how many were restored
             results.append(
                 CheckResult(
                     name="row counts",
                     ok=True,
                     detail=(
                         f"not compared: the backup has no snapshot row counts (schema-only or "
-                        f"filtered backup, or BACKUP_ROW_COUNTS=false); {tables} tables restored"
+                        f"filtered backup, or BACKUP_ROW_COUNTS=false); {len(restored)} tables "
+                        "restored"
                     ),
                 )
             )
@@ -182,6 +179,7 @@ def run_restore_test(
     *,
     storages: list[Storage] | None = None,
     jobs: int | None = None,
+    database: str | None = None,
 ) -> RestoreTest:
     """Restore-test one backup (default: the newest) on the staging server and record the result.
 
@@ -192,7 +190,7 @@ def run_restore_test(
     StorageError when the result cannot be recorded.
     """
     storages = storages if storages is not None else targets(settings)
-    manifest, storage = choose_backup(storages, backup_id)
+    manifest, storage = choose_backup(settings, storages, backup_id, database)
     if staging_url is None:
         staging_url = (
             settings.staging_database_url.get_secret_value()
@@ -242,6 +240,29 @@ def run_restore_test(
         manifest.id, "passed" if result.ok else "FAILED", duration, tables, len(mismatches),
     )  # fmt: skip
     return result
+
+
+def headline(result: RestoreTest) -> str:
+    """One line saying what the restore test actually checked, for the CLI and the report."""
+    verdict = "passed" if result.ok else "FAILED"
+    took = f"restore took {result.duration_seconds:.1f}s on {result.server}"
+    parts = [f"restore test {verdict}: {took}"]
+    counts = next((c for c in result.checks if c.name == "row counts"), None)
+    if counts is None:
+        parts.append("nothing compared (the restore itself failed)")
+    elif result.tables_compared:
+        parts.append(
+            f"row counts of {result.tables_compared} tables compared with the backup's snapshot"
+        )
+    else:
+        parts.append("row counts NOT compared (the backup has no snapshot counts)")
+    sql = [c for c in result.checks if c.name not in ("restore", "row counts")]
+    if sql:
+        passed = sum(1 for c in sql if c.ok)
+        parts.append(f"{passed}/{len(sql)} SQL checks passed")
+    else:
+        parts.append("no SQL checks")
+    return "; ".join(parts)
 
 
 def failed_summary(result: RestoreTest, backup_id: str) -> str:

@@ -42,13 +42,15 @@ then id, only to be deterministic):
                       borg's ``--keep-within``; restic measures from the newest backup instead:
                       here the newest verified and minimum count rules give that protection).
     pinned            ``Manifest.pinned``: never deleted, whatever its state.
+    kept until        ``Manifest.keep_until`` in the future: like pinned, until that time
+                      (the safety backup a restore takes before replacing a database).
     (held)            ids the caller passes in ``hold``, with its reason: rotation keeps
                       backups of the primary not yet uploaded to an offsite target this way.
 
 Then the size limit: while the good backups kept exceed ``max_total_size`` bytes, the oldest
-kept one that is not protected (newest verified, minimum count, pinned) is deleted ("over size
-limit"). If the protected ones alone exceed it, the plan says so in ``warnings`` and deletes
-nothing more.
+kept one that is not protected (newest verified, minimum count, pinned, kept until) is
+deleted ("over size limit"). If the protected ones alone exceed it, the plan says so in
+``warnings`` and deletes nothing more.
 """
 
 from __future__ import annotations
@@ -590,9 +592,15 @@ def plan(
 
         for index in members:
             manifest = ordered[index]
+            held = manifest.pinned
             if manifest.pinned:
                 reasons[index].append("pinned")
                 protected.add(index)
+            if manifest.keep_until is not None and aware(manifest.keep_until) > now:
+                until = aware(manifest.keep_until).astimezone(UTC)
+                reasons[index].append(f"kept until {until:%Y-%m-%d %H:%M}Z")
+                protected.add(index)
+                held = True
             if index in good_set:
                 if reasons[index]:
                     good_kept.append(index)
@@ -605,11 +613,11 @@ def plan(
                     what = "failed its restore test"
                 if now - since <= policy.failed_grace:
                     reasons[index].append(f"{what}, in grace")
-                elif not manifest.pinned:
+                elif not held:
                     deletes[index] = what
             elif now - aware(manifest.finished_at) <= policy.failed_grace:
                 reasons[index].append("unverified, in grace")
-            elif not manifest.pinned:
+            elif not held:
                 deletes[index] = "unverified past grace"
 
         if not good:
@@ -678,7 +686,7 @@ def _apply_size_limit(
         total -= ordered[index].size
     if total > limit:
         warnings.append(
-            f"the protected backups (newest verified, minimum count, pinned) use "
+            f"the protected backups (newest verified, minimum count, pinned, kept until) use "
             f"{format_size(total)}, over the size limit of {format_size(limit)}: "
             "raise BACKUP_MAX_TOTAL_SIZE, unpin, or lower BACKUP_MIN_BACKUPS"
         )

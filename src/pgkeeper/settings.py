@@ -103,6 +103,10 @@ class Settings(BaseSettings):
         description='per-target overrides as JSON, e.g. {"s3": "keep_within=30d keep_monthly=12"}',
     )
     backup_usage_warn_bytes: str | None = None
+    backup_safety_keep: str = Field(
+        default="7d",
+        description="how long rotation keeps the safety backup a restore takes ('7d', '36h').",
+    )
 
     # --- offsite storage ------------------------------------------------------------------
     aws_s3_bucket: str | None = None

@@ -24,6 +24,7 @@ import pytest
 
 from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.settings import load_settings
+from pgkeeper.verify import verify_backup
 from tests.fidelity import compare
 from tests.servers import free_port
 from tests.servers.postgres import PgCluster
@@ -116,7 +117,7 @@ def test_backup_every_format_and_compression_then_list(
             proc = run_cli(*args, env=env, cwd=tmp_path)
             if (fmt, compression) == ("directory", "zstd"):  # pg_dump 15 has no zstd
                 message = one_line_error(proc, 2)
-                assert "pg_dump 16" in message and "--compression gzip" in message
+                assert "pg_dump 16" in message and "gzip compression" in message
                 continue
             record = json.loads(ok(proc))
             assert list(record)[: len(SEED_FIELDS)] == list(SEED_FIELDS)
@@ -347,7 +348,8 @@ def test_restore_latest_into_a_new_database(
 def one_backup(source: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A backup folder holding one real backup (made with the Python API, which is quicker)."""
     folder = tmp_path_factory.mktemp("one") / "backups"
-    run_backup(load_settings(database_url=source[1], backup_dir=str(folder)))
+    settings = load_settings(database_url=source[1], backup_dir=str(folder))
+    verify_backup(settings, run_backup(settings).id)  # 'latest' is the newest *verified* one
     return folder
 
 

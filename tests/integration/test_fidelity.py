@@ -275,7 +275,7 @@ def test_round_trip_is_exact(
     if fmt == "directory" and compression == "zstd" and _pg_dump_major(pg_cluster) < 16:
         # pg_dump 15 cannot write zstd into a directory dump: a clear usage error, not a crash.
         assert backup.returncode == 2, backup
-        assert "zstd needs pg_dump 16" in backup.stderr
+        assert "zstd compression needs pg_dump 16" in backup.stderr
         assert len(backup.stderr.strip().splitlines()) == 1, backup.stderr
         return
     assert backup.returncode == 0, backup.stderr

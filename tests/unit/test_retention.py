@@ -460,6 +460,23 @@ def test_pinned_backups_are_kept_whatever_their_state_or_age() -> None:
     assert reasons(result)[history[2].id] == ["pinned"]
 
 
+def test_a_backup_kept_until_a_time_is_protected_until_then_and_ordinary_after() -> None:
+    """keep_until (a restore's safety backup) protects like a pin until that time, size limit
+    included, and afterwards the policy decides as for any backup."""
+    newest = backup(NOW - timedelta(hours=1))
+    safety = backup(NOW - timedelta(days=2)).model_copy(
+        update={"keep_until": NOW + timedelta(days=5)}
+    )
+    unverified = backup(NOW - timedelta(days=3), "unverified").model_copy(
+        update={"keep_until": NOW + timedelta(hours=1)}
+    )
+    result = plan([newest, safety, unverified], only(keep_last=1, max_total_size=100), NOW)
+    assert kept(result) == {newest.id, safety.id, unverified.id}
+    assert any(r.startswith("kept until") for r in reasons(result)[safety.id])
+    later = plan([newest, safety, unverified], only(keep_last=1), NOW + timedelta(days=6))
+    assert kept(later) == {newest.id}
+
+
 def test_size_limit_deletes_the_oldest_unprotected_backups_first() -> None:
     """max_total_size=350 over five 100-byte backups: the two oldest go, 'over size limit'."""
     history = [backup(NOW - timedelta(days=d)) for d in range(5)]
