@@ -64,6 +64,7 @@ pytestmark = pytest.mark.integration
 
 NO_PREFECT = PrefectLink(api_url=None, ui_url=None)
 UNKNOWN_ID = "auto_backup_2020-01-01T00-00-00Z"
+DUMP_AUTH = {**AUTH, "Content-Type": "application/octet-stream"}  # what an import sends
 EVERYWHERE = "0.0.0.0"  # noqa: S104 - the address the bind rule must refuse without a token
 
 
@@ -386,10 +387,12 @@ def test_a_read_token_alone_makes_a_read_only_api(sample_db: str, backup_dir: Pa
 
 
 def test_without_tokens_every_request_is_allowed(sample_db: str, backup_dir: Path) -> None:
-    """With no token configured (a loopback-only server) requests need no Authorization."""
+    """With no token configured (a loopback-only server) requests to a loopback Host need no
+    Authorization."""
     settings = settings_for(sample_db, backup_dir, backup_api_token=None,
                             backup_api_read_token=None)  # fmt: skip
-    with TestClient(create_app(settings, prefect=NO_PREFECT)) as open_client:
+    app = create_app(settings, prefect=NO_PREFECT)
+    with TestClient(app, base_url="http://127.0.0.1:8080") as open_client:
         assert open_client.get("/api/backups").status_code == 200
         assert open_client.post("/api/backups", json={}).status_code == 200
 
@@ -595,7 +598,7 @@ def test_import_of_a_real_dump_makes_a_verified_backup(
     dump = pg_dump_bytes(pg_cluster, dbname_of(sample_db), *dump_args)
     response = client.post(
         "/api/backups/import", params={"name": "from_elsewhere"}, content=dump,
-        headers={**AUTH, "Content-Type": "application/octet-stream"},
+        headers=DUMP_AUTH,
     )  # fmt: skip
     assert response.status_code == 200, response.text
     body = response.json()
@@ -620,7 +623,7 @@ def test_import_of_garbage_gets_422_and_leaves_nothing(
     client: TestClient, backup_dir: Path, garbage: bytes
 ) -> None:
     """A body that is not a PostgreSQL dump gets 422 saying so; nothing is stored."""
-    response = client.post("/api/backups/import", content=garbage, headers=AUTH)
+    response = client.post("/api/backups/import", content=garbage, headers=DUMP_AUTH)
     assert_error(response, 422, "not")
     assert "dump" in response.json()["error"]
     assert backup_folders(backup_dir) == []
@@ -629,7 +632,7 @@ def test_import_of_garbage_gets_422_and_leaves_nothing(
 def test_import_with_a_bad_name_gets_400(client: TestClient, backup_dir: Path) -> None:
     """An import name that cannot start an id gets 400 before the body is read."""
     response = client.post(
-        "/api/backups/import", params={"name": "../up"}, content=b"x", headers=AUTH
+        "/api/backups/import", params={"name": "../up"}, content=b"x", headers=DUMP_AUTH
     )
     assert_error(response, 400, "backup name")
     assert backup_folders(backup_dir) == []
@@ -649,9 +652,9 @@ def test_import_larger_than_the_limit_gets_413(
             yield dump[start : start + 16 * 1024]
 
     with TestClient(create_app(settings, prefect=NO_PREFECT)) as small:
-        declared = small.post("/api/backups/import", content=dump, headers=AUTH)
+        declared = small.post("/api/backups/import", content=dump, headers=DUMP_AUTH)
         assert_error(declared, 413, "import limit", str(limit))
-        streamed = small.post("/api/backups/import", content=chunked(), headers=AUTH)
+        streamed = small.post("/api/backups/import", content=chunked(), headers=DUMP_AUTH)
         assert_error(streamed, 413, "import limit")
     assert backup_folders(backup_dir) == []
 
@@ -806,7 +809,8 @@ import sys
 from starlette.testclient import TestClient
 from pgkeeper.api import create_app
 from pgkeeper.settings import load_settings
-client = TestClient(create_app(load_settings(_env_file=None, backup_dir=sys.argv[1])))
+client = TestClient(create_app(load_settings(_env_file=None, backup_dir=sys.argv[1])),
+                    base_url="http://127.0.0.1:8080")
 for path in ("/api/health", "/api/backups", "/api/backups/download?id=x_2020-01-01T00-00-00Z",
              "/openapi.json"):
     assert client.get(path).status_code in (200, 404), path
@@ -1292,7 +1296,7 @@ def test_a_large_import_streams_to_storage_in_bounded_memory(live_server: LiveSe
     baseline = live_server.rss()
     with RssWatch(live_server) as watch:
         response = httpx.post(f"{live_server.url}/api/backups/import",
-                              params={"name": "big_import"}, content=body(), headers=AUTH,
+                              params={"name": "big_import"}, content=body(), headers=DUMP_AUTH,
                               timeout=120)  # fmt: skip
     assert response.status_code == 200, response.text
     backup = response.json()["backup"]
