@@ -5,8 +5,8 @@ A front door over the core, like the CLI: every request first passes ``api_guard
 validates ids with ``naming.validate_id`` before anything touches storage, calls the core in the
 threadpool (blocking work never runs on the event loop) and translates the project's errors at
 the boundary into ``{"success": false, "error": "..."}`` with the error's ``http_status``. Error
-text is redacted (connection URLs, passwords, configured secrets) and never carries a
-traceback.
+text is redacted (connection URLs, passwords, configured secrets), shows at most a short piece
+of any input it quotes, and never carries a traceback.
 
 Paths and shapes are the seed's compatibility contract::
 
@@ -219,6 +219,12 @@ class MessageResponse(BaseModel):
     message: str
 
 
+# Far above any real target (a database name is at most 63 bytes, a libpq URL a few hundred):
+# a bigger one is refused by validation before any code parses it. Ids and names need no such
+# limit: naming.validate_id/validate_name refuse anything longer than their shape.
+MAX_TARGET_CHARS = 4096
+
+
 class RestoreRequest(BaseModel):
     backupId: str = Field(
         description="backup id, or 'latest' for the newest verified backup",
@@ -226,12 +232,13 @@ class RestoreRequest(BaseModel):
     )
     target: str | None = Field(
         default=None,
+        max_length=MAX_TARGET_CHARS,
         description=(
             "a database name on the DATABASE_URL server, or a postgresql:// URL; "
             "default: a new database <db>_restored_<time>"
         ),
     )
-    confirm: str | bool | None = Field(
+    confirm: Annotated[str, Field(max_length=MAX_TARGET_CHARS)] | bool | None = Field(
         default=None,
         description="the target database's name: required to replace a database that has data",
     )
@@ -310,6 +317,9 @@ BODY_ERRORS = (413, 415)  # the guard's answers to a body of the wrong type or s
 
 # --- redaction ----------------------------------------------------------------------------------
 
+ECHO_CHARS = 80  # the most of one input an error message shows
+ERROR_CHARS = 300  # the longest error message sent
+
 _PG_URL_IN_TEXT = re.compile(r"postgres(?:ql)?://[^\s'\"<>]+")
 _HTTP_USERINFO = re.compile(r"(https?://)[^/\s@]+@")
 _PASSWORD_KV = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
@@ -322,6 +332,20 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     text = _PASSWORD_KV.sub(r"\1***", text)
     for secret in secrets:
         text = text.replace(secret, "***")
+    return text
+
+
+_LONG_WORD = re.compile(rf"\S{{{ECHO_CHARS + 1},}}")
+
+
+def clip(text: str) -> str:
+    """``text`` with every run of more than ECHO_CHARS non-blank characters cut to that many
+    (its head and tail around an ellipsis) and the whole cut to ERROR_CHARS: an error quoting a
+    huge input (a name, an id, a target) stays one short line."""
+    text = _LONG_WORD.sub(lambda m: m.group(0)[:56] + "…" + m.group(0)[57 - ECHO_CHARS :], text)
+    if len(text) > ERROR_CHARS:
+        tail = ERROR_CHARS // 3
+        text = text[: ERROR_CHARS - tail - 3] + " … " + text[-tail:]
     return text
 
 
@@ -1109,7 +1133,9 @@ def _error_response(
     ctx: ApiContext | None, exc: PgkeeperError, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     secrets = ctx.secrets if ctx is not None else ()
+    # Redacted before it is cut: a cut could leave a password no pattern recognises.
     text = redact(exc.message.splitlines()[0] if exc.message else type(exc).__name__, secrets)
+    text = clip(text)
     if exc.http_status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="pgkeeper"'}
     return JSONResponse(
@@ -1139,6 +1165,21 @@ def _validation_message(exc: RequestValidationError) -> str:
     return f"{what}: {message}"
 
 
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _methods_of(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route of the request's path answers."""
+    found: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        methods = getattr(route, "methods", None)
+        if match is not Match.NONE and methods:
+            found |= set(methods)
+    known = len(_METHOD_ORDER)
+    return sorted(found, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else known, m))
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     def context_of(request: Request) -> ApiContext | None:
         return getattr(request.app.state, "pgkeeper", None)
@@ -1157,7 +1198,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for this type
         text = {404: "no such endpoint (see /docs)", 405: "method not allowed (see /docs)"}
         error = GuardError(text.get(exc.status_code, str(exc.detail)), exc.status_code)
-        return _error_response(context_of(request), error, dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # The router names only the first route of the path; a path has one route per method.
+            headers["Allow"] = ", ".join(_methods_of(request.app, request.scope))
+        return _error_response(context_of(request), error, headers)
 
     async def unexpected_error(request: Request, exc: Exception) -> Response:
         # Logged in full for the operator; the client gets one line without any detail.

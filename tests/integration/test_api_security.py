@@ -543,6 +543,98 @@ def test_json_bodies_are_capped_in_process(backup_dir: Path) -> None:
         assert_error(small, 400, "backup name")
 
 
+# --- smaller findings -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/api/backups", {"GET", "POST", "DELETE"}),
+        ("/api/backups/download", {"GET", "HEAD"}),
+        ("/api/backups/restore", {"GET", "POST"}),  # GET: it is also /api/backups/{backup_id}
+        ("/api/health", {"GET"}),
+        (f"/api/backups/{UNKNOWN_ID}", {"GET"}),
+    ],
+)
+def test_a_405_lists_every_method_of_the_path(
+    backup_dir: Path, path: str, allowed: set[str]
+) -> None:
+    """A 405 answers Allow with every method the path has, not only the first route's."""
+    with app_client(settings_for(None, backup_dir)) as client:
+        response = client.request("PATCH", path, headers=AUTH)
+    assert_error(response, 405, "method not allowed")
+    assert {m.strip() for m in response.headers["allow"].split(",")} == allowed
+
+
+HUGE = "x" * 300_000  # under the 1 MiB body cap: it reaches the validation
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/api/backups", {"name": HUGE}),
+        ("POST", "/api/backups", {"name": "a b " * 50_000}),
+        ("POST", "/api/backups", {"format": HUGE}),
+        ("POST", "/api/backups/restore", {"backupId": HUGE}),
+        ("POST", "/api/backups/restore", {"backupId": UNKNOWN_ID, "target": HUGE + "/"}),
+        (
+            "POST",
+            "/api/backups/restore",
+            {"backupId": UNKNOWN_ID, "target": f"postgresql://{HUGE}"},
+        ),
+        ("POST", "/api/backups/restore", {"backupId": UNKNOWN_ID, "confirm": HUGE}),
+        ("POST", "/api/backups/restore", {"backupId": UNKNOWN_ID, "jobs": HUGE}),
+        ("POST", f"/api/backups/import?name={HUGE[:20_000]}", None),
+        ("DELETE", f"/api/backups?id={HUGE[:20_000]}", None),
+        ("GET", f"/api/backups/download?id={HUGE[:20_000]}", None),
+        ("GET", f"/api/backups/{HUGE[:20_000]}", None),
+        ("GET", f"/api/runs/{HUGE[:20_000]}", None),
+    ],
+)
+def test_errors_echo_at_most_a_short_piece_of_any_input(
+    backup_dir: Path, method: str, path: str, body: Any
+) -> None:
+    """A huge name, id, target, confirm or query parameter gets its one-line error, which
+    shows at most ~80 characters of it."""
+    settings = settings_for("postgresql://postgres@127.0.0.1:1/postgres", backup_dir)
+    headers = {
+        **AUTH,
+        "Content-Type": "application/octet-stream" if body is None else "application/json",
+    }
+    with app_client(settings) as client:
+        content = None if body is None else httpx.Request("POST", "/", json=body).content
+        response = client.request(method, path, content=content, headers=headers)
+    assert 400 <= response.status_code < 500, response.text[:300]
+    error = assert_error(response, response.status_code)
+    assert len(error) <= 300, error
+    assert "x" * 100 not in error
+    assert backup_folders(backup_dir) == []
+
+
+def test_a_huge_target_never_echoes_its_password(backup_dir: Path) -> None:
+    """A long target URL or conninfo carrying a password gets a short error without it."""
+    secret = "S3cret-Passw0rd-of-the-target"
+    settings = settings_for("postgresql://postgres@127.0.0.1:1/postgres", backup_dir)
+    targets = [
+        f"postgresql://app:{secret}@127.0.0.1:1/{'d' * 5000}",
+        f"postgresql://app:{secret}@{'h' * 5000}:1/db",
+        f"host=127.0.0.1 port=1 password={secret} dbname={'d' * 5000}",
+        f"postgresql://app:{secret}@127.0.0.1:1/db?{'x=y&' * 2000}",
+    ]
+    with app_client(settings) as client:
+        made = client.post("/api/backups/restore", json={"backupId": UNKNOWN_ID}, headers=AUTH)
+        assert_error(made, 404)
+        for target in targets:
+            response = client.post(
+                "/api/backups/restore",
+                json={"backupId": UNKNOWN_ID, "target": target},
+                headers=AUTH,
+            )
+            error = assert_error(response, response.status_code)
+            assert secret not in response.text and secret[:8] not in response.text, error
+            assert len(error) <= 300, error
+
+
 # --- attacking it over raw sockets ----------------------------------------------------------------
 
 
