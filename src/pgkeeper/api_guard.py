@@ -21,8 +21,9 @@ too late). In order, each step refusing with one line in the API's error shape:
    limit is 413 before a byte is read; a JSON body is read here, at most ``MAX_JSON_BYTES`` of
    it (413 as soon as it passes that, whatever Content-Length claimed), and handed on whole.
 
-An error answer to a request that carries a body says ``Connection: close``: the server then
-drops the connection instead of reading (and discarding) the rest of a body it refused.
+An error answer to a request that carries a body, and any answer to a body its route does not
+take, says ``Connection: close``: the server (uvicorn reads and discards the rest of an unread
+body to keep a connection) then drops the connection instead of reading what it refused.
 """
 
 from __future__ import annotations
@@ -230,7 +231,9 @@ class Tokens:
             raise GuardError(
                 "missing bearer token (send 'Authorization: Bearer <BACKUP_API_TOKEN>')", 401
             )
-        given = credentials.encode()
+        # The header's bytes as sent (ASGI servers decode header values as latin-1), so a
+        # token with non-ASCII characters compares as the UTF-8 the client sent.
+        given = credentials.encode("latin-1", "replace")
         is_admin = self.admin is not None and hmac.compare_digest(given, self.admin)
         is_reader = self.read is not None and hmac.compare_digest(given, self.read)
         if is_admin:
@@ -311,18 +314,21 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if _has_body(scope):
-            send = _closing_on_error(send)
+        has_body = _has_body(scope)
         try:
-            receive = await self._admit(scope, receive)
+            receive, access = await self._admit(scope, receive)
         except _Gone:
             return
         except PgkeeperError as exc:
-            await self.render(exc)(scope, receive, send)
+            await self.render(exc)(scope, receive, _closing(send) if has_body else send)
             return
+        if has_body:
+            # A body its route never reads (a GET's), or one the route refuses, is not worth
+            # reading to the end just to keep the connection.
+            send = _closing(send, errors_only=access.body is not None)
         await self.app(scope, receive, send)
 
-    async def _admit(self, scope: Scope, receive: Receive) -> Receive:
+    async def _admit(self, scope: Scope, receive: Receive) -> tuple[Receive, Access]:
         """Check the request; return the receive the app should read the body from."""
         host = self.hosts.check(_headers(scope, b"host"))
         origins = _headers(scope, b"origin")
@@ -342,7 +348,7 @@ class RequestGuard:
         self.tokens.require(access.role, scheme, credentials)
         rule = access.body
         if rule is None:
-            return receive
+            return receive, access
         types = _headers(scope, b"content-type")
         if len(types) > 1:
             raise GuardError("the request has more than one Content-Type header", 400)
@@ -356,8 +362,8 @@ class RequestGuard:
             if int(lengths[0]) > rule.limit:
                 raise GuardError(rule.too_large, 413)  # before a byte of the body is read
         if not rule.buffered:
-            return receive
-        return _replay(await _read_capped(receive, rule), receive)
+            return receive, access
+        return _replay(await _read_capped(receive, rule), receive), access
 
 
 def _has_body(scope: Scope) -> bool:
@@ -367,12 +373,13 @@ def _has_body(scope: Scope) -> bool:
     return bool(_headers(scope, b"transfer-encoding"))
 
 
-def _closing_on_error(send: Send) -> Send:
-    """``send`` adding ``Connection: close`` to an error answer, so the server drops the
-    connection rather than read the rest of a body nobody will use."""
+def _closing(send: Send, errors_only: bool = False) -> Send:
+    """``send`` adding ``Connection: close`` to the answer (or to an error answer only), so
+    the server drops the connection rather than read the rest of a body nobody will use."""
 
     async def closing(message: Message) -> None:
-        if message["type"] == "http.response.start" and message["status"] >= 400:
+        start = message["type"] == "http.response.start"
+        if start and (message["status"] >= 400 or not errors_only):
             headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
             message = {**message, "headers": [*headers, (b"connection", b"close")]}
         await send(message)

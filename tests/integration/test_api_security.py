@@ -527,6 +527,29 @@ def test_an_oversized_json_body_gets_413_without_the_server_growing(
     assert backup_folders(guarded_server.backup_dir) == []
 
 
+def test_a_body_sent_to_a_route_that_takes_none_is_not_read(guarded_server: LiveServer) -> None:
+    """A 600 MB body on GET /api/health (open to anyone) is answered and the connection
+    closed, instead of the server reading and discarding all of it."""
+    body = Lazy(600 * MIB)
+    started = time.monotonic()
+    response = httpx.request("GET", f"{guarded_server.url}/api/health", content=body, timeout=60)
+    assert response.status_code == 200
+    assert response.headers["connection"] == "close"
+    assert time.monotonic() - started < 5
+    assert body.sent < 100 * MIB, f"the client got to send {body.sent / MIB:.0f} MiB"
+
+
+def test_a_token_with_non_ascii_characters_is_recognised(backup_dir: Path) -> None:
+    """A token is compared as the bytes the client sent (UTF-8), not as latin-1 mojibake."""
+    token = "jeton-accès-0123456789-ü"
+    settings = settings_for(None, backup_dir, backup_api_token=token)
+    with app_client(settings) as client:
+        sent = {"Authorization": f"Bearer {token}".encode()}
+        assert client.get("/api/backups", headers=sent).status_code == 200
+        assert client.post("/api/backups", json={"wait": False}, headers=sent).status_code == 503
+        assert_error(client.get("/api/backups", headers={"Authorization": b"Bearer jeton"}), 401)
+
+
 def test_json_bodies_are_capped_in_process(backup_dir: Path) -> None:
     """Over ASGI too: a declared or chunked JSON body over 1 MiB is 413, one under it is read."""
     big = b'{"name": "' + b"x" * (MIB + 10) + b'"}'
