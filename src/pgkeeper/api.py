@@ -1222,8 +1222,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 DESCRIPTION = """
 Automated PostgreSQL backups over HTTP. Send `Authorization: Bearer <token>`:
-`BACKUP_API_TOKEN` may do everything, `BACKUP_API_READ_TOKEN` only GET. Every error is
-`{"success": false, "error": "..."}` with a meaningful status.
+`BACKUP_API_TOKEN` may do everything, `BACKUP_API_READ_TOKEN` only GET. JSON bodies need
+`Content-Type: application/json` (at most 1 MiB), an import `application/octet-stream`; requests
+from web pages of other origins are refused. Every error is `{"success": false, "error": "..."}`
+with a meaningful status.
 """
 
 
@@ -1428,6 +1430,9 @@ def serve_api(settings: Settings, host: str | None = None, port: int | None = No
         app,
         host=host.strip("[]"),
         port=port,
+        # h11 always, even where httptools is installed: its 16 KiB cap on a request's line and
+        # headers, and its handling of a refused body (see api_guard), are what was tested.
+        http="h11",
         server_header=False,
         log_level="info",
     )
