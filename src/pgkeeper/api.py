@@ -1,10 +1,12 @@
 """The HTTP API (FastAPI): list, create, delete, restore, download and import backups.
 
-A front door over the core, like the CLI: each handler checks the caller's token, validates ids
-with ``naming.validate_id`` before anything touches storage, calls the core in the threadpool
-(blocking work never runs on the event loop) and translates the project's errors at the
-boundary into ``{"success": false, "error": "..."}`` with the error's ``http_status``. Error
-text is redacted (connection URLs, passwords, configured secrets) and never carries a traceback.
+A front door over the core, like the CLI: every request first passes ``api_guard.RequestGuard``
+(Host, Origin, token, content type and body size, before any body is read); each handler
+validates ids with ``naming.validate_id`` before anything touches storage, calls the core in the
+threadpool (blocking work never runs on the event loop) and translates the project's errors at
+the boundary into ``{"success": false, "error": "..."}`` with the error's ``http_status``. Error
+text is redacted (connection URLs, passwords, configured secrets), shows at most a short piece
+of any input it quotes, and never carries a traceback.
 
 Paths and shapes are the seed's compatibility contract::
 
@@ -19,8 +21,10 @@ Paths and shapes are the seed's compatibility contract::
     GET    /api/runs/{id}                   state of a Prefect flow run started here
 
 Auth: ``Authorization: Bearer <token>``. ``BACKUP_API_TOKEN`` (admin) may do everything,
-``BACKUP_API_READ_TOKEN`` only GET. With no token configured every request is allowed, and
-``serve_api`` refuses to listen anywhere but the loopback interface.
+``BACKUP_API_READ_TOKEN`` only GET. With no token configured every request is allowed, so
+``serve_api`` refuses to listen anywhere but the loopback interface and the guard serves only
+loopback Host names (plus ``BACKUP_API_ALLOWED_HOSTS``): a web page cannot reach it by DNS
+rebinding, nor by a cross-site request (Origin, content types).
 
 Prefect is reached over its REST API with httpx (``PREFECT_API_URL`` from the environment or
 the active Prefect profile), never by importing ``prefect``: importing it costs seconds and tens
@@ -31,7 +35,6 @@ not running and ``"wait": false`` answers 503 with what to set.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import os
 import re
@@ -55,8 +58,21 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from pgkeeper import __version__, catalog, naming
+from pgkeeper.api_guard import (
+    DUMP_TYPES,
+    Access,
+    BodyRule,
+    GuardError,
+    HostRule,
+    RequestGuard,
+    Tokens,
+    allowed_hosts,
+    json_body,
+)
 from pgkeeper.errors import (
     ConfigError,
     ConfirmationRequiredError,
@@ -203,6 +219,12 @@ class MessageResponse(BaseModel):
     message: str
 
 
+# Far above any real target (a database name is at most 63 bytes, a libpq URL a few hundred):
+# a bigger one is refused by validation before any code parses it. Ids and names need no such
+# limit: naming.validate_id/validate_name refuse anything longer than their shape.
+MAX_TARGET_CHARS = 4096
+
+
 class RestoreRequest(BaseModel):
     backupId: str = Field(
         description="backup id, or 'latest' for the newest verified backup",
@@ -210,12 +232,13 @@ class RestoreRequest(BaseModel):
     )
     target: str | None = Field(
         default=None,
+        max_length=MAX_TARGET_CHARS,
         description=(
             "a database name on the DATABASE_URL server, or a postgresql:// URL; "
             "default: a new database <db>_restored_<time>"
         ),
     )
-    confirm: str | bool | None = Field(
+    confirm: Annotated[str, Field(max_length=MAX_TARGET_CHARS)] | bool | None = Field(
         default=None,
         description="the target database's name: required to replace a database that has data",
     )
@@ -283,14 +306,19 @@ class HealthResponse(BaseModel):
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries: each status documented with the error body."""
-    return {status: {"model": ErrorResponse} for status in (400, *statuses)}
+    """OpenAPI ``responses`` entries: each status documented with the error body (400 and 421
+    come from the guard on every route)."""
+    return {status: {"model": ErrorResponse} for status in sorted({400, 421, *statuses})}
 
 
 AUTH_ERRORS = (401, 403)
+BODY_ERRORS = (413, 415)  # the guard's answers to a body of the wrong type or size
 
 
 # --- redaction ----------------------------------------------------------------------------------
+
+ECHO_CHARS = 80  # the most of one input an error message shows
+ERROR_CHARS = 300  # the longest error message sent
 
 _PG_URL_IN_TEXT = re.compile(r"postgres(?:ql)?://[^\s'\"<>]+")
 _HTTP_USERINFO = re.compile(r"(https?://)[^/\s@]+@")
@@ -304,6 +332,20 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     text = _PASSWORD_KV.sub(r"\1***", text)
     for secret in secrets:
         text = text.replace(secret, "***")
+    return text
+
+
+_LONG_WORD = re.compile(rf"\S{{{ECHO_CHARS + 1},}}")
+
+
+def clip(text: str) -> str:
+    """``text`` with every run of more than ECHO_CHARS non-blank characters cut to that many
+    (its head and tail around an ellipsis) and the whole cut to ERROR_CHARS: an error quoting a
+    huge input (a name, an id, a target) stays one short line."""
+    text = _LONG_WORD.sub(lambda m: m.group(0)[:56] + "…" + m.group(0)[57 - ECHO_CHARS :], text)
+    if len(text) > ERROR_CHARS:
+        tail = ERROR_CHARS // 3
+        text = text[: ERROR_CHARS - tail - 3] + " … " + text[-tail:]
     return text
 
 
@@ -554,15 +596,10 @@ class ApiContext:
     settings: Settings
     prefect: PrefectLink
     secrets: tuple[str, ...]
-    admin_token: bytes | None = field(default=None, repr=False)
-    read_token: bytes | None = field(default=None, repr=False)
+    tokens: Tokens = field(default_factory=Tokens)
     _storages: list[Storage] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _scheduler: tuple[float, bool, str] | None = field(default=None, repr=False)
-
-    @property
-    def auth_enabled(self) -> bool:
-        return self.admin_token is not None or self.read_token is not None
 
     def storages(self) -> list[Storage]:
         """The storage targets, opened once (cloud clients are costly to build, thread-safe)."""
@@ -605,43 +642,21 @@ bearer = HTTPBearer(
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-class _StatusError(PgkeeperError):
-    """An error of this front door with its own status (401, 403, 404 for runs and routes)."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.http_status = status
+def _credentials(credentials: HTTPAuthorizationCredentials | None) -> tuple[str, str]:
+    return (credentials.scheme, credentials.credentials) if credentials else ("", "")
 
 
-def _role(ctx: ApiContext, credentials: HTTPAuthorizationCredentials | None) -> str:
-    """'admin', 'read', or raise 401. Both tokens are always compared, in constant time."""
-    if not ctx.auth_enabled:
-        return "admin"
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise _StatusError(
-            "missing bearer token (send 'Authorization: Bearer <BACKUP_API_TOKEN>')", 401
-        )
-    given = credentials.credentials.encode()
-    is_admin = ctx.admin_token is not None and hmac.compare_digest(given, ctx.admin_token)
-    is_reader = ctx.read_token is not None and hmac.compare_digest(given, ctx.read_token)
-    if is_admin:
-        return "admin"
-    if is_reader:
-        return "read"
-    raise _StatusError("invalid bearer token (check BACKUP_API_TOKEN)", 401)
-
-
+# The guard middleware has already checked the token before any body was read; these checks
+# declare each route's security in the OpenAPI schema and hold should a route ever be mounted
+# without the guard.
 def require_read(ctx: Ctx, credentials: Credentials) -> None:
     """Any configured token (admin or read-only)."""
-    _role(ctx, credentials)
+    ctx.tokens.require("read", *_credentials(credentials))
 
 
 def require_admin(ctx: Ctx, credentials: Credentials) -> None:
     """The admin token: every request that changes something."""
-    if _role(ctx, credentials) != "admin":
-        raise _StatusError(
-            "the read-only token cannot change backups (use BACKUP_API_TOKEN)", 403
-        )
+    ctx.tokens.require("admin", *_credentials(credentials))
 
 
 ReadAccess = [Depends(require_read)]
@@ -852,7 +867,7 @@ def read_run(ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:
     """The state of a pgkeeper flow run (started with "wait": false, or by the scheduler)."""
     state = ctx.prefect.read_run(run_id)
     if state is None:
-        raise _StatusError(f"no pgkeeper flow run {run_id} on {ctx.prefect.shown}", 404)
+        raise GuardError(f"no pgkeeper flow run {run_id} on {ctx.prefect.shown}", 404)
     if state.flow == "backup" and state.finished:
         made = [e.manifest.id for e in catalog.list_all(ctx.storages())
                 if e.manifest.flow_run_id == state.id]  # fmt: skip
@@ -1098,10 +1113,9 @@ async def import_backup(
     from pgkeeper.importing import import_stream
 
     naming.validate_name(name)
+    # The guard has checked the token, the type and a declared length; the reader counts what
+    # really arrives.
     limit = ctx.settings.backup_api_max_import_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)  # refused before a byte of the body is read
     primary = (await run_in_threadpool(ctx.storages))[0]
     reader = _BodyReader(request.stream(), limit)
     manifest = await run_in_threadpool(
@@ -1121,7 +1135,9 @@ def _error_response(
     ctx: ApiContext | None, exc: PgkeeperError, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     secrets = ctx.secrets if ctx is not None else ()
+    # Redacted before it is cut: a cut could leave a password no pattern recognises.
     text = redact(exc.message.splitlines()[0] if exc.message else type(exc).__name__, secrets)
+    text = clip(text)
     if exc.http_status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="pgkeeper"'}
     return JSONResponse(
@@ -1151,6 +1167,21 @@ def _validation_message(exc: RequestValidationError) -> str:
     return f"{what}: {message}"
 
 
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _methods_of(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route of the request's path answers."""
+    found: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        methods = getattr(route, "methods", None)
+        if match is not Match.NONE and methods:
+            found |= set(methods)
+    known = len(_METHOD_ORDER)
+    return sorted(found, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else known, m))
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     def context_of(request: Request) -> ApiContext | None:
         return getattr(request.app.state, "pgkeeper", None)
@@ -1168,9 +1199,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for this type
         text = {404: "no such endpoint (see /docs)", 405: "method not allowed (see /docs)"}
-        error = _StatusError(text.get(exc.status_code, str(exc.detail)), exc.status_code)
-        response = _error_response(context_of(request), error, dict(exc.headers or {}))
-        return response
+        error = GuardError(text.get(exc.status_code, str(exc.detail)), exc.status_code)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # The router names only the first route of the path; a path has one route per method.
+            headers["Allow"] = ", ".join(_methods_of(request.app, request.scope))
+        return _error_response(context_of(request), error, headers)
 
     async def unexpected_error(request: Request, exc: Exception) -> Response:
         # Logged in full for the operator; the client gets one line without any detail.
@@ -1190,8 +1224,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 DESCRIPTION = """
 Automated PostgreSQL backups over HTTP. Send `Authorization: Bearer <token>`:
-`BACKUP_API_TOKEN` may do everything, `BACKUP_API_READ_TOKEN` only GET. Every error is
-`{"success": false, "error": "..."}` with a meaningful status.
+`BACKUP_API_TOKEN` may do everything, `BACKUP_API_READ_TOKEN` only GET. JSON bodies need
+`Content-Type: application/json` (at most 1 MiB), an import `application/octet-stream`; requests
+from web pages of other origins are refused. Every error is `{"success": false, "error": "..."}`
+with a meaningful status.
 """
 
 
@@ -1223,8 +1259,40 @@ def _install_docs(app: FastAPI) -> None:
     app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
 
 
+class _Routes:
+    """The app's routes with the access each needs: one table that both declares a route's
+    security dependency (for the OpenAPI schema) and tells the guard what to enforce."""
+
+    OPEN = Access("open")
+    NO_ROUTE = Access("read")  # a 404/405 tells only a caller with a token what is not there
+    UNLISTED = Access("admin")  # a route missing from the table fails closed
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.table: dict[tuple[str, str], Access] = {}
+
+    def add(self, path: str, endpoint: Any, method: str, access: Access, **kwargs: Any) -> None:
+        dependencies = {"open": [], "read": ReadAccess, "admin": AdminAccess}[access.role]
+        self.app.add_api_route(
+            path, endpoint, methods=[method], dependencies=dependencies, **kwargs
+        )
+        self.table[(path, method)] = access
+
+    def access_of(self, scope: Scope) -> Access:
+        for route in self.app.router.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                path = getattr(route, "path", "")
+                listed = self.table.get((path, scope["method"])) or self.table.get((path, "*"))
+                return listed or self.UNLISTED
+        return self.NO_ROUTE
+
+
 def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAPI:
-    """The FastAPI application serving ``settings``' backups (Prefect from the environment)."""
+    """The FastAPI application serving ``settings``' backups (Prefect from the environment).
+
+    Raises ConfigError when BACKUP_API_ALLOWED_HOSTS holds an entry that is no host.
+    """
     app = FastAPI(
         title="pgkeeper",
         version=__version__,
@@ -1233,42 +1301,66 @@ def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAP
         redoc_url=None,
         openapi_url="/openapi.json",
     )
-    app.state.pgkeeper = ApiContext(
+    tokens = Tokens(_token(settings.backup_api_token), _token(settings.backup_api_read_token))
+    listed = allowed_hosts(settings.backup_api_allowed_hosts)
+    ctx = app.state.pgkeeper = ApiContext(
         settings=settings,
         prefect=prefect if prefect is not None else PrefectLink.from_environment(),
         secrets=_secrets_of(settings),
-        admin_token=_token(settings.backup_api_token),
-        read_token=_token(settings.backup_api_read_token),
+        tokens=tokens,
+    )
+    routes = _Routes(app)
+    app.add_middleware(
+        RequestGuard,
+        # Without a token the Host rule is what keeps web pages out; with one, the operator
+        # turns it on by listing the names the API is reached by.
+        hosts=HostRule(allowed=listed, enforced=not tokens.enabled or bool(listed)),
+        tokens=tokens,
+        access_of=routes.access_of,
+        render=lambda exc: _error_response(ctx, exc),
     )
     _install_error_handlers(app)
     _install_docs(app)
-    add = app.add_api_route
-    add("/api/health", health, methods=["GET"], tags=["health"], response_model=HealthResponse)
+    for path in ("/docs", DOCS_ASSETS, "/openapi.json"):
+        routes.table[(path, "*")] = routes.OPEN
+    read, admin = Access("read"), Access("admin")
+    limit = settings.backup_api_max_import_bytes
+    dump = BodyRule(
+        types=DUMP_TYPES, limit=limit, buffered=False,
+        wanted="an import takes the dump as the raw body (send Content-Type: "
+        "application/octet-stream, or application/gzip, application/zstd, application/sql)",
+        too_large=_too_large(limit).message,
+    )  # fmt: skip
+    add = routes.add
+    add("/api/health", health, "GET", routes.OPEN, tags=["health"],
+        response_model=HealthResponse, responses=_errors())  # fmt: skip
     add(
-        "/api/backups", list_backups, methods=["GET"], tags=["backups"],
-        dependencies=ReadAccess, response_model=BackupList, responses=_errors(*AUTH_ERRORS),
-        summary="List backups",
+        "/api/backups", list_backups, "GET", read, tags=["backups"],
+        response_model=BackupList, responses=_errors(*AUTH_ERRORS), summary="List backups",
     )  # fmt: skip
     add(
-        "/api/backups", create_backup, methods=["POST"], tags=["backups"],
-        dependencies=AdminAccess, response_model=CreatedBackupResponse,
-        responses={202: {"model": RunAccepted}, **_errors(*AUTH_ERRORS, 404, 409, 422, 503)},
+        "/api/backups", create_backup, "POST", Access("admin", json_body("POST /api/backups")),
+        tags=["backups"], response_model=CreatedBackupResponse,
+        responses={202: {"model": RunAccepted},
+                   **_errors(*AUTH_ERRORS, *BODY_ERRORS, 404, 409, 422, 503)},
         summary="Back up now",
     )  # fmt: skip
     add(
-        "/api/backups", delete_backup, methods=["DELETE"], tags=["backups"],
-        dependencies=AdminAccess, response_model=MessageResponse,
-        responses=_errors(*AUTH_ERRORS, 404), summary="Delete a backup",
+        "/api/backups", delete_backup, "DELETE", admin, tags=["backups"],
+        response_model=MessageResponse, responses=_errors(*AUTH_ERRORS, 404),
+        summary="Delete a backup",
     )  # fmt: skip
     add(
-        "/api/backups/restore", restore, methods=["POST"], tags=["backups"],
-        dependencies=AdminAccess, response_model=RestoreResponse,
-        responses={202: {"model": RunAccepted}, **_errors(*AUTH_ERRORS, 404, 409, 422, 503)},
+        "/api/backups/restore", restore, "POST",
+        Access("admin", json_body("POST /api/backups/restore")), tags=["backups"],
+        response_model=RestoreResponse,
+        responses={202: {"model": RunAccepted},
+                   **_errors(*AUTH_ERRORS, *BODY_ERRORS, 404, 409, 422, 503)},
         summary="Restore a backup",
     )  # fmt: skip
     add(
-        "/api/backups/download", download, methods=["GET"], tags=["backups"],
-        dependencies=ReadAccess, response_class=StreamingResponse,
+        "/api/backups/download", download, "GET", read, tags=["backups"],
+        response_class=StreamingResponse,
         responses={
             200: {"content": {"application/octet-stream": {"schema": {"type": "string",
                                                                        "format": "binary"}}},
@@ -1279,16 +1371,16 @@ def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAP
         summary="Download a backup's file",
     )  # fmt: skip
     add(  # the same headers, no body (documented with GET)
-        "/api/backups/download", download, methods=["HEAD"], dependencies=ReadAccess,
-        include_in_schema=False,
+        "/api/backups/download", download, "HEAD", read, include_in_schema=False,
     )  # fmt: skip
     add(
-        "/api/backups/import", import_backup, methods=["POST"], tags=["backups"],
-        dependencies=AdminAccess, response_model=ImportResponse,
-        responses=_errors(*AUTH_ERRORS, 413, 422),
+        "/api/backups/import", import_backup, "POST", Access("admin", dump), tags=["backups"],
+        response_model=ImportResponse, responses=_errors(*AUTH_ERRORS, *BODY_ERRORS, 422),
         openapi_extra={
             "requestBody": {
                 "required": True,
+                "description": "the dump; also accepted as application/gzip, application/zstd, "
+                "application/sql, application/x-tar or application/x-gzip",
                 "content": {
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
                 },
@@ -1297,14 +1389,14 @@ def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAP
         summary="Import an external dump",
     )  # fmt: skip
     add(
-        "/api/backups/{backup_id}", show_backup, methods=["GET"], tags=["backups"],
-        dependencies=ReadAccess, response_model=BackupResponse,
-        responses=_errors(*AUTH_ERRORS, 404), summary="Show one backup",
+        "/api/backups/{backup_id}", show_backup, "GET", read, tags=["backups"],
+        response_model=BackupResponse, responses=_errors(*AUTH_ERRORS, 404),
+        summary="Show one backup",
     )  # fmt: skip
     add(
-        "/api/runs/{run_id}", read_run, methods=["GET"], tags=["runs"],
-        dependencies=ReadAccess, response_model=RunResponse,
-        responses=_errors(*AUTH_ERRORS, 404, 503), summary="State of a Prefect run",
+        "/api/runs/{run_id}", read_run, "GET", read, tags=["runs"],
+        response_model=RunResponse, responses=_errors(*AUTH_ERRORS, 404, 503),
+        summary="State of a Prefect run",
     )  # fmt: skip
     return app
 
@@ -1340,6 +1432,9 @@ def serve_api(settings: Settings, host: str | None = None, port: int | None = No
         app,
         host=host.strip("[]"),
         port=port,
+        # h11 always, even where httptools is installed: its 16 KiB cap on a request's line and
+        # headers, and its handling of a refused body (see api_guard), are what was tested.
+        http="h11",
         server_header=False,
         log_level="info",
     )

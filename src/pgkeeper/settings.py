@@ -136,8 +136,15 @@ class Settings(BaseSettings):
     backup_api_host: str = "127.0.0.1"
     backup_api_port: int = 8080
     backup_api_max_import_bytes: int = Field(default=10 * 1024**3, ge=1)
+    backup_api_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Host names (or addresses) the API answers for besides loopback, comma separated; "
+            "without a token only these and loopback are served, with one, once set, too."
+        ),
+    )
 
-    @field_validator("backup_targets", mode="before")
+    @field_validator("backup_targets", "backup_api_allowed_hosts", mode="before")
     @classmethod
     def _targets(cls, value: object) -> object:
         return _split_list(value)

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,49 +39,36 @@ from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.download import write_backup
 from pgkeeper.errors import ConfigError
 from pgkeeper.manifest import Manifest, StoredObject
-from pgkeeper.settings import Settings, load_settings
+from pgkeeper.settings import Settings
 from pgkeeper.storage import LocalStorage
 from tests.servers import free_port, guarded_script_argv
 from tests.servers.postgres import DEFAULT_PASSWORD, PgCluster
 from tests.servers.s3 import S3Server
-
-with warnings.catch_warnings():
-    # Starlette 1.x asks for `httpx2` under its TestClient; the installed httpx works the same.
-    # Imported here once, so every later import (schemathesis's too) finds it cached.
-    from starlette.exceptions import StarletteDeprecationWarning
-
-    warnings.filterwarnings(
-        "ignore", message="Using `httpx` with `starlette.testclient`",
-        category=StarletteDeprecationWarning,
-    )  # fmt: skip
-    from starlette.testclient import TestClient
+from tests.support.api import (
+    ADMIN,
+    AUTH,
+    MIB,
+    READ,
+    READ_AUTH,
+    LiveServer,
+    RssWatch,
+    TestClient,
+    assert_error,
+    backup_folders,
+    live_api_server,
+    settings_for,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
-ADMIN = "admin-token-0123456789abcdef"
-READ = "read-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {ADMIN}"}
-READ_AUTH = {"Authorization": f"Bearer {READ}"}
 NO_PREFECT = PrefectLink(api_url=None, ui_url=None)
 UNKNOWN_ID = "auto_backup_2020-01-01T00-00-00Z"
-MIB = 1024 * 1024
+DUMP_AUTH = {**AUTH, "Content-Type": "application/octet-stream"}  # what an import sends
 EVERYWHERE = "0.0.0.0"  # noqa: S104 - the address the bind rule must refuse without a token
 
 
 # --- fixtures and helpers -------------------------------------------------------------------------
-
-
-def settings_for(database_url: str | None, backup_dir: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "_env_file": None,
-        "backup_dir": str(backup_dir),
-        "backup_compression_threads": 1,
-        "backup_api_token": ADMIN,
-        "backup_api_read_token": READ,
-    }
-    if database_url is not None:
-        values["database_url"] = database_url
-    return load_settings(**(values | overrides))
 
 
 @pytest.fixture
@@ -111,23 +98,6 @@ def backup_now(client: TestClient, **body: Any) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     backup: dict[str, Any] = response.json()["backup"]
     return backup
-
-
-def assert_error(response: httpx.Response, status: int, *words: str) -> str:
-    """The response is the API's error shape with ``status``; its text contains ``words``."""
-    assert response.status_code == status, response.text[:500]
-    body = response.json()
-    assert body["success"] is False
-    assert isinstance(body["error"], str) and "\n" not in body["error"]
-    assert "Traceback" not in response.text
-    for word in words:
-        assert word in body["error"], body["error"]
-    error: str = body["error"]
-    return error
-
-
-def backup_folders(backup_dir: Path) -> list[str]:
-    return sorted(p.name for p in backup_dir.iterdir()) if backup_dir.exists() else []
 
 
 def fabricate_backup(backup_dir: Path, size: int, name: str = "fabricated") -> Manifest:
@@ -165,14 +135,6 @@ def fabricate_backup(backup_dir: Path, size: int, name: str = "fabricated") -> M
 
 def stored_file(backup_dir: Path, backup: dict[str, Any]) -> Path:
     return backup_dir / str(backup["id"]) / str(backup["filename"])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # --- health, docs, listing, showing ---------------------------------------------------------------
@@ -425,10 +387,12 @@ def test_a_read_token_alone_makes_a_read_only_api(sample_db: str, backup_dir: Pa
 
 
 def test_without_tokens_every_request_is_allowed(sample_db: str, backup_dir: Path) -> None:
-    """With no token configured (a loopback-only server) requests need no Authorization."""
+    """With no token configured (a loopback-only server) requests to a loopback Host need no
+    Authorization."""
     settings = settings_for(sample_db, backup_dir, backup_api_token=None,
                             backup_api_read_token=None)  # fmt: skip
-    with TestClient(create_app(settings, prefect=NO_PREFECT)) as open_client:
+    app = create_app(settings, prefect=NO_PREFECT)
+    with TestClient(app, base_url="http://127.0.0.1:8080") as open_client:
         assert open_client.get("/api/backups").status_code == 200
         assert open_client.post("/api/backups", json={}).status_code == 200
 
@@ -634,7 +598,7 @@ def test_import_of_a_real_dump_makes_a_verified_backup(
     dump = pg_dump_bytes(pg_cluster, dbname_of(sample_db), *dump_args)
     response = client.post(
         "/api/backups/import", params={"name": "from_elsewhere"}, content=dump,
-        headers={**AUTH, "Content-Type": "application/octet-stream"},
+        headers=DUMP_AUTH,
     )  # fmt: skip
     assert response.status_code == 200, response.text
     body = response.json()
@@ -659,7 +623,7 @@ def test_import_of_garbage_gets_422_and_leaves_nothing(
     client: TestClient, backup_dir: Path, garbage: bytes
 ) -> None:
     """A body that is not a PostgreSQL dump gets 422 saying so; nothing is stored."""
-    response = client.post("/api/backups/import", content=garbage, headers=AUTH)
+    response = client.post("/api/backups/import", content=garbage, headers=DUMP_AUTH)
     assert_error(response, 422, "not")
     assert "dump" in response.json()["error"]
     assert backup_folders(backup_dir) == []
@@ -668,7 +632,7 @@ def test_import_of_garbage_gets_422_and_leaves_nothing(
 def test_import_with_a_bad_name_gets_400(client: TestClient, backup_dir: Path) -> None:
     """An import name that cannot start an id gets 400 before the body is read."""
     response = client.post(
-        "/api/backups/import", params={"name": "../up"}, content=b"x", headers=AUTH
+        "/api/backups/import", params={"name": "../up"}, content=b"x", headers=DUMP_AUTH
     )
     assert_error(response, 400, "backup name")
     assert backup_folders(backup_dir) == []
@@ -688,9 +652,9 @@ def test_import_larger_than_the_limit_gets_413(
             yield dump[start : start + 16 * 1024]
 
     with TestClient(create_app(settings, prefect=NO_PREFECT)) as small:
-        declared = small.post("/api/backups/import", content=dump, headers=AUTH)
+        declared = small.post("/api/backups/import", content=dump, headers=DUMP_AUTH)
         assert_error(declared, 413, "import limit", str(limit))
-        streamed = small.post("/api/backups/import", content=chunked(), headers=AUTH)
+        streamed = small.post("/api/backups/import", content=chunked(), headers=DUMP_AUTH)
         assert_error(streamed, 413, "import limit")
     assert backup_folders(backup_dir) == []
 
@@ -845,7 +809,8 @@ import sys
 from starlette.testclient import TestClient
 from pgkeeper.api import create_app
 from pgkeeper.settings import load_settings
-client = TestClient(create_app(load_settings(_env_file=None, backup_dir=sys.argv[1])))
+client = TestClient(create_app(load_settings(_env_file=None, backup_dir=sys.argv[1])),
+                    base_url="http://127.0.0.1:8080")
 for path in ("/api/health", "/api/backups", "/api/backups/download?id=x_2020-01-01T00-00-00Z",
              "/openapi.json"):
     assert client.get(path).status_code in (200, 404), path
@@ -1245,87 +1210,12 @@ def test_parse_range_follows_rfc_9110() -> None:
 
 # --- a real uvicorn server: streaming and bounded memory ------------------------------------------
 
-_SERVE = """
-import sys
-from pgkeeper.api import serve_api
-from pgkeeper.settings import load_settings
-serve_api(load_settings(_env_file=None), port=int(sys.argv[1]))
-"""
-
-
-@dataclass
-class LiveServer:
-    url: str
-    pid: int
-    backup_dir: Path
-
-    def rss(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
-
-
-class RssWatch:
-    """Samples a process's RSS every 20 ms in a thread; ``peak`` is the highest seen."""
-
-    def __init__(self, server: LiveServer) -> None:
-        self._server = server
-        self.peak = server.rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._server.rss())
-
-    def __enter__(self) -> RssWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
 
 @pytest.fixture
 def live_server(tmp_path: Path, backup_dir: Path) -> Iterator[LiveServer]:
     """`serve_api` in a uvicorn subprocess on a free port, configured by environment."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "BACKUP_DIR": str(backup_dir),
-        "BACKUP_API_TOKEN": ADMIN,
-        "BACKUP_API_READ_TOKEN": READ,
-        "BACKUP_COMPRESSION_THREADS": "1",
-    }
-    log = (tmp_path / "server.log").open("wb")
-    (tmp_path / "serve_api.py").write_text(_SERVE)
-    proc = subprocess.Popen(
-        guarded_script_argv("serve_api.py", str(port)), env=env, cwd=tmp_path,
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    server = LiveServer(f"http://127.0.0.1:{port}", proc.pid, backup_dir)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError((tmp_path / "server.log").read_text())
-        try:
-            return httpx.get(f"{server.url}/api/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(ready, 60, "the API server to start")
+    with live_api_server(tmp_path, backup_dir) as server:
         yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
 
 
 BOUND = 50 * MIB  # the server's RSS may grow this much while moving 100-200 MB
@@ -1406,7 +1296,7 @@ def test_a_large_import_streams_to_storage_in_bounded_memory(live_server: LiveSe
     baseline = live_server.rss()
     with RssWatch(live_server) as watch:
         response = httpx.post(f"{live_server.url}/api/backups/import",
-                              params={"name": "big_import"}, content=body(), headers=AUTH,
+                              params={"name": "big_import"}, content=body(), headers=DUMP_AUTH,
                               timeout=120)  # fmt: skip
     assert response.status_code == 200, response.text
     backup = response.json()["backup"]
