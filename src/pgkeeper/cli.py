@@ -138,10 +138,16 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         table.add_column(column, no_wrap=True, overflow="fold")
     for row in rows:
         table.add_row(*(str(row.get(c, "")) for c in columns))
-    # Piped output keeps whole ids: a pipe has no width to fit.
-    console = Console() if sys.stdout.isatty() else Console(width=400, no_color=True)
-    console.on_broken_pipe = _broken_pipe  # type: ignore[method-assign]  # rich would exit 1
-    console.print(table)
+    if sys.stdout.isatty():
+        console = Console()
+        console.on_broken_pipe = _broken_pipe  # type: ignore[method-assign]  # rich would exit 1
+        console.print(table)
+        return
+    # Piped output keeps whole ids (a pipe has no width to fit) and no trailing padding.
+    console = Console(width=400, no_color=True)
+    with console.capture() as captured:
+        console.print(table)
+    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def _broken_pipe() -> None:
