@@ -8,7 +8,7 @@ from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.manifest import Manifest
 from pgkeeper.settings import load_settings
 from pgkeeper.storage import targets
-from tasks.progress import ProgressArtifact, expected_dump_size
+from tasks.progress import ProgressArtifact, expected_dump_size, human_size
 from tasks.retry import TRANSIENT_RETRIES
 
 
@@ -26,6 +26,8 @@ def backup_database(
     )  # fmt: skip
     with ProgressArtifact("backup-progress", "dumped", total) as progress:
         manifest = run_backup(settings, options, storage=storages[0], progress=progress)
+        raw = f"{human_size(manifest.raw_size)} dumped, " if manifest.raw_size else ""
+        progress.finish(f"{manifest.id}: {raw}{human_size(manifest.size)} stored, done")
     get_run_logger().info(
         "backup %s of %s: %d bytes in %s", manifest.id, manifest.database, manifest.size,
         storages[0].url,
