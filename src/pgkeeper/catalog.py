@@ -220,22 +220,6 @@ def write_pending(storage: Storage, backup_id: str, database: str, server: str) 
     put_bytes(storage, naming.pending_key(backup_id), json.dumps(body).encode())
 
 
-def _claim(storage: Storage, key: str, data: bytes) -> bool:
-    """Create ``key`` only if it does not exist; True when this caller created it.
-
-    Backends with an atomic create-if-absent expose ``create_exclusive``; elsewhere the data
-    carries a random token and is read back, so of two racing writers at most the last one
-    proceeds (a rare loser fails cleanly on its next step instead of sharing the id).
-    """
-    create = getattr(storage, "create_exclusive", None)
-    if create is not None:
-        return bool(create(key, data))
-    if storage.stat(key) is not None:
-        return False
-    put_bytes(storage, key, data)
-    return get_bytes(storage, key) == data
-
-
 def reserve_id(
     storage: Storage, name: str, database: str, server: str, attempts: int = 20
 ) -> tuple[str, datetime]:
@@ -256,7 +240,7 @@ def reserve_id(
             "since": started.isoformat(),
             "token": secrets.token_hex(8),
         }
-        if _claim(storage, naming.pending_key(backup_id), json.dumps(body).encode()):
+        if storage.create_exclusive(naming.pending_key(backup_id), json.dumps(body).encode()):
             return backup_id, started
         time.sleep(0.002)
     raise StorageError(f"could not claim a new backup id for {name!r} in {storage.url} (retry)")

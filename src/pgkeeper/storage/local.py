@@ -17,6 +17,7 @@ files ``0600``, folders ``0700``.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import secrets
@@ -62,6 +63,9 @@ class LocalStorage:
     """A folder on this machine."""
 
     kind = "local"
+    atomic_create = True  # link() of a fully written temp file fails if the key exists
+    stored_checksums = False  # a local file keeps no checksum: reading it is the check
+    orphan_uploads = False  # a killed writer leaves only a hidden temp file (see cleanup)
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -307,6 +311,14 @@ class LocalStorage:
             except OSError:
                 break
             parent = parent.parent
+
+    def remote_sha256(self, key: str) -> str | None:
+        if self.stat(key) is None:
+            raise StorageError(f"{key!r} not found in {self.url}")
+        return None
+
+    def abort_orphan_uploads(self, prefix: str = "") -> builtins.list[str]:
+        return []
 
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:
