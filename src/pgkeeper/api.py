@@ -17,6 +17,7 @@ Paths and shapes are the seed's compatibility contract::
     POST   /api/backups/import?name=NAME    an external dump as the request body, streamed
     GET    /api/backups/{id}                one backup's record
     GET    /api/runs/{id}                   state of a Prefect flow run started here
+    GET    /metrics                         Prometheus metrics (the read token's rule)
 
 Auth: ``Authorization: Bearer <token>``. ``BACKUP_API_TOKEN`` (admin) may do everything,
 ``BACKUP_API_READ_TOKEN`` only GET. With no token configured every request is allowed, and
@@ -378,6 +379,13 @@ def list_backups(ctx: Ctx) -> dict[str, Any]:
         "totalSize": sum(e.manifest.size for e in entries),
         "scheduler": ctx.scheduler(),
     }
+
+
+def metrics(ctx: Ctx) -> Response:
+    """Prometheus metrics of every database and target (``pgkeeper.metrics``)."""
+    from pgkeeper.metrics import CONTENT_TYPE, render
+
+    return Response(render(ctx.storages(), ctx.secrets), media_type=CONTENT_TYPE)
 
 
 def show_backup(ctx: Ctx, backup_id: str) -> dict[str, Any]:
@@ -1001,6 +1009,11 @@ def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAP
         "/api/backups/{backup_id}", show_backup, methods=["GET"], tags=["backups"],
         dependencies=ReadAccess, response_model=BackupResponse,
         responses=_errors(*AUTH_ERRORS, 404), summary="Show one backup",
+    )  # fmt: skip
+    add(
+        "/metrics", metrics, methods=["GET"], tags=["metrics"], dependencies=ReadAccess,
+        response_class=Response, responses=_errors(*AUTH_ERRORS),
+        summary="Prometheus metrics",
     )  # fmt: skip
     add(
         "/api/runs/{run_id}", read_run, methods=["GET"], tags=["runs"],

@@ -11,6 +11,7 @@ are sent when set). Every failure is a ``PrefectUnavailableError`` (HTTP 503 at 
 from __future__ import annotations
 
 import os
+import time
 import tomllib
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pgkeeper.errors import PgkeeperError
 __all__ = ["PrefectLink", "PrefectUnavailableError", "RunHandle", "RunState"]
 
 PREFECT_TIMEOUT_SECONDS = 5.0
+BUSY_RETRIES = 3
 # A runner (`prefect serve`) polls every 10 s and Prefect's foreman marks a deployment
 # NOT_READY after 60 s without a poll; we allow a little more, for servers whose foreman is off.
 POLL_FRESH_SECONDS = 90.0
@@ -138,7 +140,9 @@ class PrefectLink:
     def run_url(self, run_id: str) -> str | None:
         return f"{self.ui_url.rstrip('/')}/runs/flow-run/{run_id}" if self.ui_url else None
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def request(
+        self, method: str, path: str, body: dict[str, Any] | list[Any] | None = None
+    ) -> Any:
         """One call; returns the JSON answer, or None for 404. Raises PrefectUnavailableError."""
         if not self.api_url:
             raise PrefectUnavailableError(
@@ -147,16 +151,24 @@ class PrefectLink:
             )
         import httpx  # lazy: only calls that need Prefect pay for it
 
-        try:
-            response = httpx.request(
-                method, self.api_url + path, json=body, headers=self.headers, timeout=self.timeout
-            )
-        except httpx.HTTPError as exc:
-            raise PrefectUnavailableError(
-                f"the Prefect server at {self.shown} is unreachable ({type(exc).__name__}); "
-                "start it or fix PREFECT_API_URL"
-            ) from None
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                response = httpx.request(
+                    method, self.api_url + path, json=body, headers=self.headers,
+                    timeout=self.timeout,
+                )  # fmt: skip
+            except httpx.HTTPError as exc:
+                raise PrefectUnavailableError(
+                    f"the Prefect server at {self.shown} is unreachable ({type(exc).__name__}); "
+                    "start it or fix PREFECT_API_URL"
+                ) from None
+            # A SQLite-backed server answers 503 now and then under load: a short retry.
+            if response.status_code != 503 or attempt == BUSY_RETRIES:
+                break
+            time.sleep(0.5 * (attempt + 1))
         if response.status_code == 404:
+            return None
+        if response.status_code == 204:
             return None
         if response.status_code >= 400:
             raise PrefectUnavailableError(
@@ -176,9 +188,10 @@ class PrefectLink:
         )
         return [d for d in found or [] if isinstance(d, dict)]
 
-    def scheduler_status(self) -> tuple[bool, str]:
+    def scheduler_status(self, fresh_seconds: float = POLL_FRESH_SECONDS) -> tuple[bool, str]:
         """Whether a scheduler really runs backups: some backup deployment is not paused, has
-        an active schedule, and a runner/worker polled it recently (Prefect's READY status)."""
+        an active schedule, and a runner/worker polled it in the last ``fresh_seconds`` (and,
+        for the default short window, Prefect calls it READY)."""
         if not self.api_url:
             return False, "no Prefect server is configured (set PREFECT_API_URL)"
         try:
@@ -197,12 +210,27 @@ class PrefectLink:
             return False, "every backup deployment is paused or has no active schedule"
         for deployment in sorted(scheduled, key=lambda d: str(d.get("name"))):
             polled = _parse_time(deployment.get("last_polled"))
-            fresh = polled is not None and now - polled < timedelta(seconds=POLL_FRESH_SECONDS)
-            if deployment.get("status") == "READY" and fresh:
+            fresh = polled is not None and now - polled < timedelta(seconds=fresh_seconds)
+            # Prefect's foreman turns a deployment NOT_READY 60 s after its last poll: for a
+            # longer window the poll time alone decides.
+            ready = deployment.get("status") == "READY" or fresh_seconds > POLL_FRESH_SECONDS
+            if ready and fresh:
                 return True, f"backup/{deployment.get('name')} is served and scheduled"
         return False, (
             "no scheduler has polled the backup deployments in the last "
-            f"{POLL_FRESH_SECONDS:.0f}s (start 'pgkeeper serve')"
+            f"{fresh_seconds:.0f}s (start 'pgkeeper serve' or a worker)"
+        )
+
+    def emit(self, events: list[dict[str, Any]]) -> None:
+        """Record events (``POST /events``); raises PrefectUnavailableError when refused."""
+        self.request("POST", "/events", events)
+
+    def automation_enabled(self, name: str) -> bool:
+        """Whether an enabled automation of that name exists on the server."""
+        found = self.request("POST", "/automations/filter", {"limit": 200})
+        return any(
+            isinstance(a, dict) and a.get("name") == name and a.get("enabled", True)
+            for a in found or []
         )
 
     def start_run(self, flow: str, parameters: dict[str, Any]) -> RunHandle:
