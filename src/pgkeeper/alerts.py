@@ -442,6 +442,8 @@ def _tell(
 ) -> bool:
     """Reconcile, compose, deliver, record; True when nothing needed telling or it went out."""
     route = route or Route.of(settings)
+    if not route.channels and not route.via_prefect:
+        return True  # no alerts configured: nothing to tell, no state to keep
     silent = frozenset({"freshness"}) if route.via_prefect else frozenset()
     state = load_state(primary)
     changes = reconcile(state, scope, problems, utcnow(), silent)
@@ -598,17 +600,22 @@ def watch(
     database: str,
     server: str,
 ) -> Iterator[Watch]:
-    """Run a block of work as one watched run: heartbeat ``/start`` (backups), then the outcome
-    told by ``report_outcome`` (the block's exception, re-raised; or its ``Watch.manifest``).
-    KeyboardInterrupt (Ctrl-C, SIGTERM) is told as a failure too."""
+    """Run a block of work as one watched run: the channels checked first (a malformed
+    BACKUP_NOTIFY_URLS raises ConfigError before any work), heartbeat ``/start`` (backups),
+    then the outcome told by ``report_outcome`` (the block's exception, re-raised; or its
+    ``Watch.manifest``). KeyboardInterrupt (Ctrl-C, SIGTERM) is told as a failure too."""
+    route = Route.of(settings)
     if operation == "backup":
         notify.heartbeat(settings, "start")
     outcome = Watch()
     try:
         yield outcome
     except BaseException as exc:
-        report_outcome(settings, primary, operation, database=database, server=server, error=exc)
+        report_outcome(
+            settings, primary, operation, database=database, server=server, error=exc, route=route
+        )
         raise
     report_outcome(
-        settings, primary, operation, database=database, server=server, manifest=outcome.manifest
-    )
+        settings, primary, operation, database=database, server=server,
+        manifest=outcome.manifest, route=route,
+    )  # fmt: skip

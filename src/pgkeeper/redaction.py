@@ -55,6 +55,8 @@ def _parts_of_url(value: str) -> set[str]:
     except ValueError:
         return found
     candidates = [password or ""]
+    if parts.scheme.startswith("postgres"):  # the database name and host are not secrets
+        return {c for c in candidates if c} | {quote(password, safe="")} if password else found
     candidates += [p for p in parts.path.split("/") if len(p) >= MIN_TOKEN]
     for pair in parts.query.split("&"):
         name, _, item = pair.partition("=")
