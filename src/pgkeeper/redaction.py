@@ -64,7 +64,7 @@ def _parts_of_url(value: str) -> set[str]:
             candidates.append(item)
     # slack://T000/B000/XXX, tgram://bottoken/ChatID: for many Apprise schemes the "host" is
     # itself a token (a real host name has a dot, or is one of the plain web schemes').
-    host = parts.hostname or ""
+    host = parts.netloc.rsplit("@", 1)[-1].split(":", 1)[0]  # as written: tokens have case
     if len(host) >= MIN_TOKEN and "." not in host and parts.scheme not in _WEB_SCHEMES:
         candidates.append(host)
     for candidate in candidates:

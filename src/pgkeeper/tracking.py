@@ -51,7 +51,6 @@ def _start(settings: Settings, dsn: str, transport: Any = None) -> None:
         default_integrations=False,
         auto_enabling_integrations=False,
         include_local_variables=False,
-        send_default_pii=False,
         max_breadcrumbs=0,
         before_send=before_send,
         transport=transport,

@@ -21,7 +21,13 @@ AWS_KEY = "aws-secret-planted-0b8d6e1f2a"
 
 
 def env_for(
-    pg: PgCluster, db: str, backups: Path, channels: str, *, password: str | None = None, **extra: str
+    pg: PgCluster,
+    db: str,
+    backups: Path,
+    channels: str,
+    *,
+    password: str | None = None,
+    **extra: str,
 ) -> dict[str, str]:
     """The CLI's environment: the database (optionally a wrong password), the channels and
     planted secrets that must never be delivered anywhere."""
@@ -158,7 +164,12 @@ def test_the_heartbeat_pings_start_and_success_then_fail(
     one_line_error(run_cli("backup", env=bad, cwd=tmp_path), 2)
 
     paths = [h.path for h in webhook_receiver.items()]
-    assert paths == ["/ping/abc123/start", "/ping/abc123", "/ping/abc123/start", "/ping/abc123/fail"]
+    assert paths == [
+        "/ping/abc123/start",
+        "/ping/abc123",
+        "/ping/abc123/start",
+        "/ping/abc123/fail",
+    ]
 
 
 def test_monitor_tells_a_stale_database_once_and_its_resolution(
