@@ -58,8 +58,10 @@ def dead_man_age(settings: Settings) -> timedelta | None:
 
 
 def automations(settings: Settings, block_id: object) -> list[object]:
-    """The automations to install, as Prefect ``Automation`` objects."""
-    from prefect.automations import Automation, EventTrigger, Posture, SendNotification
+    """The automations to install, as Prefect ``AutomationCore`` objects (what the client's
+    create and update calls take)."""
+    from prefect.automations import EventTrigger, Posture, SendNotification
+    from prefect.events.schemas.automations import AutomationCore as Automation
 
     alert = Automation(
         name=AUTOMATION,
@@ -177,10 +179,10 @@ def install(settings: Settings) -> InstallReport:
         report.lines.append(f"block {BLOCK_NAME}: {', '.join(channels.shown)}")
         wanted = automations(settings, block_id)
         names = {getattr(a, "name") for a in wanted}  # noqa: B009 - Automation objects
-        for automation in wanted:
-            from prefect.automations import Automation
+        from prefect.events.schemas.automations import AutomationCore
 
-            assert isinstance(automation, Automation)  # noqa: S101 - built above
+        for automation in wanted:
+            assert isinstance(automation, AutomationCore)  # noqa: S101 - built above
             existing = client.read_automations_by_name(automation.name)
             if existing:
                 client.update_automation(existing[0].id, automation)

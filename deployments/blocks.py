@@ -37,8 +37,10 @@ class PgkeeperNotification(AbstractAppriseNotificationBlock):
     )
 
     def block_initialization(self) -> None:
-        from apprise import Apprise, AppriseAsset
+        from pgkeeper.notify import load_apprise
 
+        apprise = load_apprise()
+        Apprise, AppriseAsset = apprise.Apprise, apprise.AppriseAsset
         asset = AppriseAsset(app_id="pgkeeper", app_desc="pgkeeper backups", app_url="")
         self._apprise_client = Apprise(asset=asset)
         for url in self.urls.get_secret_value().split(","):

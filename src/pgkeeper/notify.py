@@ -17,7 +17,9 @@ alerts when the pings stop, which works when pgkeeper and its host are gone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,8 +66,15 @@ class Channels:
         return bool(self.urls)
 
 
-def _apprise() -> Any:
-    import apprise  # lazy: ~0.2 s to load its ~160 plugins, only when alerts are configured
+def load_apprise() -> Any:
+    """The apprise module, imported on first use (~0.2 s for its ~160 plugins)."""
+    with warnings.catch_warnings():
+        # apprise 2's e-mail plugin, loaded on the first URL, imports the stdlib's imghdr,
+        # deprecated on Python 3.11/3.12: imported here once, quietly, so it is never again.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with contextlib.suppress(ImportError):
+            import imghdr  # noqa: F401
+        import apprise
 
     return apprise
 
@@ -103,7 +112,7 @@ def channels(settings: Settings, secrets: tuple[str, ...] = ()) -> Channels:
     urls = [u.strip() for u in raw.split(",") if u.strip()]
     if not urls:
         return Channels([], [], secrets)
-    apprise = _apprise()
+    apprise = load_apprise()
     shown: list[str] = []
     for position, url in enumerate(urls, start=1):
         scheme = url.split("://", 1)[0] if "://" in url else ""
@@ -133,7 +142,7 @@ def send(to: Channels, message: Message) -> bool:
     body = redact(message.body, to.secrets)
     delivered = True
     try:
-        apprise = _apprise()
+        apprise = load_apprise()
     except ImportError as exc:  # pragma: no cover - apprise ships with Prefect
         log.warning("alert not sent: apprise is not installed (%s)", exc)
         return False
