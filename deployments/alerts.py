@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from pydantic import SecretStr
+
 from deployments.blocks import BLOCK_TYPE_SLUG, PgkeeperNotification
 from deployments.schedules import backup_interval
 from pgkeeper import notify
@@ -117,7 +119,11 @@ def automations(settings: Settings, block_id: object) -> list[object]:
                     f"No verified backup of a database for {age}. Evaluated by the Prefect "
                     "server: fires even when every pgkeeper process is down."
                 ),
+                # A bucket per database opens with each verified backup (after) and must see
+                # the next one (expect) within the max age; without `after`, a bucket that
+                # saw its one expected event would be dropped as satisfied and never fire.
                 trigger=EventTrigger(
+                    after={expected},
                     expect={expected},
                     match={"prefect.resource.id": "pgkeeper.database.*"},
                     for_each={"prefect.resource.id"},
@@ -175,7 +181,8 @@ def install(settings: Settings) -> InstallReport:
             )
             return report
         raw = settings.backup_notify_urls.get_secret_value() if settings.backup_notify_urls else ""
-        block_id = PgkeeperNotification(urls=raw).save(BLOCK_NAME, overwrite=True)
+        block = PgkeeperNotification(urls=SecretStr(raw), notify_type="failure")
+        block_id = block.save(BLOCK_NAME, overwrite=True)
         report.lines.append(f"block {BLOCK_NAME}: {', '.join(channels.shown)}")
         wanted = automations(settings, block_id)
         names = {getattr(a, "name") for a in wanted}  # noqa: B009 - Automation objects

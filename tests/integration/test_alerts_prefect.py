@@ -28,7 +28,9 @@ def _names() -> list[str]:
 
 
 @pytest.fixture
-def installed(prefect_server: str, webhook_receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch) -> None:
+def installed(
+    prefect_server: str, webhook_receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """BACKUP_NOTIFY_URLS = the webhook receiver; the automations installed (dead-man: 15 s)."""
     from deployments.alerts import install
 
@@ -59,7 +61,9 @@ def test_a_failing_backup_run_reaches_the_receiver_through_the_automation(
     pgkeeper-alerts automation, once: the second failing run adds nothing."""
     from flows.backup import backup
 
-    monkeypatch.setenv("DATABASE_URL", sample_db.replace("@", "x@", 1).replace("postgres:", "postgres:wrong", 1))
+    monkeypatch.setenv(
+        "DATABASE_URL", sample_db.replace("@", "x@", 1).replace("postgres:", "postgres:wrong", 1)
+    )
 
     state = backup(return_state=True)
     assert state.is_failed()
@@ -74,22 +78,33 @@ def test_a_failing_backup_run_reaches_the_receiver_through_the_automation(
 
 @pytest.mark.slow
 def test_the_dead_man_fires_with_no_pgkeeper_process_alive(
-    installed: None, webhook_receiver: WebhookReceiver
-) -> None:
-    """A database's last verified-backup event, then silence: the Prefect server itself tells
-    that no verified backup arrived within BACKUP_MAX_AGE (15 s here)."""
-    from pgkeeper.alerts import _event
-    from tasks.alerts import prefect_link
+    prefect_server_process: str, webhook_receiver: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """On a real `prefect server start`: a database's last verified-backup event, then silence;
+    the server itself tells that no verified backup arrived within BACKUP_MAX_AGE (15 s here),
+    while this test only waits (no flow, no serve, no worker)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from deployments.alerts import install
+    from pgkeeper.alerts import _event
+    from pgkeeper.prefect_api import PrefectLink
+
+    monkeypatch.setenv("BACKUP_NOTIFY_URLS", webhook_receiver.url("/deadman"))
+    monkeypatch.setenv("BACKUP_MAX_AGE", "15s")
+    with temporary_settings({PREFECT_API_URL: prefect_server_process}):
+        report = install(load_settings(_env_file=None))
+    assert report.ok, report.problem
     database = f"deadman_{uuid.uuid4().hex[:6]}"
     resource = database_resource(database, "db.example:5432")
-    prefect_link().emit([_event("pgkeeper.backup.verified", resource, database, {})])
+    link = PrefectLink(api_url=prefect_server_process, ui_url=None)
+    link.emit([_event("pgkeeper.backup.verified", resource, database, {})])
 
     started = time.monotonic()
-    hook = webhook_receiver.wait_for(lambda h: database in (h.body or {}).get("title", ""), 90)
+    hook = webhook_receiver.wait_for(lambda h: database in (h.body or {}).get("title", ""), 120)
     waited = time.monotonic() - started
 
     assert "no verified backup for 15s" in hook.body["title"]
     assert f"{database}@db.example:5432" in hook.body["message"]
     assert waited >= 10  # not before the max age (the server's check runs every few seconds)
-    assert AUTOMATION in _names()
+    assert AUTOMATION in {a["name"] for a in link.request("POST", "/automations/filter", {})}
