@@ -55,7 +55,7 @@ def check_health(
     link = prefect_link()
     silence = parse_duration(settings.backup_scheduler_max_silence, "BACKUP_SCHEDULER_MAX_SILENCE")
     scheduler = (
-        link.scheduler_status(silence.total_seconds()) if settings.backup_enabled else None
+        link.scheduler_check(silence.total_seconds()) if settings.backup_enabled else None
     )
     reports = monitor.monitor_each(
         storages,

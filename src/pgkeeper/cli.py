@@ -703,7 +703,7 @@ def monitor(as_json: JsonOpt = False) -> None:
         silence = parse_duration(
             settings.backup_scheduler_max_silence, "BACKUP_SCHEDULER_MAX_SILENCE"
         )
-        scheduler = link.scheduler_status(silence.total_seconds())
+        scheduler = link.scheduler_check(silence.total_seconds())
     policies = policies_from_settings(settings, storages)
     reports = health.monitor_each(
         storages,

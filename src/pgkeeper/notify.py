@@ -125,7 +125,7 @@ def channels(settings: Settings, secrets: tuple[str, ...] = ()) -> Channels:
                 f"BACKUP_NOTIFY_URLS entry {position} ({what}) is not a valid Apprise URL "
                 f"({HOW_TO_WRITE})"
             )
-        shown.append(redact(client[0].url(privacy=True), secrets))
+        shown.append(redact(client[0].url(privacy=True)))  # apprise masks its tokens
     return Channels(urls, shown, secrets)
 
 

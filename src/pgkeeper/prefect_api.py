@@ -221,6 +221,18 @@ class PrefectLink:
             f"{fresh_seconds:.0f}s (start 'pgkeeper serve' or a worker)"
         )
 
+    def scheduler_check(self, fresh_seconds: float) -> tuple[bool, str] | None:
+        """``scheduler_status`` for the monitor, or None when there is nothing to check: no
+        server configured, or one without backup deployments (backups run from cron)."""
+        if not self.api_url:
+            return None
+        try:
+            if not self.deployments_of("backup"):
+                return None
+        except PrefectUnavailableError as exc:
+            return False, exc.message
+        return self.scheduler_status(fresh_seconds)
+
     def emit(self, events: list[dict[str, Any]]) -> None:
         """Record events (``POST /events``); raises PrefectUnavailableError when refused."""
         self.request("POST", "/events", events)
