@@ -287,25 +287,33 @@ def _title(rule: str) -> str:
     return _RULE_TITLE.get(rule, rule)
 
 
+_BACKUP_ID = re.compile(r"\b[A-Za-z0-9][A-Za-z0-9_-]{0,62}_\d{4}-\d\d-\d\dT[\d.-]+Z\b")
+
+
 def _cause(problem: Problem) -> str:
-    """The detail with the database's own name taken out, so one outage groups together."""
+    """The detail with the database's own name (also inside backup ids) and its backup ids
+    taken out, so one outage's problems read the same and group together."""
     name = problem.subject.split(" on ", 1)[0]
     text = problem.detail.replace(problem.subject, "<database>")
-    return re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", "<database>", text) if name else text
+    text = _BACKUP_ID.sub("<backup>", text)
+    return text.replace(name, "<database>") if len(name) >= 3 else text
 
 
 def _grouped(problems: Sequence[Problem]) -> list[str]:
-    """One line per rule and cause, naming every subject it hit (the first MAX_LINES)."""
+    """One line per rule and cause, naming every subject it hit (the first MAX_LINES). Numbers
+    do not split a group (2d ago, 47h ago); the line shows the first member's wording."""
     groups: dict[tuple[str, str], list[Problem]] = {}
     for problem in problems:
-        groups.setdefault((problem.rule, _cause(problem)), []).append(problem)
+        key = (problem.rule, re.sub(r"\d+(\.\d+)?", "#", _cause(problem)))
+        groups.setdefault(key, []).append(problem)
     lines = []
-    for (rule, cause), members in groups.items():
+    for (rule, _), members in groups.items():
         if len(members) == 1:
             lines.append(f"- {_title(rule)}: {members[0].subject}: {members[0].detail}")
             continue
         names = ", ".join(m.subject for m in members[:MAX_LINES])
         more = f" and {len(members) - MAX_LINES} more" if len(members) > MAX_LINES else ""
+        cause = _cause(members[0])
         lines.append(f"- {_title(rule)} for {len(members)} databases ({names}{more}): {cause}")
     return lines
 

@@ -196,3 +196,40 @@ def test_monitor_tells_a_stale_database_once_and_its_resolution(
     smtp_server.wait_for(lambda m: "resolved" in m.subject, 10)
     assert len(smtp_server.items()) == 2
     assert "freshness" in healthy.stdout and "scheduler" in healthy.stdout
+
+
+def test_200_stale_databases_are_one_mail(tmp_path: Path, smtp_server: SmtpServer) -> None:
+    """A target holding 200 databases whose backups all stopped two days ago (an outage):
+    `pgkeeper monitor` sends one mail, one grouped line naming the first 20 and counting the
+    rest; the next run sends nothing."""
+    from datetime import timedelta
+
+    from pgkeeper import naming
+    from pgkeeper.catalog import write_manifest
+    from pgkeeper.manifest import Manifest, StoredObject, Verification, utcnow
+    from pgkeeper.storage.local import LocalStorage
+
+    storage = LocalStorage(str(tmp_path / "b"))
+    when = utcnow() - timedelta(days=2)
+    for i in range(200):
+        write_manifest(
+            storage,
+            Manifest(
+                id=naming.make_id(f"db{i:03}", when), name=f"db{i:03}", database=f"db{i:03}",
+                server="pg:5432", format="custom", compression="zstd",
+                objects=[StoredObject(name="x.dump.zst", size=10, sha256="0" * 64)], size=10,
+                started_at=when, finished_at=when, verification=Verification(ok=True, at=when),
+            ),
+        )  # fmt: skip
+    env = cli_env(
+        None, tmp_path / "b", BACKUP_NOTIFY_URLS=smtp_server.url(), BACKUP_MAX_AGE="25h",
+        BACKUP_RESTORE_TEST_MAX_AGE="off", XDG_STATE_HOME=str(tmp_path / "state"),
+    )  # fmt: skip
+
+    assert run_cli("monitor", env=env, cwd=tmp_path).returncode == 1
+    mail = smtp_server.wait_for(lambda m: "200 problems" in m.subject, 20)
+    assert run_cli("monitor", env=env, cwd=tmp_path).returncode == 1
+
+    assert len(smtp_server.items()) == 1
+    lines = [line for line in mail.body.splitlines() if line.startswith("- ")]
+    assert len(lines) == 1 and "for 200 databases" in lines[0] and "and 180 more" in lines[0]
