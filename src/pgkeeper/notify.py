@@ -154,9 +154,11 @@ def send(to: Channels, message: Message) -> bool:
                 # Plain text as written: lines stay lines in e-mail and chat alike.
                 ok = bool(
                     client.notify(
-                        title=subject, body=body, notify_type=_NOTIFY_TYPE[message.kind],
+                        title=subject,
+                        body=body,
+                        notify_type=_NOTIFY_TYPE[message.kind],
                         body_format=apprise.NotifyFormat.TEXT,
-                    )  # fmt: skip
+                    )
                 )
             except Exception as exc:  # a plugin bug must not stop the others nor the caller
                 ok = False
