@@ -14,6 +14,7 @@ from prefect import flow
 from prefect.states import State
 from pydantic import Field
 
+from tasks.alerts import outcome_hooks
 from tasks.backup import backup_database
 from tasks.inventory import publish_inventory
 from tasks.rotate import fail_on_rotation_errors, rotate_backups
@@ -24,7 +25,7 @@ from tasks.verify import default_verify_level, verify_backup
 TIMEOUT_SECONDS = 6 * 3600
 
 
-@flow(name="backup", timeout_seconds=TIMEOUT_SECONDS)
+@flow(name="backup", **outcome_hooks("backup"), timeout_seconds=TIMEOUT_SECONDS)
 def backup(
     name: str | None = Field(
         default=None, description="Backup name, the start of its id (default: BACKUP_NAME)."

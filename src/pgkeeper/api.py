@@ -19,6 +19,7 @@ Paths and shapes are the seed's compatibility contract::
     POST   /api/backups/import?name=NAME    an external dump as the request body, streamed
     GET    /api/backups/{id}                one backup's record
     GET    /api/runs/{id}                   state of a Prefect flow run started here
+    GET    /metrics                         Prometheus metrics (the read token's rule)
 
 Auth: ``Authorization: Bearer <token>``. ``BACKUP_API_TOKEN`` (admin) may do everything,
 ``BACKUP_API_READ_TOKEN`` only GET. With no token configured every request is allowed, so
@@ -36,19 +37,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import tarfile
 import threading
 import time
-import tomllib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import anyio.from_thread
 from fastapi import Depends, FastAPI, Query, Request
@@ -81,7 +77,10 @@ from pgkeeper.errors import (
     VerificationError,
 )
 from pgkeeper.manifest import Manifest, StoredObject
-from pgkeeper.postgres import ConnInfo, redact_url
+from pgkeeper.postgres import ConnInfo
+from pgkeeper.prefect_api import PrefectLink, RunHandle, RunState
+from pgkeeper.redaction import redact
+from pgkeeper.redaction import secrets_of as _secrets_of
 from pgkeeper.settings import Settings
 from pgkeeper.storage import Storage, targets
 from pgkeeper.storage.base import CHUNK
@@ -93,14 +92,6 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 DEFAULT_BACKUP_NAME = "manual_backup"  # the seed's name for backups made over the API
 DEFAULT_IMPORT_NAME = "imported"
 SCHEDULER_CACHE_SECONDS = 5.0  # a listing asks Prefect at most this often
-PREFECT_TIMEOUT_SECONDS = 5.0
-# A runner (`prefect serve`) polls every 10 s and Prefect's foreman marks a deployment
-# NOT_READY after 60 s without a poll; we allow a little more, for servers whose foreman is off.
-POLL_FRESH_SECONDS = 90.0
-# Flows whose runs /api/runs/{id} reports: pgkeeper's own, never other flows on the server.
-PGKEEPER_FLOWS = frozenset(
-    {"backup", "verify", "upload", "rotate", "restore", "restore-test", "monitor"}
-)
 
 
 # --- errors of this front door ------------------------------------------------------------------
@@ -110,12 +101,6 @@ class ImportTooLargeError(UsageError):
     """The uploaded dump is larger than BACKUP_API_MAX_IMPORT_BYTES."""
 
     http_status = 413
-
-
-class PrefectUnavailableError(PgkeeperError):
-    """No Prefect server is configured or reachable, or nothing runs the deployment."""
-
-    http_status = 503
 
 
 class RangeNotSatisfiableError(UsageError):
@@ -199,15 +184,6 @@ class CreatedBackupResponse(BaseModel):
     upload: UploadOutcome | None = None
 
 
-class RunHandle(BaseModel):
-    id: str
-    name: str
-    flow: str
-    deployment: str | None = None
-    state: str
-    url: str | None = Field(default=None, description="the run in the Prefect UI")
-
-
 class RunAccepted(BaseModel):
     success: Literal[True] = True
     message: str
@@ -276,24 +252,6 @@ class ImportResponse(BaseModel):
     backup: BackupRecord
 
 
-class RunState(BaseModel):
-    id: str
-    name: str
-    flow: str
-    deployment: str | None
-    state: str = Field(description="Prefect's state name, e.g. Scheduled, Running, Completed")
-    stateType: str
-    message: str | None
-    createdAt: str | None
-    startTime: str | None
-    endTime: str | None
-    finished: bool
-    url: str | None
-    backupId: str | None = Field(
-        default=None, description="the backup a finished backup run made (from its manifest)"
-    )
-
-
 class RunResponse(BaseModel):
     success: Literal[True] = True
     run: RunState
@@ -315,25 +273,10 @@ AUTH_ERRORS = (401, 403)
 BODY_ERRORS = (413, 415)  # the guard's answers to a body of the wrong type or size
 
 
-# --- redaction ----------------------------------------------------------------------------------
+# --- clipping echoed input ---------------------------------------------------------------------
 
 ECHO_CHARS = 80  # the most of one input an error message shows
 ERROR_CHARS = 300  # the longest error message sent
-
-_PG_URL_IN_TEXT = re.compile(r"postgres(?:ql)?://[^\s'\"<>]+")
-_HTTP_USERINFO = re.compile(r"(https?://)[^/\s@]+@")
-_PASSWORD_KV = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
-
-
-def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """Text safe to send: connection URLs without passwords, no ``password=``, no secret."""
-    text = _PG_URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
-    text = _HTTP_USERINFO.sub(r"\1***@", text)
-    text = _PASSWORD_KV.sub(r"\1***", text)
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
 
 _LONG_WORD = re.compile(rf"\S{{{ECHO_CHARS + 1},}}")
 
@@ -347,243 +290,6 @@ def clip(text: str) -> str:
         tail = ERROR_CHARS // 3
         text = text[: ERROR_CHARS - tail - 3] + " … " + text[-tail:]
     return text
-
-
-def _secrets_of(settings: Settings) -> tuple[str, ...]:
-    """Every secret value the settings hold (longest first), to scrub from any message."""
-    found: set[str] = set()
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        if hasattr(value, "get_secret_value"):
-            secret = value.get_secret_value()
-            if secret:
-                found.add(secret)
-                if "://" in secret or "=" in secret:  # a URL: its password alone, too
-                    try:
-                        password = ConnInfo.parse(secret).params.get("password")
-                    except PgkeeperError:
-                        password = None
-                    if password:
-                        found.add(password)
-                        found.add(quote(password, safe=""))
-    # Short values would mangle ordinary words; they are caught by the patterns above.
-    return tuple(sorted((s for s in found if len(s) >= 4), key=len, reverse=True))
-
-
-# --- Prefect, over its REST API ------------------------------------------------------------------
-
-
-def _prefect_profile() -> dict[str, str]:
-    """Settings of the active Prefect profile (``prefect config set`` writes them there)."""
-    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
-    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return {}
-    active = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
-    profile = data.get("profiles", {}).get(active, {})
-    if not isinstance(profile, dict):
-        return {}
-    return {str(k): str(v) for k, v in profile.items()}
-
-
-def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-def _parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-@dataclass
-class PrefectLink:
-    """Where the Prefect server is, and the few calls the API makes to it."""
-
-    api_url: str | None
-    ui_url: str | None
-    headers: dict[str, str] = field(default_factory=dict, repr=False)
-    timeout: float = PREFECT_TIMEOUT_SECONDS
-
-    @classmethod
-    def from_environment(cls) -> PrefectLink:
-        """PREFECT_API_URL (+ PREFECT_UI_URL, PREFECT_API_KEY, PREFECT_API_AUTH_STRING) from the
-        environment, else from the active Prefect profile."""
-        profile = _prefect_profile()
-
-        def setting(name: str) -> str | None:
-            return os.environ.get(name) or profile.get(name) or None
-
-        api_url = setting("PREFECT_API_URL")
-        ui_url = setting("PREFECT_UI_URL")
-        if api_url and not ui_url:
-            base = _without_userinfo(api_url).rstrip("/")
-            ui_url = base.removesuffix("/api")
-        headers: dict[str, str] = {}
-        if key := setting("PREFECT_API_KEY"):
-            headers["Authorization"] = f"Bearer {key}"
-        elif auth := setting("PREFECT_API_AUTH_STRING"):
-            import base64
-
-            headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-        return cls(api_url=api_url.rstrip("/") if api_url else None, ui_url=ui_url, headers=headers)
-
-    @property
-    def shown(self) -> str:
-        return _without_userinfo(self.api_url) if self.api_url else "(none)"
-
-    def run_url(self, run_id: str) -> str | None:
-        return f"{self.ui_url.rstrip('/')}/runs/flow-run/{run_id}" if self.ui_url else None
-
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One call; returns the JSON answer, or None for 404. Raises PrefectUnavailableError."""
-        if not self.api_url:
-            raise PrefectUnavailableError(
-                "no Prefect server is configured (set PREFECT_API_URL, e.g. "
-                "http://127.0.0.1:4200/api, and run 'pgkeeper serve' against it)"
-            )
-        import httpx  # lazy: only calls that need Prefect pay for it
-
-        try:
-            response = httpx.request(
-                method, self.api_url + path, json=body, headers=self.headers, timeout=self.timeout
-            )
-        except httpx.HTTPError as exc:
-            raise PrefectUnavailableError(
-                f"the Prefect server at {self.shown} is unreachable ({type(exc).__name__}); "
-                "start it or fix PREFECT_API_URL"
-            ) from None
-        if response.status_code == 404:
-            return None
-        if response.status_code >= 400:
-            raise PrefectUnavailableError(
-                f"the Prefect server at {self.shown} answered {response.status_code} to "
-                f"{method} {path} (check PREFECT_API_URL and its credentials)"
-            )
-        try:
-            return response.json()
-        except ValueError:
-            raise PrefectUnavailableError(
-                f"{self.shown} did not answer like a Prefect server (check PREFECT_API_URL)"
-            ) from None
-
-    def deployments_of(self, flow: str) -> list[dict[str, Any]]:
-        found = self.request(
-            "POST", "/deployments/filter", {"flows": {"name": {"any_": [flow]}}, "limit": 200}
-        )
-        return [d for d in found or [] if isinstance(d, dict)]
-
-    def scheduler_status(self) -> tuple[bool, str]:
-        """Whether a scheduler really runs backups: some backup deployment is not paused, has
-        an active schedule, and a runner/worker polled it recently (Prefect's READY status)."""
-        if not self.api_url:
-            return False, "no Prefect server is configured (set PREFECT_API_URL)"
-        try:
-            deployments = self.deployments_of("backup")
-        except PrefectUnavailableError as exc:
-            return False, exc.message
-        if not deployments:
-            return False, f"no backup deployment on {self.shown} (run 'pgkeeper serve')"
-        now = datetime.now(UTC)
-        scheduled = [
-            d for d in deployments
-            if not d.get("paused") and any(s.get("active") for s in d.get("schedules") or [])
-        ]
-        if not scheduled:
-            return False, "every backup deployment is paused or has no active schedule"
-        for deployment in sorted(scheduled, key=lambda d: str(d.get("name"))):
-            polled = _parse_time(deployment.get("last_polled"))
-            fresh = polled is not None and now - polled < timedelta(seconds=POLL_FRESH_SECONDS)
-            if deployment.get("status") == "READY" and fresh:
-                return True, f"backup/{deployment.get('name')} is served and scheduled"
-        return False, (
-            "no scheduler has polled the backup deployments in the last "
-            f"{POLL_FRESH_SECONDS:.0f}s (start 'pgkeeper serve')"
-        )
-
-    def start_run(self, flow: str, parameters: dict[str, Any]) -> RunHandle:
-        """Create a flow run of ``flow`` on a deployment something is serving.
-
-        Prefers a deployment with an active schedule (the one the operator chose). Refuses with
-        PrefectUnavailableError when nothing polls the flow's deployments: a run nobody picks up
-        would wait forever.
-        """
-        deployments = self.deployments_of(flow)
-        if not deployments:
-            raise PrefectUnavailableError(
-                f"no {flow} deployment on {self.shown} (run 'pgkeeper serve' or "
-                "'prefect deploy --all'); nothing was started"
-            )
-        ready = [d for d in deployments if d.get("status") == "READY" and not d.get("paused")]
-        if not ready:
-            raise PrefectUnavailableError(
-                f"nothing is serving the {flow} deployments on {self.shown} (start "
-                "'pgkeeper serve' or a worker); nothing was started"
-            )
-        ready.sort(
-            key=lambda d: (
-                not any(s.get("active") for s in d.get("schedules") or []),
-                str(d.get("name")),
-            )
-        )
-        chosen = ready[0]
-        run = self.request(
-            "POST",
-            f"/deployments/{chosen['id']}/create_flow_run",
-            {"parameters": parameters, "tags": ["pgkeeper-api"]},
-        )
-        if not isinstance(run, dict) or "id" not in run:
-            raise PrefectUnavailableError(
-                f"the Prefect server at {self.shown} did not create the {flow} run"
-            )
-        state = run.get("state") or {}
-        return RunHandle(
-            id=str(run["id"]),
-            name=str(run.get("name", "")),
-            flow=flow,
-            deployment=f"{flow}/{chosen.get('name')}",
-            state=str(state.get("name") or run.get("state_name") or "Scheduled"),
-            url=self.run_url(str(run["id"])),
-        )
-
-    def read_run(self, run_id: uuid.UUID) -> RunState | None:
-        """A pgkeeper flow run's state, or None when there is none (or it is not ours)."""
-        run = self.request("GET", f"/flow_runs/{run_id}")
-        if not isinstance(run, dict):
-            return None
-        flow = self.request("GET", f"/flows/{run.get('flow_id')}") if run.get("flow_id") else None
-        flow_name = flow.get("name") if isinstance(flow, dict) else None
-        if flow_name not in PGKEEPER_FLOWS:
-            return None
-        deployment_name = None
-        if run.get("deployment_id"):
-            deployment = self.request("GET", f"/deployments/{run['deployment_id']}")
-            if isinstance(deployment, dict):
-                deployment_name = f"{flow_name}/{deployment.get('name')}"
-        state = run.get("state") or {}
-        state_type = str(state.get("type") or run.get("state_type") or "UNKNOWN")
-        return RunState(
-            id=str(run["id"]),
-            name=str(run.get("name", "")),
-            flow=str(flow_name),
-            deployment=deployment_name,
-            state=str(state.get("name") or run.get("state_name") or state_type.title()),
-            stateType=state_type,
-            message=state.get("message") or None,
-            createdAt=run.get("created"),
-            startTime=run.get("start_time"),
-            endTime=run.get("end_time"),
-            finished=state_type in {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"},
-            url=self.run_url(str(run["id"])),
-        )
 
 
 # --- the app's shared state ----------------------------------------------------------------------
@@ -690,6 +396,13 @@ def list_backups(ctx: Ctx) -> dict[str, Any]:
         "totalSize": sum(e.manifest.size for e in entries),
         "scheduler": ctx.scheduler(),
     }
+
+
+def metrics(ctx: Ctx) -> Response:
+    """Prometheus metrics of every database and target (``pgkeeper.metrics``)."""
+    from pgkeeper.metrics import CONTENT_TYPE, render
+
+    return Response(render(ctx.storages(), ctx.secrets), media_type=CONTENT_TYPE)
 
 
 def show_backup(ctx: Ctx, backup_id: str) -> dict[str, Any]:
@@ -1392,6 +1105,11 @@ def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAP
         "/api/backups/{backup_id}", show_backup, "GET", read, tags=["backups"],
         response_model=BackupResponse, responses=_errors(*AUTH_ERRORS, 404),
         summary="Show one backup",
+    )  # fmt: skip
+    add(
+        "/metrics", metrics, "GET", read, tags=["metrics"],
+        response_class=Response, responses=_errors(*AUTH_ERRORS),
+        summary="Prometheus metrics",
     )  # fmt: skip
     add(
         "/api/runs/{run_id}", read_run, "GET", read, tags=["runs"],

@@ -269,7 +269,9 @@ def backup(
     as_json: JsonOpt = False,
 ) -> None:
     """Back up the database now: dump, verify, and copy to offsite targets."""
+    from pgkeeper.alerts import watch
     from pgkeeper.backup import BackupOptions, run_backup
+    from pgkeeper.postgres import ConnInfo
     from pgkeeper.verify import verify_backup
 
     settings = settings_from_env()
@@ -288,37 +290,40 @@ def backup(
     )
     storages = targets(settings)  # built once: a cloud target builds an SDK client
     primary = storages[0]
-    with progress_bar("backup") as progress:
-        manifest = run_backup(settings, options, storage=primary, progress=progress)
-    if not no_verify and settings.backup_verify != "off":
-        with progress_bar("verify", manifest.size) as progress:
-            manifest = verify_backup(
-                settings,
-                manifest.id,
-                storages=[primary],
-                level=settings.backup_verify,
-                progress=progress,
-            )
-    locations = [primary.url]
-    failed: dict[str, str] = {}
-    if not no_upload and len(storages) > 1:
-        from pgkeeper.upload import upload_backup
+    source = ConnInfo.parse(database_url or settings.require_database_url())
+    # The outcome (success, or any failure below) is told once: heartbeat, alert, Sentry.
+    with watch(settings, primary, "backup", source.dbname, source.server) as outcome:
+        with progress_bar("backup") as progress:
+            manifest = run_backup(settings, options, storage=primary, progress=progress)
+        if not no_verify and settings.backup_verify != "off":
+            with progress_bar("verify", manifest.size) as progress:
+                manifest = verify_backup(
+                    settings,
+                    manifest.id,
+                    storages=[primary],
+                    level=settings.backup_verify,
+                    progress=progress,
+                )
+        outcome.manifest = manifest
+        locations = [primary.url]
+        failed: dict[str, str] = {}
+        if not no_upload and len(storages) > 1:
+            from pgkeeper.upload import upload_backup
 
-        with progress_bar("upload", manifest.size) as progress:
-            report = upload_backup(settings, manifest.id, storages=storages, progress=progress)
-        locations += report.copied_to + report.already_there
-        failed = report.failed
-    if as_json:
-        print_json({**manifest.to_public(), "locations": locations})
-    else:
-        _print_manifest(manifest, locations)
-    if failed:
-        where = ", ".join(f"{url}: {why}" for url, why in failed.items())
-        _fail(
-            f"backup {manifest.id} made, but the upload failed ({where}); "
-            f"retry with 'pgkeeper upload {manifest.id}'",
-            1,
-        )
+            with progress_bar("upload", manifest.size) as progress:
+                report = upload_backup(settings, manifest.id, storages=storages, progress=progress)
+            locations += report.copied_to + report.already_there
+            failed = report.failed
+        if as_json:
+            print_json({**manifest.to_public(), "locations": locations})
+        else:
+            _print_manifest(manifest, locations)
+        if failed:
+            where = ", ".join(f"{url}: {why}" for url, why in failed.items())
+            raise PgkeeperError(
+                f"backup {manifest.id} made, but the upload failed ({where}); "
+                f"retry with 'pgkeeper upload {manifest.id}'"
+            )
 
 
 @app.command()
@@ -725,6 +730,121 @@ def usage(as_json: JsonOpt = False) -> None:
         return
     rows = report.as_table()
     print_table(rows, list(rows[0]))
+
+
+@app.command()
+@handle_errors
+def monitor(as_json: JsonOpt = False) -> None:
+    """Run every health check, print them, tell new and resolved problems; exit 1 on a problem."""
+    from pgkeeper import monitor as health
+    from pgkeeper.alerts import Route, report_health
+    from pgkeeper.postgres import ConnInfo
+    from pgkeeper.prefect_api import PrefectLink
+    from pgkeeper.retention import parse_duration
+    from pgkeeper.rotate import policies_from_settings
+
+    settings = settings_from_env()
+    route = Route.of(settings)  # a malformed BACKUP_NOTIFY_URLS fails now, in one line
+    storages = targets(settings)
+    interval = None
+    if not settings.backup_max_age and settings.backup_enabled:
+        from deployments.schedules import backup_interval  # the schedules' own arithmetic
+
+        interval = backup_interval(settings)
+    expect = health.expectations(settings, interval)
+    database = server = None
+    if settings.database_url is not None and settings.database_url.get_secret_value():
+        source = ConnInfo.parse(settings.require_database_url())
+        database, server = source.dbname, source.server
+    link = route.prefect if route.prefect.api_url else PrefectLink.from_environment()
+    scheduler = None
+    if link.api_url and settings.backup_enabled:
+        silence = parse_duration(
+            settings.backup_scheduler_max_silence, "BACKUP_SCHEDULER_MAX_SILENCE"
+        )
+        scheduler = link.scheduler_check(silence.total_seconds())
+    policies = policies_from_settings(settings, storages)
+    reports = health.monitor_each(
+        storages,
+        expect,
+        database=database,
+        server=server,
+        usage_warn_bytes={url: p.usage_warn_bytes for url, p in policies.items()},
+        scheduler=scheduler,
+    )
+    report_health(settings, storages[0], reports, route=route)
+    failed = [r for r in reports if not r.ok]
+    if as_json:
+        print_json({"ok": not failed, "reports": [r.to_dict() for r in reports]})
+    else:
+        rows = [{"subject": r.subject, **row} for r in reports for row in r.as_table()]
+        print_table(rows, ["subject", "check", "status", "detail"])
+    if failed:
+        count = sum(len(r.failed) for r in failed)
+        _fail(f"{count} check(s) failed: " + "; ".join(r.summary() for r in failed), 1)
+
+
+@app.command()
+@handle_errors
+def metrics(
+    textfile: Annotated[
+        Path | None,
+        typer.Option(help="Write pgkeeper.prom into this node_exporter textfile directory."),
+    ] = None,
+) -> None:
+    """Prometheus metrics of every database and target (stdout, or a textfile for node_exporter)."""
+    from pgkeeper.metrics import render, write_textfile
+    from pgkeeper.redaction import secrets_of
+
+    settings = settings_from_env()
+    storages = targets(settings)
+    if textfile is None:
+        sys.stdout.buffer.write(render(storages, secrets_of(settings)))
+        return
+    if not textfile.is_dir():
+        raise UsageError(f"{textfile} is not a directory (give node_exporter's textfile folder)")
+    typer.echo(f"wrote {write_textfile(storages, textfile, secrets_of(settings))}")
+
+
+alerts_app = typer.Typer(help="Alert channels and the Prefect automations that deliver them.")
+app.add_typer(alerts_app, name="alerts")
+
+
+@alerts_app.command("install")
+@handle_errors
+def alerts_install() -> None:
+    """Create (or update) the notification block and automations on the Prefect server."""
+    from deployments.alerts import install
+
+    report = install(settings_from_env())
+    for line in report.lines:
+        typer.echo(line)
+    if not report.ok:
+        _fail(report.problem, 1)
+
+
+@alerts_app.command("test")
+@handle_errors
+def alerts_test() -> None:
+    """Send a test alert through the configured route (the Prefect server, or directly)."""
+    from pgkeeper.alerts import Route
+    from pgkeeper.notify import Message
+
+    settings = settings_from_env()
+    route = Route.of(settings)
+    if not route.channels and not route.via_prefect:
+        raise UsageError("BACKUP_NOTIFY_URLS is not set (set it to one or more Apprise URLs)")
+    message = Message(
+        "pgkeeper: test alert",
+        "This is a test of pgkeeper's alerts: if you read it, failures will reach you here.",
+        "warning",
+    )
+    where = "the Prefect server's pgkeeper-alerts automation" if route.via_prefect else (
+        ", ".join(route.channels.shown)
+    )
+    if not route.deliver(message):
+        _fail(f"the test alert was not delivered to {where} (see the warning above)", 1)
+    typer.echo(f"test alert sent to {where}")
 
 
 @app.command()

@@ -196,7 +196,7 @@ def _statuses(state: State) -> dict[str, str]:
         for line in report.splitlines()
         if line.startswith("| ") and "---" not in line
     ]
-    return {cells[0].lstrip("| "): cells[1] for cells in rows[1:]}
+    return {cells[1]: cells[2] for cells in rows[1:]}  # | subject | check | status | detail |
 
 
 def test_monitor_passes_when_fresh_verified_and_restore_tested_and_fails_when_stale(
@@ -215,8 +215,9 @@ def test_monitor_passes_when_fresh_verified_and_restore_tested_and_fails_when_st
 
     assert healthy.is_completed(), healthy.message
     assert _statuses(healthy) == {
-        "freshness": "ok", "verified": "ok", "restore-test": "ok", "offsite": "skipped",
-        "usage": "ok", "storage": "ok",
+        "freshness": "ok", "verified": "ok", "size": "ok", "restore-test": "ok",
+        "offsite": "skipped", "usage": "ok", "quota": "skipped", "disk": "ok", "storage": "ok",
+        "scheduler": "skipped",
     }  # fmt: skip
     assert "Backup health: OK" in artifact_data(healthy)["monitor-report"]
 
@@ -235,7 +236,7 @@ def test_monitor_passes_when_fresh_verified_and_restore_tested_and_fails_when_st
     stale = monitor(return_state=True)
 
     assert stale.is_failed()
-    assert "1 of 6 checks failed: freshness" in (stale.message or "")
+    assert "1 of 5 checks failed: freshness" in (stale.message or "")
     assert f"the newest backup {backup_id} started 3d ago" in (stale.message or "")
     assert _statuses(stale)["freshness"] == "**FAILED**"
     assert task_runs(stale)["monitor-verdict"].run_count == 1
