@@ -154,6 +154,19 @@ def automations(settings: Settings, block_id: object) -> list[object]:
     return found
 
 
+def _definition(automation: object) -> dict[str, object]:
+    """What an automation does (name, trigger, actions...), without the ids and times the
+    server or the trigger's constructor add: two equal definitions need no update."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    assert isinstance(automation, AutomationCore)  # noqa: S101 - read or built as one
+    data = automation.model_dump(mode="json", include=set(AutomationCore.model_fields))
+    trigger = data.get("trigger")
+    if isinstance(trigger, dict):
+        trigger.pop("id", None)
+    return data
+
+
 def install(settings: Settings) -> InstallReport:
     """Create or update the block and automations; see the module docstring."""
     channels = notify.channels(settings, secrets_of(settings))  # a bad URL: ConfigError now
@@ -191,10 +204,15 @@ def install(settings: Settings) -> InstallReport:
         for automation in wanted:
             assert isinstance(automation, AutomationCore)  # noqa: S101 - built above
             existing = client.read_automations_by_name(automation.name)
-            if existing:
+            for extra in existing[1:]:  # an earlier race made two: keep one
+                client.delete_automation(extra.id)
+            if existing and _definition(existing[0]) == _definition(automation):
+                # Left alone, not rewritten: an update restarts a Proactive trigger's
+                # per-database buckets, and a database whose backups are broken would then
+                # never open one again (every restart of serve would blind the dead-man).
+                report.lines.append(f"automation {automation.name}: unchanged")
+            elif existing:
                 client.update_automation(existing[0].id, automation)
-                for extra in existing[1:]:  # an earlier race made two: keep one
-                    client.delete_automation(extra.id)
                 report.lines.append(f"automation {automation.name}: updated")
             else:
                 client.create_automation(automation)

@@ -40,16 +40,35 @@ def installed(
     assert report.ok, report.problem
 
 
-def test_installing_twice_creates_nothing_twice(installed: None) -> None:
-    """The second install updates the block and the three automations in place."""
+def _updated() -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    from pgkeeper.prefect_api import PrefectLink
+
+    link = PrefectLink(api_url=str(PREFECT_API_URL.value()), ui_url=None)
+    return {a["name"]: a["updated"] for a in link.request("POST", "/automations/filter", {})}
+
+
+def test_installing_twice_creates_nothing_twice(
+    installed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second install (as every start of serve does) leaves identical automations
+    untouched, so the dead-man's per-database buckets survive a restart; a changed setting
+    updates the one automation it changes, in place."""
     from deployments.alerts import install
 
-    before = _names()
+    before, stamps = _names(), _updated()
     again = install(load_settings(_env_file=None))
 
     assert again.ok and _names() == before
     assert {"pgkeeper-alerts", "pgkeeper-dead-man", "pgkeeper-run-crashed"} <= set(before)
-    assert all(line.endswith("updated") for line in again.lines if "automation" in line)
+    assert all(line.endswith("unchanged") for line in again.lines if "automation" in line)
+    assert _updated() == stamps
+    monkeypatch.setenv("BACKUP_MAX_AGE", "20s")
+    changed = install(load_settings(_env_file=None))
+    assert "automation pgkeeper-dead-man: updated" in changed.lines
+    assert "automation pgkeeper-alerts: unchanged" in changed.lines
+    assert _names() == before
 
 
 @pytest.mark.slow
