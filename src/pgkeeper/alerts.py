@@ -11,7 +11,9 @@ changed: a problem not open yet is *opened* (one message), one still there is *o
 (nothing), an open one the evaluation covered and no longer sees is *resolved* (one message).
 Everything that changed in one evaluation goes out as **one message**, and problems with the
 same rule and cause are one line naming every database: 200 databases failing in one storage
-outage are one message, not 200.
+outage are one message, not 200. When they fail in separate runs (each database's own backup
+process), the first is told at once and the others, joining its group within GROUP_WINDOW,
+are told together by the first evaluation after it: two messages, not 200.
 
 **The alert state** is a small JSON object on the primary storage target (``_pgkeeper/
 alerts.json``, outside the backup-id key space, so the catalog, rotation and upload never see
@@ -43,7 +45,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +82,12 @@ MAX_LINES = 20  # databases named per line of a grouped message; the rest are co
 OPERATIONS = ("backup", "verify", "upload", "rotate", "restore", "restore-test", "monitor")
 # Problems that follow from another one on the same subject: told by the first alone.
 CONSEQUENCES = {"backup-failed": frozenset({"freshness", "verified", "size"})}
+# A problem with the same rule and cause as one told less than this ago (another database's
+# backup failing in the same storage outage, reported by its own process) is held back and
+# told with every other one that joined, in one grouped message, by the first evaluation
+# after the window (the next backup's report or the monitor): 200 separate failures of one
+# outage are two messages, the first at once, not 200.
+GROUP_WINDOW = timedelta(minutes=10)
 
 
 # -- problems and the state ---------------------------------------------------------------------
@@ -118,6 +126,7 @@ class OpenAlert:
     opened_at: str
     delivered: bool = False
     silent: bool = False  # told by another alert (a consequence, or the Prefect dead-man)
+    held_until: str | None = None  # joined a just-told group: told with the others after this
 
     @property
     def problem(self) -> Problem:
@@ -182,21 +191,24 @@ def reconcile(
         alert = state.open.get(key)
         if alert is None:
             silent = consequence or problem.rule in silent_rules
+            held = None if silent else _join_window(state, problem, now)
             state.open[key] = OpenAlert(
-                problem.rule, problem.subject, problem.detail, now.isoformat(), silent, silent
-            )
-            if not silent:
+                problem.rule, problem.subject, problem.detail, now.isoformat(), silent, silent,
+                held,
+            )  # fmt: skip
+            if not silent and held is None:
                 changes.opened.append(problem)
         else:
             alert.detail = problem.detail
             if alert.delivered:
                 changes.ongoing.append(problem)
-            else:
+            elif not _held(alert, now):
                 changes.opened.append(problem)
     for key, alert in list(state.open.items()):
         if key in found or not scope.covers(alert.rule, alert.subject):
-            if key not in found and not alert.delivered and not alert.silent:
-                changes.opened.append(alert.problem)  # told again: its delivery failed
+            retell = key not in found and not alert.delivered and not alert.silent
+            if retell and not _held(alert, now):  # its delivery failed, or its group is due
+                changes.opened.append(alert.problem)
             continue
         del state.open[key]
         if alert.delivered and not alert.silent:
@@ -204,6 +216,29 @@ def reconcile(
     changes.resolved += state.unsent_resolved
     state.unsent_resolved = []
     return changes
+
+
+def _group_key(problem: Problem) -> tuple[str, str]:
+    return problem.rule, re.sub(r"\d+(\.\d+)?", "#", _cause(problem))
+
+
+def _held(alert: OpenAlert, now: datetime) -> bool:
+    return alert.held_until is not None and datetime.fromisoformat(alert.held_until) > now
+
+
+def _join_window(state: AlertState, problem: Problem, now: datetime) -> str | None:
+    """When an alert with the same rule and cause on another subject was told (or held)
+    within GROUP_WINDOW, the time until which ``problem`` waits to be told with its group."""
+    group = _group_key(problem)
+    for other in state.open.values():
+        if other.silent or other.subject == problem.subject or _group_key(other.problem) != group:
+            continue
+        if other.held_until is not None:
+            return other.held_until
+        opened = datetime.fromisoformat(other.opened_at)
+        if other.delivered and now - opened < GROUP_WINDOW:
+            return (opened + GROUP_WINDOW).isoformat()
+    return None
 
 
 def mark_delivered(state: AlertState, changes: Changes, delivered: bool) -> None:
@@ -304,7 +339,7 @@ def _grouped(problems: Sequence[Problem]) -> list[str]:
     do not split a group (2d ago, 47h ago); the line shows the first member's wording."""
     groups: dict[tuple[str, str], list[Problem]] = {}
     for problem in problems:
-        key = (problem.rule, re.sub(r"\d+(\.\d+)?", "#", _cause(problem)))
+        key = _group_key(problem)
         groups.setdefault(key, []).append(problem)
     lines = []
     for (rule, _), members in groups.items():

@@ -102,6 +102,34 @@ def test_200_databases_failing_at_once_are_one_message_with_one_line() -> None:
     assert "<database>: cannot list s3://bkt: 503" in lines[0]
 
 
+def test_200_separate_runs_failing_in_one_outage_are_two_messages_not_200() -> None:
+    """Each database's backup reports its own failure (200 processes, one storage outage):
+    the first is told at once, the other 199 are held and told together, as one grouped
+    line, by the first evaluation after the group window (here: the monitor's)."""
+    from datetime import timedelta
+
+    from pgkeeper.alerts import GROUP_WINDOW
+
+    state = AlertState()
+    messages = []
+    for i in range(200):
+        subject = f"db{i:03d} on db:5432"
+        scope = Scope(frozenset({"backup-failed"}), frozenset({subject}))
+        problem = Problem("backup-failed", subject, "no space left on device writing db x")
+        changes = reconcile(state, scope, [problem], NOW + timedelta(seconds=i))
+        if changes:
+            messages.append(compose(changes))
+            mark_delivered(state, changes, True)
+    assert len(messages) == 1 and "db000" in messages[0].subject
+    later = reconcile(state, MONITOR, [], NOW + GROUP_WINDOW + timedelta(seconds=1))
+    assert len(later.opened) == 199
+    message = compose(later)
+    mark_delivered(state, later, True)
+    lines = [line for line in message.body.splitlines() if line.startswith("- ")]
+    assert len(lines) == 1 and "for 199 databases" in lines[0]
+    assert not reconcile(state, MONITOR, [], NOW + 2 * GROUP_WINDOW)  # told: nothing more
+
+
 def test_different_causes_stay_on_their_own_lines() -> None:
     """Two rules (or two different errors) are two lines of the same message."""
     state = AlertState()
