@@ -149,6 +149,17 @@ class Scanner:
     def _feed(self, data: bytes, final: bool) -> bytes:
         if self.found is not None:
             return b""
+        if (
+            self._mode == _COPY
+            and not (final or self._pending)
+            and len(data) > 2
+            and data.find(b"\n\\.") < 0
+            and not (self._prev == b"\n" and data.startswith(b"\\."))
+            and not data.endswith(b"\n\\")
+        ):  # the bulk of a dump: a chunk of COPY data that cannot hold its end, passed uncopied
+            self._lines += data.count(b"\n")
+            self._prev = data[-1:]
+            return data
         buf = self._prev + self._pending + data
         self._drops = []
         pos = self._scan(buf, 1, final)
@@ -362,8 +373,8 @@ class Scanner:
         """COPY data: every line up to one that is ``\\.`` alone (psql's end of data)."""
         while True:
             found = buf.find(b"\n\\.", pos - 1)  # buf[pos - 1] is there: a line may start at pos
-            if found < 0:  # keep a newline and backslash the chunk's end may have cut
-                return max(pos, len(buf) - 2) if more else len(buf)
+            if found < 0:  # the last byte consumed is the next chunk's context: keep a \
+                return max(pos, len(buf) - 1) if more and buf.endswith(b"\n\\") else len(buf)
             at = found + 1
             end = buf[at + 2 : at + 4]
             if end[:1] == b"\n" or end == b"\r\n":

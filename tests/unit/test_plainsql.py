@@ -136,3 +136,18 @@ def test_random_garbage_never_breaks_the_scanner() -> None:
 def test_which_psql_versions_have_restrict(version: str, ok: bool) -> None:
     """\\restrict came with 13.22, 14.19, 15.14, 16.10, 17.6 and every 18."""
     assert psql_can_restrict(version) is ok
+
+
+def test_copy_data_ends_where_psql_ends_it_whatever_the_cut() -> None:
+    """COPY data passed uncopied chunk by chunk still ends at its `\\.` line, wherever two
+    chunks meet around it: the command after it is found on the same line every time."""
+    rows = b"".join(b"%d\t\\N\t\\r%d\n" % (i, i) for i in range(2000))
+    data = HEAD + b"COPY t (a, b, c) FROM stdin;\n" + rows + b"\\.\n\\! after\n"
+    line = data.count(b"\n")
+    edge = data.index(b"\n\\.\n")
+    for cut in [100, 5000, *range(edge - 4, edge + 6)]:
+        scanner = Scanner()
+        out = scanner.feed(data[:cut]) + scanner.feed(data[cut:]) + scanner.finish()
+        assert scanner.found is not None and scanner.found.line == line, cut
+        blanked = blank_own_lines(data, KEY)
+        assert out == blanked[: blanked.index(b"\\! after")]
