@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import uuid
 import warnings
@@ -26,13 +27,19 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from pgkeeper import catalog
+from pgkeeper import catalog, naming
+from pgkeeper import storage as storages
 from pgkeeper.api import PrefectLink, create_app
+from pgkeeper.backup import run_backup
+from pgkeeper.errors import VerificationError
 from pgkeeper.manifest import StoredObject
 from pgkeeper.settings import load_settings
 from pgkeeper.storage import LocalStorage
+from pgkeeper.upload import upload_backup
+from pgkeeper.verify import verify_backup
 from tests.fidelity import compare
 from tests.servers.postgres import PgCluster
+from tests.servers.s3 import S3Server
 from tests.support.cli import cli_env, one_line_error, run_cli
 from tests.support.plain_cases import CLEAN, FOUND, HEAD
 
@@ -369,3 +376,37 @@ def test_the_readme_recipe_replays_a_safe_dump_and_refuses_a_hostile_one(
                 dbname=db,
             )
             assert tables == [(0,)]
+
+
+def test_full_verification_reads_a_remote_directory_copy_to_the_end(
+    monkeypatch: pytest.MonkeyPatch, source: tuple[str, str], s3_server: S3Server,
+    s3_bucket: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """A directory backup on S3 is staged while it is hashed and read whole by pg_restore: a
+    data file cut short there (its manifest matching) fails the structure check."""
+    for key, value in s3_server.env(s3_bucket).items():
+        monkeypatch.setenv(key, value)
+    local = tmp_path / "backups"
+    settings = load_settings(database_url=source[1], backup_dir=str(local), _env_file=None,
+                             backup_format="directory", backup_compression="gzip")  # fmt: skip
+    manifest = run_backup(settings)
+    assert upload_backup(settings, manifest.id).ok
+    shutil.rmtree(local)
+    s3 = next(s for s in storages.targets(settings) if s.url.startswith("s3://"))
+    verified = verify_backup(settings, manifest.id, storages=[s3])
+    assert verified.verification is not None
+    assert verified.verification.checks[-1].detail == "pg_restore read every entry"
+
+    obj = max((o for o in manifest.objects if o.name.endswith(".dat.gz")), key=lambda o: o.size)
+    key = naming.object_key(manifest.id, obj.name)
+    with s3.open_read(key) as src:
+        cut = src.read()[: obj.size // 2]
+    with s3.open_write(key) as out:
+        out.write(cut)
+    others = [o for o in manifest.objects if o.name != obj.name]
+    stored = StoredObject(name=obj.name, size=len(cut), sha256=hashlib.sha256(cut).hexdigest())
+    catalog.write_manifest(s3, manifest.model_copy(update={"objects": [*others, stored]}))
+    with pytest.raises(VerificationError) as info:
+        verify_backup(settings, manifest.id, storages=[s3])
+    assert info.value.check == "structure"
+    assert "pg_restore could not read the archive to its end" in str(info.value)

@@ -2,7 +2,7 @@
 
 The dumps in `tests/unit/data/` are real `pg_dump` outputs of a two-table database named
 `sample` (regenerate them with `python -m tests.unit.data.generate`); the compressed variants
-are made here. Importing runs `pg_restore --list` (a client binary, no server).
+are made here. Importing runs `pg_restore` (a client binary, no server) over the whole archive.
 """
 
 from __future__ import annotations
