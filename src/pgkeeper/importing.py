@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from pgkeeper import __version__, catalog, naming
+from pgkeeper import __version__, catalog, naming, plainsql
 from pgkeeper.errors import NotADumpError, PgkeeperError, StorageError, VerificationError
 from pgkeeper.manifest import Manifest, StoredObject, utcnow
 from pgkeeper.pipeline import GZIP_MAGIC, ZSTD_MAGIC, Decoder, Progress
@@ -31,7 +31,7 @@ from pgkeeper.verify import check_backup, failed_check
 
 log = logging.getLogger(__name__)
 
-PLAIN_MARKERS = (b"-- PostgreSQL database dump",)
+PLAIN_MARKERS = (plainsql.HEADER,)
 # pg_dumpall output creates roles and databases and \connects between them: it cannot be
 # restored into one database, so it is refused rather than stored as an unrestorable backup.
 CLUSTER_MARKER = b"-- PostgreSQL database cluster dump"
