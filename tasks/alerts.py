@@ -16,6 +16,7 @@ from typing import Any
 from pgkeeper import alerts, catalog, naming, notify
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.prefect_api import PrefectLink
+from pgkeeper.procedure import AfterBackupError
 from pgkeeper.settings import load_settings
 from pgkeeper.storage import targets
 
@@ -63,6 +64,14 @@ def _tell(operation: str, flow_run: Any, state: Any) -> None:
         )  # fmt: skip
         return
     error = state.result(raise_on_failure=False)
+    if isinstance(error, AfterBackupError):
+        # The backup was made and verified; its upload/rotation problems were told by the
+        # run's last step, each as its own alert. The backup itself is a success.
+        alerts.report_outcome(
+            settings, primary, operation, database=source.dbname, server=source.server,
+            manifest=catalog.read_manifest(primary, error.backup_id), link=run_url, route=route,
+        )  # fmt: skip
+        return
     if not isinstance(error, BaseException):
         error = state.message or f"{state.name}"
     alerts.report_outcome(

@@ -154,7 +154,14 @@ class BackupResponse(BaseModel):
     backup: BackupRecord
 
 
-class CreateBackupRequest(BaseModel):
+class StrictRequest(BaseModel):
+    """A request body: a field the API does not know is refused (422, naming it), never
+    silently dropped (``{"includeData": false}`` used to make a full backup)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateBackupRequest(StrictRequest):
     name: str | None = Field(
         default=None,
         description=f"the id's prefix (default {DEFAULT_BACKUP_NAME!r})",
@@ -167,6 +174,17 @@ class CreateBackupRequest(BaseModel):
     format: Literal["custom", "plain", "directory"] | None = Field(
         default=None, description="default BACKUP_FORMAT"
     )
+    includeData: bool = Field(default=True, description="false: the schema only")
+    includeSchema: bool = Field(default=True, description="false: the data only")
+    tables: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=100,
+        description="only tables matching these patterns (pg_dump -t: 'public.orders', 'shop.*')",
+    )  # fmt: skip
+    excludeTables: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=100,
+        description="leave out tables matching these patterns (pg_dump -T)",
+    )  # fmt: skip
+    rotate: bool = Field(default=True, description="apply the retention policy afterwards")
     wait: bool = Field(
         default=True, description="false: start a Prefect flow run and answer 202 at once"
     )
@@ -177,11 +195,21 @@ class UploadOutcome(BaseModel):
     failed: dict[str, str]
 
 
+class RotationOutcome(BaseModel):
+    deleted: list[str] = Field(description="backups rotation deleted, on any target")
+    errors: list[str] = Field(description="what failed (nothing listed was lost)")
+
+
 class CreatedBackupResponse(BaseModel):
     success: Literal[True] = True
     backup: BackupRecord
     locations: list[str]
     upload: UploadOutcome | None = None
+    rotation: RotationOutcome | None = None
+    problems: list[str] = Field(
+        default_factory=list,
+        description="what failed after the backup was made and verified (upload, rotation)",
+    )
 
 
 class RunAccepted(BaseModel):
@@ -201,7 +229,7 @@ class MessageResponse(BaseModel):
 MAX_TARGET_CHARS = 4096
 
 
-class RestoreRequest(BaseModel):
+class RestoreRequest(StrictRequest):
     backupId: str = Field(
         description="backup id, or 'latest' for the newest verified backup",
         examples=["manual_backup_2025-10-02T10-00-00Z"],
@@ -428,42 +456,61 @@ def _compression(body: CreateBackupRequest, settings: Settings) -> str | None:
     return "zstd" if settings.backup_compression == "none" else None
 
 
+def _backup_options(body: CreateBackupRequest) -> dict[str, Any]:
+    """What the request chose beyond name and compression, as BackupOptions fields."""
+    if not body.includeData and not body.includeSchema:
+        raise UsageError(
+            "includeData and includeSchema are both false: that backup would hold nothing "
+            "(leave one of them true)"
+        )
+    return {
+        "schema_only": not body.includeData,
+        "data_only": not body.includeSchema,
+        "tables": list(body.tables),
+        "exclude_tables": list(body.excludeTables),
+    }
+
+
 def create_backup(ctx: Ctx, body: CreateBackupRequest) -> Any:
-    """Back up the database now (and verify, and copy offsite), or start a Prefect run."""
-    from pgkeeper.backup import BackupOptions, run_backup
+    """Back up the database now (dump, verify, copy offsite, rotate), or start a Prefect run."""
+    from pgkeeper.backup import BackupOptions
+    from pgkeeper.procedure import take_backup
 
     settings = ctx.settings
     name = naming.validate_name(DEFAULT_BACKUP_NAME if body.name is None else body.name)
     compression = _compression(body, settings)
+    chosen = _backup_options(body)
     if not body.wait:
         # Only what the request chose: the flow's own settings decide the rest.
         parameters: dict[str, Any] = {"name": name}
+        if not body.rotate:
+            parameters["rotate"] = False
         if compression is not None:
             parameters["compression"] = compression
         if body.format is not None:
             parameters["format"] = body.format
+        parameters |= {key: value for key, value in chosen.items() if value}
         handle = ctx.prefect.start_run("backup", parameters)
         return _accepted(f"backup started as Prefect run {handle.name}", handle)
-    storages = ctx.storages()
-    primary = storages[0]
-    options = BackupOptions(name=name, format=body.format, compression=compression, trigger="api")
-    manifest = run_backup(settings, options, storage=primary)
-    if settings.backup_verify != "off":
-        from pgkeeper.verify import verify_backup
-
-        manifest = verify_backup(
-            settings, manifest.id, storages=[primary], level=settings.backup_verify
-        )
-    result: dict[str, Any] = {"success": True, "backup": manifest.to_public()}
-    result["locations"] = [primary.url]
-    if len(storages) > 1:
-        from pgkeeper.upload import upload_backup
-
-        report = upload_backup(settings, manifest.id, storages=storages)
-        result["locations"] += report.copied_to + report.already_there
+    options = BackupOptions(
+        name=name, format=body.format, compression=compression, trigger="api", **chosen
+    )
+    run = take_backup(settings, options, storages=ctx.storages(), rotate_after=body.rotate)
+    result: dict[str, Any] = {
+        "success": True,
+        "backup": run.manifest.to_public(),
+        "locations": run.locations,
+        "problems": [redact(text, ctx.secrets) for text in run.problems],
+    }
+    if run.upload is not None:
         result["upload"] = {
-            "copiedTo": report.copied_to,
-            "failed": {url: redact(text, ctx.secrets) for url, text in report.failed.items()},
+            "copiedTo": run.upload.copied_to,
+            "failed": {url: redact(text, ctx.secrets) for url, text in run.upload.failed.items()},
+        }
+    if run.rotation is not None:
+        result["rotation"] = {
+            "deleted": run.rotation.deleted,
+            "errors": [redact(e, ctx.secrets) for t in run.rotation.targets for e in t.errors],
         }
     return result
 
@@ -866,6 +913,9 @@ def _validation_message(exc: RequestValidationError) -> str:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON"
+    if first.get("type") == "extra_forbidden":
+        field = str(first.get("loc", ("", "?"))[-1])
+        return f"unknown field {field!r} (see /docs for this endpoint's fields)"
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
     where = {"query": "query parameter", "path": "path parameter", "header": "header"}
     if loc and loc[0] in where:
@@ -907,7 +957,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for this type
-        return _error_response(context_of(request), UsageError(_validation_message(exc)))
+        error = UsageError(_validation_message(exc))
+        if any(e.get("type") == "extra_forbidden" for e in exc.errors()):
+            error.http_status = 422  # understood, but asks for something this API does not do
+        return _error_response(context_of(request), error)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for this type

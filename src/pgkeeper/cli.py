@@ -266,13 +266,14 @@ def backup(
     no_upload: Annotated[
         bool, typer.Option("--no-upload", help="Do not copy to offsite targets.")
     ] = False,
+    no_rotate: Annotated[
+        bool, typer.Option("--no-rotate", help="Do not apply retention afterwards.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Back up the database now: dump, verify, and copy to offsite targets."""
-    from pgkeeper.alerts import watch
-    from pgkeeper.backup import BackupOptions, run_backup
-    from pgkeeper.postgres import ConnInfo
-    from pgkeeper.verify import verify_backup
+    """Back up the database now: dump, verify, copy offsite, rotate (pgkeeper.procedure)."""
+    from pgkeeper.backup import BackupOptions
+    from pgkeeper.procedure import take_backup
 
     settings = settings_from_env()
     options = BackupOptions(
@@ -288,42 +289,20 @@ def backup(
         jobs=jobs,
         trigger="cli",
     )
-    storages = targets(settings)  # built once: a cloud target builds an SDK client
-    primary = storages[0]
-    source = ConnInfo.parse(database_url or settings.require_database_url())
-    # The outcome (success, or any failure below) is told once: heartbeat, alert, Sentry.
-    with watch(settings, primary, "backup", source.dbname, source.server) as outcome:
-        with progress_bar("backup") as progress:
-            manifest = run_backup(settings, options, storage=primary, progress=progress)
-        if not no_verify and settings.backup_verify != "off":
-            with progress_bar("verify", manifest.size) as progress:
-                manifest = verify_backup(
-                    settings,
-                    manifest.id,
-                    storages=[primary],
-                    level=settings.backup_verify,
-                    progress=progress,
-                )
-        outcome.manifest = manifest
-        locations = [primary.url]
-        failed: dict[str, str] = {}
-        if not no_upload and len(storages) > 1:
-            from pgkeeper.upload import upload_backup
-
-            with progress_bar("upload", manifest.size) as progress:
-                report = upload_backup(settings, manifest.id, storages=storages, progress=progress)
-            locations += report.copied_to + report.already_there
-            failed = report.failed
-        if as_json:
-            print_json({**manifest.to_public(), "locations": locations})
-        else:
-            _print_manifest(manifest, locations)
-        if failed:
-            where = ", ".join(f"{url}: {why}" for url, why in failed.items())
-            raise PgkeeperError(
-                f"backup {manifest.id} made, but the upload failed ({where}); "
-                f"retry with 'pgkeeper upload {manifest.id}'"
-            )
+    run = take_backup(
+        settings,
+        options,
+        storages=targets(settings),  # built once: a cloud target builds an SDK client
+        verify_level="off" if no_verify else None,
+        upload_offsite=not no_upload,
+        rotate_after=not no_rotate,
+        progress_for=progress_bar,
+    )
+    if as_json:
+        print_json({**run.manifest.to_public(), "locations": run.locations})
+    else:
+        _print_manifest(run.manifest, run.locations)
+    run.raise_for_problems()
 
 
 @app.command()

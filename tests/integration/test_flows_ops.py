@@ -102,7 +102,7 @@ def test_the_backup_flow_rotates_after_backing_up_unless_told_not_to(
     assert rotated.is_completed(), rotated.message
     # Of the real database only the newest verified backup remains; of the other one, too.
     assert set(_ids(primary)) == {rotated.result(), ids[0]}
-    assert {"rotate", "inventory", "rotation-verdict"} <= set(task_runs(rotated))
+    assert {"rotate", "inventory", "backup-verdict"} <= set(task_runs(rotated))
     actions = {row["backup"]: row["action"] for row in artifact_data(rotated)["rotation-plan"]}
     assert actions[kept.result()] == "deleted" and actions[rotated.result()] == "keep"
 
