@@ -151,3 +151,22 @@ def test_http_api_examples_work_as_written(
     assert shutil.which("pg_dump", path=env["PATH"]) is not None
     assert "from_prod_" in outputs[-1]
     assert os.environ.get("BACKUP_API_TOKEN") is None  # the test did not leak its token
+
+
+def test_checking_a_backup_by_hand_works_as_written(sample_db: str, tmp_path: Path) -> None:
+    """'Restoring by hand': the sha256sum recipe, run inside a directory backup's folder, says
+    OK for every file, and FAILED for a file changed afterwards."""
+    block = next(b for b in code_blocks(section("## Restoring by hand, without pgkeeper"))
+                 if "sha256sum -c" in b)  # fmt: skip
+    backups = tmp_path / "backups"
+    settings = load_settings(_env_file=None, database_url=sample_db, backup_dir=str(backups),
+                             backup_format="directory")  # fmt: skip
+    made = run_backup(settings, BackupOptions())
+    script = block.replace("/var/backups/pgkeeper/ID", str(backups / made.id))
+    ok = bash(script, dict(os.environ), tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.count(": OK") == len(made.objects) > 2
+    victim = backups / made.id / made.objects[-1].name
+    victim.write_bytes(victim.read_bytes() + b"x")
+    bad = bash(script, dict(os.environ), tmp_path)
+    assert bad.returncode != 0 and "FAILED" in bad.stdout
