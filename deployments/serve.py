@@ -11,6 +11,10 @@ concurrency limit of 1 with CANCEL_NEW: a run that comes due while one runs is c
 queued behind it.
 The engine's per-database advisory lock also stops two backups from different deployments.
 
+Schedules: the environment's schedule of a deployment is applied at start only when it changed
+since serve last applied it; otherwise the schedule on the server (edited in the UI, with
+``pgkeeper schedule set`` or ``PUT /api/schedule``) is kept (``pgkeeper.schedule``).
+
 Shutdown: on SIGTERM or Ctrl-C Prefect's runner cancels in-flight runs: their flow processes
 get SIGTERM, which the backup engine turns into cleanup (pg_dump terminated and reaped, the
 partial object and backup folder removed, the lock released), and the runs end Cancelled.
@@ -23,7 +27,8 @@ about 25 s and says in one line what it could not do.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from deployments.schedules import plan
 from pgkeeper.errors import PgkeeperError
@@ -35,8 +40,13 @@ if TYPE_CHECKING:
 TAGS = ["pgkeeper"]
 
 
-def build_deployments(settings: Settings) -> list[RunnerDeployment]:
-    """Every deployment as a RunnerDeployment; raises ConfigError for a malformed schedule."""
+def build_deployments(
+    settings: Settings, kept: Mapping[str, list[Any]] | None = None
+) -> list[RunnerDeployment]:
+    """Every deployment as a RunnerDeployment; raises ConfigError for a malformed schedule.
+
+    ``kept``: deployment name -> the schedules it keeps from the server instead of the
+    environment's (``deployments.schedule_edits.at_start``)."""
     specs = plan(settings)  # validate before importing Prefect: bad config fails fast
 
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -70,7 +80,9 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
                 name=spec.name,
                 description=spec.description,
                 tags=TAGS,
-                schedules=[
+                schedules=kept[spec.name]
+                if kept is not None and spec.name in kept
+                else [
                     Cron(
                         schedule.cron,
                         timezone=schedule.timezone,
@@ -108,11 +120,23 @@ def install_alerts(settings: Settings) -> None:
 
 def serve_all(settings: Settings) -> None:
     """Register every deployment and run their scheduled and manual runs until stopped."""
-    from deployments import serving
+    from deployments import schedule_edits, serving
+    from pgkeeper.schedule import write_record
 
-    deployments = build_deployments(settings)
+    link = serving.prefect_link()
+    # The schedule rule (pgkeeper.schedule) needs a server that outlives this process: without
+    # PREFECT_API_URL Prefect starts a temporary one, and the environment's schedules apply.
+    start = schedule_edits.at_start(settings, link) if link.api_url else None
+    deployments = build_deployments(settings, start.kept if start else None)
     install_alerts(settings)
-    serving.run(deployments)
+
+    def registered() -> None:
+        if start is not None:
+            write_record(link, start.record)
+            for line in start.lines:
+                print(line, flush=True)
+
+    serving.run(deployments, after_registration=registered)
 
 
 def main() -> int:

@@ -117,6 +117,8 @@ def _quietly(action: Callable[[], Any]) -> None:
 def pause(link: PrefectLink, ids: Sequence[UUID], seconds: float = PAUSE_SECONDS) -> str | None:
     """Pause the deployments (their queued scheduled runs are deleted); None when all were,
     else the one line saying what could not be done. Stops at the first unreachable call."""
+    if not link.api_url:
+        return None  # a temporary server of Prefect's own: nothing of it outlives this process
     deadline = time.monotonic() + seconds
     done = 0
     for deployment_id in ids:

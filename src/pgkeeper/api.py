@@ -19,6 +19,8 @@ Paths and shapes are the seed's compatibility contract::
     POST   /api/backups/import?name=NAME    an external dump as the request body, streamed
     GET    /api/backups/{id}                one backup's record
     GET    /api/runs/{id}                   state of a Prefect flow run started here
+    GET    /api/schedule                    the deployments' schedules on the Prefect server
+    PUT    /api/schedule                    change them now (kept until the environment changes)
     GET    /metrics                         Prometheus metrics (the read token's rule)
 
 Auth: ``Authorization: Bearer <token>``. ``BACKUP_API_TOKEN`` (admin) may do everything,
@@ -283,6 +285,32 @@ class ImportResponse(BaseModel):
 class RunResponse(BaseModel):
     success: Literal[True] = True
     run: RunState
+
+
+class ScheduleRequest(StrictRequest):
+    schedule: str = Field(
+        min_length=1, max_length=200, examples=["daily"],
+        description="like BACKUP_SCHEDULE: hourly, daily, weekly, monthly, a comma list of "
+        "them, a 5-field cron, or off; with deployment: a cron, off or on",
+    )  # fmt: skip
+    deployment: str | None = Field(
+        default=None, max_length=200, examples=["verify"],
+        description="one deployment (verify, rotate, backup-daily, ...); default: the backups",
+    )  # fmt: skip
+    timezone: str | None = Field(
+        default=None, max_length=64, examples=["Europe/Berlin"],
+        description="IANA timezone; default: the schedule's current one",
+    )  # fmt: skip
+
+
+class ScheduleResponse(BaseModel):
+    success: Literal[True] = True
+    rule: str = Field(description="when serve applies the environment's schedule again")
+    deployments: list[dict[str, Any]] = Field(
+        description="each pgkeeper deployment: schedules on the server, the environment's, "
+        "edited, source"
+    )
+    changed: list[str] = Field(description="deployments whose schedule this request changed")
 
 
 class HealthResponse(BaseModel):
@@ -633,6 +661,25 @@ def read_run(ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:
                 if e.manifest.flow_run_id == state.id]  # fmt: skip
         state.backupId = made[0] if made else None
     return {"success": True, "run": state}
+
+
+def show_schedule(ctx: Ctx) -> dict[str, Any]:
+    """Every pgkeeper deployment's schedule on the Prefect server, beside the environment's."""
+    from pgkeeper.schedule import show
+
+    return {"success": True, **show(ctx.prefect).to_dict()}
+
+
+def set_schedule(ctx: Ctx, body: ScheduleRequest) -> dict[str, Any]:
+    """Change schedules on the Prefect server now; serve keeps them until the environment's
+    value changes (``pgkeeper.schedule``)."""
+    # The one route that imports Prefect: its cron arithmetic (what the scheduler fires by)
+    # validates the value and sets each schedule's max lateness; ~1.5 s once per process.
+    from deployments.schedule_edits import requested
+    from pgkeeper.schedule import set_schedules
+
+    wanted = requested(ctx.settings, ctx.prefect, body.schedule, body.deployment, body.timezone)
+    return {"success": True, **set_schedules(ctx.prefect, wanted).to_dict()}
 
 
 # --- download: streamed, verified, with Range -----------------------------------------------------
@@ -1163,6 +1210,17 @@ def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAP
         "/metrics", metrics, "GET", read, tags=["metrics"],
         response_class=Response, responses=_errors(*AUTH_ERRORS),
         summary="Prometheus metrics",
+    )  # fmt: skip
+    add(
+        "/api/schedule", show_schedule, "GET", read, tags=["schedule"],
+        response_model=ScheduleResponse, responses=_errors(*AUTH_ERRORS, 404, 503),
+        summary="Show the schedules",
+    )  # fmt: skip
+    add(
+        "/api/schedule", set_schedule, "PUT", Access("admin", json_body("PUT /api/schedule")),
+        tags=["schedule"], response_model=ScheduleResponse,
+        responses=_errors(*AUTH_ERRORS, *BODY_ERRORS, 404, 422, 503),
+        summary="Change a schedule",
     )  # fmt: skip
     add(
         "/api/runs/{run_id}", read_run, "GET", read, tags=["runs"],

@@ -826,6 +826,62 @@ def alerts_test() -> None:
     typer.echo(f"test alert sent to {where}")
 
 
+schedule_app = typer.Typer(
+    help="The deployments' schedules on the Prefect server, changed at run time "
+    "(an edit stays until the environment's value changes)."
+)
+app.add_typer(schedule_app, name="schedule")
+
+
+def _print_schedules(report: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(report.to_dict())
+        return
+    print_table(report.as_table(), ["deployment", "schedule", "environment's", "source"])
+    for name in report.changed:
+        typer.echo(f"changed {name}")
+    typer.echo(f"\nrule: {report.to_dict()['rule']}")
+
+
+@schedule_app.command("show")
+@handle_errors
+def schedule_show(as_json: JsonOpt = False) -> None:
+    """Every pgkeeper deployment's schedule on the Prefect server, beside the environment's."""
+    from pgkeeper.prefect_api import PrefectLink
+    from pgkeeper.schedule import show
+
+    _print_schedules(show(PrefectLink.from_environment()), as_json)
+
+
+@schedule_app.command("set")
+@handle_errors
+def schedule_set(
+    value: Annotated[
+        str,
+        typer.Argument(
+            help="Like BACKUP_SCHEDULE (hourly, daily, weekly, monthly, a comma list, a cron) or "
+            "off; with --deployment: a cron, off or on."
+        ),
+    ],
+    deployment: Annotated[
+        str | None,
+        typer.Option(help="One deployment (verify, rotate, backup-daily, ...) instead of backups."),
+    ] = None,
+    timezone: Annotated[
+        str | None, typer.Option(help="IANA timezone (default: the schedule's current one).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change schedules on the Prefect server now (serve keeps them over restarts)."""
+    from deployments.schedule_edits import requested
+    from pgkeeper.prefect_api import PrefectLink
+    from pgkeeper.schedule import set_schedules
+
+    link = PrefectLink.from_environment()
+    wanted = requested(settings_from_env(), link, value, deployment, timezone)
+    _print_schedules(set_schedules(link, wanted), as_json)
+
+
 @app.command()
 @handle_errors
 def api(
