@@ -37,6 +37,8 @@ from pgkeeper.settings import Settings, load_settings
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
+    from pgkeeper.prefect_api import PrefectLink
+
 TAGS = ["pgkeeper"]
 
 
@@ -118,6 +120,19 @@ def install_alerts(settings: Settings) -> None:
         print(f"warning: {report.problem}", file=sys.stderr)
 
 
+def refresh_restore_form(settings: Settings, link: PrefectLink) -> None:
+    """The restore form lists the newest verified backups (``pgkeeper.restore_form``); a
+    storage target or server that fails only costs the list, with a warning."""
+    from pgkeeper import catalog, restore_form
+    from pgkeeper.storage import targets
+
+    try:
+        restore_form.refresh(link, catalog.list_all(targets(settings)))
+    except PgkeeperError as exc:
+        print(f"warning: the restore form's list of backups is not refreshed: {exc}",
+              file=sys.stderr)  # fmt: skip
+
+
 def serve_all(settings: Settings) -> None:
     """Register every deployment and run their scheduled and manual runs until stopped."""
     from deployments import schedule_edits, serving
@@ -135,6 +150,7 @@ def serve_all(settings: Settings) -> None:
             write_record(link, start.record)
             for line in start.lines:
                 print(line, flush=True)
+            refresh_restore_form(settings, link)
 
     serving.run(deployments, after_registration=registered)
 

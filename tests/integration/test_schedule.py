@@ -6,9 +6,6 @@ wins again once its value changes."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +16,8 @@ from pgkeeper.api import create_app
 from pgkeeper.prefect_api import PrefectLink
 from pgkeeper.settings import load_settings
 from tests.support.api import AUTH, READ_AUTH, TestClient, assert_error, settings_for
-from tests.support.cli import PGKEEPER, cli_env, one_line_error, run_cli
-from tests.support.schedules import clear_pgkeeper, register_all
+from tests.support.cli import cli_env, one_line_error, run_cli
+from tests.support.schedules import clear_pgkeeper, register_all, serve_once
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -46,30 +43,6 @@ def schedules(link: PrefectLink, deployment: str) -> list[dict[str, Any]]:
 def active_backups(link: PrefectLink) -> list[str]:
     names = ["hourly", "daily", "weekly", "monthly", "custom"]
     return [n for n in names if any(s["active"] for s in schedules(link, f"backup/backup-{n}"))]
-
-
-def serve_once(link: PrefectLink, tmp_path: Path, **extra: str) -> str:
-    """Start `pgkeeper serve` with ``extra`` settings, wait until it registered everything (and
-    recorded the environment's schedules), stop it with SIGTERM; its stdout."""
-    env = cli_env(None, tmp_path / "backups", PREFECT_API_URL=str(link.api_url),
-                  PREFECT_RUNNER_POLL_FREQUENCY="1", **extra)  # fmt: skip
-    out = tmp_path / f"serve-{time.monotonic_ns()}.out"
-    with out.open("wb") as sink:
-        proc = subprocess.Popen([str(PGKEEPER), "serve"], cwd=tmp_path, env=env, stdout=sink,
-                                stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while "serving 11 deployments" not in out.read_text(errors="replace"):
-            assert proc.poll() is None, out.read_text(errors="replace")
-            assert time.monotonic() < deadline, out.read_text(errors="replace")
-            time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return out.read_text(errors="replace")
 
 
 @pytest.mark.slow
