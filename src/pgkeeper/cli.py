@@ -578,23 +578,68 @@ def download_name(manifest: Manifest, decompress: bool) -> str:
 @handle_errors
 def import_(
     file: Annotated[
-        Path, typer.Argument(help="A pg_dump file: custom, plain, tar, directory tar.")
-    ],
+        Path | None, typer.Argument(help="A pg_dump file: custom, plain, tar, directory tar.")
+    ] = None,
     name: Annotated[str, typer.Option(help="Backup name for the id.")] = "imported",
+    from_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-dir",
+            help="A folder of the seed's backups (<name>_<YYYY-MM-DDTHH-MM-SS>.sql.gz): each "
+            "is imported keeping its name and time.",
+        ),
+    ] = None,
+    database: Annotated[
+        str | None, typer.Option(help="The database the dumps are of (plain SQL does not say).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Bring an external dump in as a backup (detected by content; verified)."""
+    """Bring an external dump in as a backup (detected by content; verified), or a folder of
+    the seed's backups with --from-dir."""
     from pgkeeper.importing import import_file
 
+    if from_dir is not None:
+        if file is not None:
+            raise UsageError("give a dump FILE or --from-dir DIR, not both")
+        _import_folder(from_dir, database, as_json)
+        return
+    if file is None:
+        raise UsageError("give a dump FILE to import, or --from-dir DIR (see 'pgkeeper import "
+                         "--help')")  # fmt: skip
     settings = settings_from_env()
     if not file.exists():
         raise UsageError(f"{file} does not exist (check the path)")
     with progress_bar("import", file.stat().st_size if file.is_file() else None) as progress:
-        manifest = import_file(settings, file, name=name, progress=progress)
+        manifest = import_file(settings, file, name=name, progress=progress, database=database)
     if as_json:
         print_json(manifest.to_public())
     else:
         _print_manifest(manifest)
+
+
+def _import_folder(folder: Path, database: str | None, as_json: bool) -> None:
+    """``import --from-dir``: one line per file as it is done, then the summary."""
+    from pgkeeper.folder_import import FileOutcome, import_folder
+
+    labels = {"imported": "imported", "already imported": "already", "skipped": "skipped",
+              "failed": "FAILED"}  # fmt: skip
+
+    def told(outcome: FileOutcome) -> None:
+        arrow = f" -> {outcome.backup_id}" if outcome.status == "imported" else ""
+        typer.echo(f"{labels[outcome.status]:<8}  {outcome.file}{arrow}: {outcome.reason}")
+
+    report = import_folder(
+        settings_from_env(), folder, database=database,
+        progress=lambda path, size: progress_bar(path.name, size),
+        told=None if as_json else told,
+    )  # fmt: skip
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        typer.echo(report.summary())
+    if not report.ok:
+        _fail(f"{report.count('failed')} of the files named like backups could not be imported "
+              "(see above); the others are in place", 1)  # fmt: skip
 
 
 @app.command("restore-test")

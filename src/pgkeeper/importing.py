@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import re
 import struct
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
 from pgkeeper import __version__, catalog, naming, plainsql
-from pgkeeper.errors import NotADumpError, PgkeeperError, StorageError, VerificationError
+from pgkeeper.errors import (
+    BackupExistsError,
+    NotADumpError,
+    PgkeeperError,
+    StorageError,
+    VerificationError,
+)
 from pgkeeper.manifest import Manifest, StoredObject, utcnow
 from pgkeeper.pipeline import GZIP_MAGIC, ZSTD_MAGIC, Decoder, Progress
 from pgkeeper.settings import Settings
@@ -194,11 +202,20 @@ def import_stream(
     storage: Storage | None = None,
     progress: Progress | None = None,
     max_bytes: int | None = None,
+    at: datetime | None = None,
+    database: str | None = None,
+    source: str | None = None,
 ) -> Manifest:
     """Import a dump read from ``read`` as a new backup on the primary target.
 
+    ``at``: the backup's own time, for a backup made elsewhere earlier (``folder_import``): its
+    id is exactly ``<name>_<at>`` and the manifest's start and finish times are ``at``, so
+    listings and retention see its real age. ``database``: what the dump is of, when it does
+    not say (plain SQL). ``source``: the file it came from, recorded in the manifest.
+
     Raises NotADumpError for anything that is not a dump (or a dump that fails verification),
-    StorageError when the target fails, UsageError when it exceeds ``max_bytes``.
+    StorageError when the target fails, UsageError when it exceeds ``max_bytes``,
+    BackupExistsError when the id ``at`` asks for is taken.
     """
     naming.validate_name(name)
     primary = storage if storage is not None else targets(settings)[0]
@@ -211,7 +228,13 @@ def import_stream(
     if not head:
         raise NotADumpError("not a PostgreSQL dump: the file is empty")
     kind = detect(head)
-    backup_id, started = catalog.reserve_id(primary, name, kind.database, "import")
+    if database is not None:
+        kind.database = database
+    if at is None:
+        backup_id, started = catalog.reserve_id(primary, name, kind.database, "import")
+    else:
+        wanted = naming.make_id(name, at, bool(at.microsecond))
+        backup_id, started = _claim(primary, wanted, kind.database), at
     stream = _Head(head, _limited(read, max_bytes))
     try:
         if kind.format == "directory":
@@ -231,8 +254,11 @@ def import_stream(
             objects=objects,
             size=sum(o.size for o in objects),
             started_at=started,
-            finished_at=utcnow(),
+            finished_at=started if at is not None else utcnow(),
             trigger="import",
+            options={"imported_from": source, "imported_at": utcnow().isoformat()}
+            if source is not None
+            else {},
             pgkeeper_version=__version__,
         )
         result = check_backup(primary, manifest, "full", settings.pg_bin_dir)
@@ -252,6 +278,20 @@ def import_stream(
         raise
     catalog.clear_pending(primary, backup_id)
     return manifest
+
+
+def _claim(storage: Storage, backup_id: str, database: str) -> str:
+    """Claim exactly ``backup_id`` (its ``pending.json``, created exclusively), as
+    ``catalog.reserve_id`` claims a new one; BackupExistsError when anything holds it."""
+    taken = any(True for _ in storage.list(naming.backup_prefix(backup_id)))
+    body = json.dumps({"id": backup_id, "database": database, "server": "import",
+                       "since": utcnow().isoformat()}).encode()  # fmt: skip
+    if taken or not storage.create_exclusive(naming.pending_key(backup_id), body):
+        raise BackupExistsError(
+            f"backup {backup_id!r} already exists in {storage.url} (or its import is running): "
+            "it is not overwritten"
+        )
+    return backup_id
 
 
 def _limited(read: Callable[[int], bytes], max_bytes: int | None) -> Callable[[int], bytes]:
@@ -334,6 +374,7 @@ def import_file(
     *,
     name: str = "imported",
     progress: Progress | None = None,
+    database: str | None = None,
 ) -> Manifest:
     """Import a dump file (see ``import_stream``). A directory is refused: tar it first."""
     if path.is_dir():
@@ -346,4 +387,4 @@ def import_file(
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror} (check the path)") from exc
     with handle:
-        return import_stream(settings, handle.read, name=name, progress=progress)
+        return import_stream(settings, handle.read, name=name, progress=progress, database=database)

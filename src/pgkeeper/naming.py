@@ -12,6 +12,11 @@ Storage layout under a target's prefix, one folder per backup::
     <id>/<id>.dump.zst        custom format (zstd);  .dump.gz / .dump for gzip / none
     <id>/<id>.sql.zst         plain format (zstd);   .sql.gz / .sql
     <id>/<id>.dir/...         directory format: pg_dump's own files, compressed by pg_dump
+
+and, outside every backup folder (so rotation never deletes it)::
+
+    imports/<id>.json         a backup imported from a folder (``folder_import``): that file's
+                              name and sha256, so a re-run never imports it again
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ ID_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,62})_" + _TS + r"\Z")
 
 MANIFEST = "manifest.json"
 PENDING = "pending.json"
+IMPORTS = "imports/"
 
 FORMATS = ("custom", "plain", "directory")
 COMPRESSIONS = ("zstd", "gzip", "none")
@@ -123,6 +129,11 @@ def object_key(backup_id: str, relative: str) -> str:
     if relative.startswith("/") or ".." in relative.split("/") or not relative:
         raise InvalidBackupIdError(f"object name {relative!r} in backup {backup_id!r} is unsafe")
     return backup_prefix(backup_id) + relative
+
+
+def import_record_key(backup_id: str) -> str:
+    """Where the primary target records that ``backup_id`` was imported from a folder."""
+    return IMPORTS + validate_id(backup_id) + ".json"
 
 
 def id_from_key(key: str) -> str | None:
