@@ -537,7 +537,7 @@ def download(
     database: DatabaseOpt = None,
 ) -> None:
     """Write a backup's stored file (verified against its checksum) to a local file."""
-    from pgkeeper.download import write_backup
+    from pgkeeper.download import download_name, write_backup
 
     settings = settings_from_env()
     storages = targets(settings)
@@ -562,16 +562,6 @@ def download(
     finally:
         partial.unlink(missing_ok=True)
     typer.echo(f"wrote {path}")
-
-
-def download_name(manifest: Manifest, decompress: bool) -> str:
-    if manifest.format == "directory":
-        return f"{manifest.id}.dir.tar"
-    name = manifest.filename
-    if decompress:
-        for suffix in (".zst", ".gz"):
-            name = name.removesuffix(suffix)
-    return name
 
 
 @app.command("import")
