@@ -102,9 +102,11 @@ def latest(
     Without ``database``, the backups must all be of one database on one server. Anything
     ambiguous (several databases, the database only backed up from another server or
     imported) raises UsageError listing the candidates; nothing fitting raises
-    BackupNotFoundError.
+    BackupNotFoundError. A server's globals (kind ``globals``) are never a database's latest:
+    only ``database`` ``*`` names them.
     """
-    manifests = [e.manifest for e in entries]
+    kind = "globals" if database == "*" else "dump"
+    manifests = [e.manifest for e in entries if e.manifest.kind == kind]
 
     def fits(m: Manifest) -> bool:
         return not m.verification_failed if usable else m.verified

@@ -681,7 +681,9 @@ def restore_backup(
     progress: Progress | None = None,
 ) -> RestoreResult:
     """Restore a backup (default: the newest verified) into ``target_url`` (default: a new
-    database on the source server). See the module docstring for the procedure.
+    database on the source server). See the module docstring for the procedure. A globals
+    backup goes into the server of ``target_url`` (default: DATABASE_URL's) instead, and the
+    result is a ``server_globals.GlobalsRestore`` (see ``server_globals.restore_globals``).
 
     Raises BackupNotFoundError/InvalidBackupIdError, ConfirmationRequiredError, connection
     errors, VerificationError (every copy is bad), RestoreError. The target is unchanged on
@@ -692,6 +694,11 @@ def restore_backup(
         backup_id = catalog.latest_backup(settings, storages).id
     found = copies(storages, backup_id)
     manifest = found[0][0]
+    if manifest.kind == "globals":  # a server's roles and tablespaces: restored into a server
+        from pgkeeper.server_globals import restore_globals_copies
+
+        server_url = target_url or settings.require_database_url()
+        return restore_globals_copies(settings, found, server_url, progress)
     target_url = target_url or _default_target(settings, manifest)
     conn = ConnInfo.parse(target_url)
     target = conn.dbname

@@ -1,0 +1,480 @@
+"""A server's globals (roles, memberships, role settings, tablespaces): backed up with
+``pg_dumpall --globals-only``, verified, restored into a server (missing roles created,
+existing ones kept), and the whole-server disaster procedure performed end to end.
+
+Roles are cluster-wide, so these tests run on two throwaway clusters of their own (``source``
+and ``target``), never the session's shared one; each test leaves both as initdb made them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import zstandard
+from psycopg import sql
+
+from pgkeeper import catalog
+from pgkeeper.backup import BackupOptions, run_backup
+from pgkeeper.errors import (
+    BackupNotFoundError,
+    BackupRunningError,
+    UsageError,
+    VerificationError,
+)
+from pgkeeper.manifest import Manifest
+from pgkeeper.postgres import ConnInfo
+from pgkeeper.restore import restore_backup
+from pgkeeper.restore_test import run_restore_test
+from pgkeeper.server_globals import GlobalsRestore, backup_globals, globals_lock
+from pgkeeper.settings import Settings, load_settings
+from pgkeeper.storage import LocalStorage
+from pgkeeper.verify import verify_copy
+from tests.servers.postgres import PgCluster
+
+pytestmark = pytest.mark.integration
+
+AS_ROOT = os.geteuid() == 0
+
+
+# --- clusters, settings and helpers ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def source() -> Iterator[PgCluster]:
+    """A cluster whose globals are backed up (its own: roles are cluster-wide)."""
+    with PgCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[PgCluster]:
+    """A second cluster the globals are restored into."""
+    with PgCluster() as cluster:
+        yield cluster
+
+
+def reset(cluster: PgCluster) -> None:
+    """Back to what initdb made: no database but postgres and the templates, no tablespace
+    but the built-in ones, no role but postgres (and the predefined pg_*)."""
+    for (name,) in cluster.query(
+        "SELECT datname FROM pg_database WHERE datname NOT IN ('postgres', 'template0', "
+        "'template1')"
+    ):
+        cluster.drop_database(name)
+    for (name,) in cluster.query(
+        "SELECT spcname FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')"
+    ):
+        cluster.execute(sql.SQL("DROP TABLESPACE {}").format(sql.Identifier(name)))
+    cluster.execute("ALTER ROLE postgres RESET ALL")
+    for (name,) in cluster.query(
+        "SELECT rolname FROM pg_roles WHERE rolname <> 'postgres' AND rolname NOT LIKE 'pg\\_%'"
+    ):
+        role = sql.Identifier(name)
+        for db in ("postgres", "template1"):
+            cluster.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(role), dbname=db)
+        cluster.execute(sql.SQL("DROP ROLE {}").format(role))
+
+
+@pytest.fixture
+def clusters(source: PgCluster, target: PgCluster) -> Iterator[tuple[PgCluster, PgCluster]]:
+    """Both clusters, reset after the test whatever it did."""
+    yield source, target
+    for cluster in (source, target):
+        reset(cluster)
+
+
+@pytest.fixture
+def settings(source: PgCluster, tmp_path: Path) -> Settings:
+    return load_settings(
+        _env_file=None,
+        database_url=source.url(),
+        backup_dir=str(tmp_path / "backups"),
+        backup_compression_threads=1,
+    )
+
+
+def storage_of(settings: Settings) -> LocalStorage:
+    return LocalStorage(Path(settings.backup_dir))
+
+
+@pytest.fixture
+def server_dirs() -> Iterator[Callable[[], Path]]:
+    """Makes empty folders the server's user owns (tablespace locations); they are removed
+    after the clusters' reset (a test asks for this fixture before ``clusters``): a server
+    whose tablespace folder vanished fails its checkpoints."""
+    made: list[Path] = []
+
+    def make() -> Path:
+        path = Path(tempfile.mkdtemp(prefix="pgkeeper-ts-"))
+        path.chmod(0o755)
+        if AS_ROOT:
+            shutil.chown(path, "postgres", "postgres")
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def roles(cluster: PgCluster) -> dict[str, tuple[Any, ...]]:
+    """Every role's attributes and password hash (pg_authid), by name."""
+    rows = cluster.query(
+        "SELECT rolname, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin,"
+        " rolreplication, rolbypassrls, rolconnlimit, rolvaliduntil, rolpassword,"
+        " shobj_description(oid, 'pg_authid')"
+        " FROM pg_authid WHERE rolname NOT LIKE 'pg\\_%' ORDER BY 1"
+    )
+    return {row[0]: row[1:] for row in rows}
+
+
+def memberships(cluster: PgCluster) -> set[tuple[str, str, bool]]:
+    """(role, member, admin option) of every membership between non-predefined roles."""
+    rows = cluster.query(
+        "SELECT r.rolname, m.rolname, a.admin_option FROM pg_auth_members a"
+        " JOIN pg_roles r ON r.oid = a.roleid JOIN pg_roles m ON m.oid = a.member"
+        " WHERE r.rolname NOT LIKE 'pg\\_%'"
+    )
+    return {(str(r), str(m), bool(admin)) for r, m, admin in rows}
+
+
+def role_settings(cluster: PgCluster) -> set[tuple[str, str, str]]:
+    """(role, database or '', setting) of every role setting."""
+    rows = cluster.query(
+        "SELECT r.rolname, coalesce(d.datname, ''), unnest(s.setconfig)"
+        " FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole"
+        " LEFT JOIN pg_database d ON d.oid = s.setdatabase"
+    )
+    return {(str(r), str(d), str(c)) for r, d, c in rows}
+
+
+def tablespaces(cluster: PgCluster) -> dict[str, tuple[Any, ...]]:
+    rows = cluster.query(
+        "SELECT spcname, pg_get_userbyid(spcowner), pg_tablespace_location(oid),"
+        " spcacl::text, spcoptions::text FROM pg_tablespace"
+        " WHERE spcname NOT IN ('pg_default', 'pg_global')"
+    )
+    return {row[0]: row[1:] for row in rows}
+
+
+def can_login(cluster: PgCluster, user: str, password: str) -> bool:
+    try:
+        with psycopg.connect(cluster.url(user=user, password=password), connect_timeout=10):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def make_roles(cluster: PgCluster) -> None:
+    """A role with a password (and a limit and an expiry), a NOLOGIN group with a member (with
+    ADMIN), role settings (one in a database), a comment, a parameter grant, and a role the
+    restoring user is a member of."""
+    cluster.execute(
+        "CREATE ROLE alice LOGIN PASSWORD 'alice-pw' CONNECTION LIMIT 5 "
+        "VALID UNTIL '2099-01-01 00:00:00+00' CREATEDB"
+    )
+    cluster.execute('CREATE ROLE "Team; X" NOLOGIN')
+    cluster.execute('GRANT "Team; X" TO alice WITH ADMIN OPTION')
+    cluster.execute("ALTER ROLE alice SET work_mem = '8MB'")
+    cluster.execute("ALTER ROLE alice SET search_path = 'a; b', public")
+    cluster.execute("COMMENT ON ROLE alice IS $$alice's role; -- not a comment$$")
+    cluster.execute("CREATE ROLE bob LOGIN NOINHERIT BYPASSRLS PASSWORD 'bob-pw'")
+    cluster.execute("ALTER ROLE bob SET statement_timeout = '5s'")
+    cluster.execute('GRANT "Team; X" TO bob')
+    cluster.execute("GRANT SET ON PARAMETER work_mem TO bob")
+    cluster.execute("CREATE ROLE auditors NOLOGIN")
+    cluster.execute("GRANT auditors TO postgres")
+
+
+def globals_text(storage: LocalStorage, manifest: Manifest) -> bytes:
+    path = storage.root / manifest.id / manifest.objects[0].name
+    return zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes())
+
+
+def rewrite_globals(storage: LocalStorage, manifest: Manifest, text: bytes) -> Manifest:
+    """Replace a stored globals file and re-hash its manifest: the bytes are then the
+    manifest's, so only the content itself can be judged."""
+    path = storage.root / manifest.id / manifest.objects[0].name
+    data = zstandard.ZstdCompressor().compress(text)
+    path.write_bytes(data)
+    import hashlib
+
+    obj = manifest.objects[0].model_copy(
+        update={"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    )
+    forged = manifest.model_copy(update={"objects": [obj], "size": len(data), "verification": None})
+    catalog.write_manifest(storage, forged)
+    return forged
+
+
+# --- backup and verification ---------------------------------------------------------------------
+
+
+def test_globals_backup_is_a_listed_verified_backup_of_the_server(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings
+) -> None:
+    """backup_globals stores pg_dumpall --globals-only as a plain, compressed backup of kind
+    globals (database '*', server host:port, role passwords recorded as included), which lists,
+    passes full and quick verification, and is never a database's 'latest'."""
+    source, _ = clusters
+    make_roles(source)
+    storage = storage_of(settings)
+    manifest = backup_globals(settings, storage=storage)
+    assert manifest.kind == "globals"
+    assert manifest.database == "*"
+    assert manifest.server == f"{source.host}:{source.port}"
+    assert manifest.format == "plain" and manifest.compression == "zstd"
+    assert manifest.id.startswith("globals_")
+    assert manifest.filename == f"{manifest.id}.globals.sql.zst"
+    assert manifest.objects[0].name == manifest.filename
+    assert manifest.options["role_passwords"] is True
+    text = globals_text(storage, manifest)
+    assert b"CREATE ROLE alice;" in text and b"PASSWORD 'SCRAM-SHA-256$" in text
+    assert [m.id for m in catalog.list_backups(storage)] == [manifest.id]
+
+    for level in ("quick", "full"):
+        checked = verify_copy(settings, storage, manifest, level=level)
+        assert checked.verification is not None and checked.verification.ok, checked.verification
+    structure = next(c for c in checked.verification.checks if c.name == "structure")
+    assert structure.detail == "header, trailer, SQL only"
+
+    # A database's 'latest' never means the globals; '*' names them.
+    entries = catalog.list_all([storage])
+    with pytest.raises(BackupNotFoundError):
+        catalog.latest(entries, None)
+    with pytest.raises(BackupNotFoundError):
+        catalog.latest(entries, "postgres")
+    assert catalog.latest(entries, "*").id == manifest.id
+
+
+def test_a_tampered_globals_file_fails_verification_and_restores_nothing(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings
+) -> None:
+    """A byte changed in the stored file fails the checksum check, and a restore stops before
+    executing any statement: the target server gains no role."""
+    source, target = clusters
+    make_roles(source)
+    storage = storage_of(settings)
+    manifest = backup_globals(settings, storage=storage)
+    path = storage.root / manifest.id / manifest.objects[0].name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(VerificationError) as failed:
+        verify_copy(settings, storage, manifest)
+    assert failed.value.check == "checksum"
+    before = roles(target)
+    with pytest.raises(VerificationError) as refused:
+        restore_backup(settings, manifest.id, target.url(), storages=[storage])
+    assert refused.value.check == "checksum"
+    assert "nothing was restored" in str(refused.value)
+    assert roles(target) == before
+
+
+def test_a_whole_cluster_dump_is_not_a_globals_backup(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings
+) -> None:
+    """A globals file that holds databases (\\connect) fails the structure check, saying it is
+    a whole pg_dumpall and not --globals-only."""
+    storage = storage_of(settings)
+    manifest = backup_globals(settings, storage=storage)
+    text = globals_text(storage, manifest)
+    forged = rewrite_globals(
+        storage, manifest, text.replace(b"\n--\n-- Roles", b"\n\\connect template1\n--\n-- Roles")
+    )
+    with pytest.raises(VerificationError, match="whole pg_dumpall cluster dump"):
+        verify_copy(settings, storage, forged)
+
+
+def test_two_globals_backups_of_one_server_never_run_at_once(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings
+) -> None:
+    """While one globals backup of a server holds its lock, another is refused in one line,
+    and leaves nothing behind; a database's backup lock is another lock."""
+    source, _ = clusters
+    storage = storage_of(settings)
+    with globals_lock(ConnInfo.parse(source.url())):
+        with pytest.raises(BackupRunningError, match="another backup of the globals"):
+            backup_globals(settings, storage=storage)
+        # A backup of the postgres database itself is not held up by the globals' lock.
+        made = run_backup(settings, BackupOptions(name="pgdb"), storage=storage)
+    assert [m.id for m in catalog.list_backups(storage)] == [made.id]
+    assert list(storage.root.iterdir()) == [storage.root / made.id]
+
+
+def test_a_backup_role_that_is_not_superuser_gets_no_role_passwords(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings
+) -> None:
+    """A user who may not read pg_authid backs up the globals with --no-role-passwords,
+    recorded in the manifest; restored roles then have no password, and the report says so."""
+    source, target = clusters
+    make_roles(source)
+    source.execute("CREATE ROLE backup_op LOGIN PASSWORD 'op-pw'")
+    storage = storage_of(settings)
+    manifest = backup_globals(
+        settings, source.url(user="backup_op", password="op-pw"), storage=storage
+    )
+    assert manifest.options["role_passwords"] is False
+    text = globals_text(storage, manifest)
+    assert b"CREATE ROLE alice;" in text and b"PASSWORD" not in text
+    verify_copy(settings, storage, manifest)
+    report = restore_backup(settings, manifest.id, target.url(), storages=[storage])
+    assert isinstance(report, GlobalsRestore)
+    assert report.role_passwords is False
+    assert roles(target)["alice"][9] is None  # rolpassword
+    assert any("holds no role passwords" in line for line in report.lines())
+
+
+# --- restore -------------------------------------------------------------------------------------
+
+
+def test_restore_into_another_server_creates_roles_memberships_settings_and_tablespaces(
+    server_dirs: Callable[[], Path], clusters: tuple[PgCluster, PgCluster], settings: Settings
+) -> None:
+    """Restored into a fresh server, the globals recreate every role with its attributes,
+    password hash and comment, the memberships (with ADMIN), the role settings and parameter
+    grants; a tablespace whose location exists (empty) is created, one whose location is
+    gone or in use is skipped with the reason; the restoring user is never altered."""
+    source, target = clusters
+    make_roles(source)
+    free, gone, busy = server_dirs(), server_dirs(), server_dirs()
+    for name, location in (("ts_free", free), ("ts_gone", gone), ("ts_busy", busy)):
+        source.execute(
+            sql.SQL("CREATE TABLESPACE {} OWNER alice LOCATION {}").format(
+                sql.Identifier(name), sql.Literal(str(location))
+            )
+        )
+    source.execute('GRANT CREATE ON TABLESPACE ts_free TO "Team; X"')
+    source.execute("COMMENT ON TABLESPACE ts_free IS 'fast disks'")
+    source.execute("ALTER TABLESPACE ts_free SET (random_page_cost = 1.1)")
+    storage = storage_of(settings)
+    manifest = backup_globals(settings, storage=storage)
+    verify_copy(settings, storage, manifest)
+    expected_tablespaces = tablespaces(source)
+    # ts_free's folder is free again and ts_gone's is gone; ts_busy stays the source's.
+    source.execute("DROP TABLESPACE ts_free")
+    source.execute("DROP TABLESPACE ts_gone")
+    gone.rmdir()
+
+    report = restore_backup(settings, manifest.id, target.url(), storages=[storage])
+    assert isinstance(report, GlobalsRestore)
+    assert report.ok, report.lines()
+    assert sorted(report.created_roles) == ["Team; X", "alice", "auditors", "bob"]
+    assert report.kept_roles == ["postgres"]
+    assert report.created_tablespaces == ["ts_free"]
+    assert tablespaces(target) == {"ts_free": expected_tablespaces["ts_free"]}
+    skipped = {s.statement: s.reason for s in report.skipped}
+    assert any("ts_gone" in s and "does not exist" in r for s, r in skipped.items()), skipped
+    assert any("ts_busy" in s and "already in use" in r for s, r in skipped.items()), skipped
+    assert any("auditors" in s and "restoring user postgres" in r for s, r in skipped.items()), (
+        skipped
+    )
+
+    wanted = roles(source)
+    wanted["postgres"] = roles(target)["postgres"]  # kept as it was
+    assert roles(target) == wanted
+    assert memberships(target) == memberships(source) - {("auditors", "postgres", False)}
+    assert role_settings(target) == role_settings(source)
+    assert target.query("SELECT has_parameter_privilege('bob', 'work_mem', 'SET')") == [(True,)]
+    assert can_login(target, "alice", "alice-pw")
+    assert can_login(target, "bob", "bob-pw")
+    lines = report.lines()
+    assert "created role alice" in lines
+    assert "kept role postgres (it exists: left as it is)" in lines
+    assert "applied membership Team; X to alice" in lines
+    assert "applied setting alice: work_mem" in lines
+    assert "created tablespace ts_free" in lines
+    assert all("SCRAM" not in line and "alice-pw" not in line for line in lines)
+
+
+def test_restore_keeps_existing_roles_as_they_are(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings
+) -> None:
+    """Roles that already exist on the target keep their attributes, password and settings
+    (their CREATE, ALTER and COMMENT are skipped and they are reported as kept); missing roles
+    are created, and memberships between existing roles are applied."""
+    source, target = clusters
+    make_roles(source)
+    storage = storage_of(settings)
+    manifest = backup_globals(settings, storage=storage)
+    target.execute("CREATE ROLE alice LOGIN PASSWORD 'other-pw' NOCREATEDB")
+    target.execute("ALTER ROLE alice SET work_mem = '1MB'")
+    target.execute('CREATE ROLE "Team; X" NOLOGIN')
+    target.execute('GRANT "Team; X" TO alice')  # held already, without ADMIN
+    alice_before = roles(target)["alice"]
+    report = restore_backup(settings, manifest.id, target.url(), storages=[storage])
+    assert isinstance(report, GlobalsRestore)
+    assert report.ok, report.lines()
+    assert sorted(report.kept_roles) == ["Team; X", "alice", "postgres"]
+    assert sorted(report.created_roles) == ["auditors", "bob"]
+    assert roles(target)["alice"] == alice_before
+    assert can_login(target, "alice", "other-pw") and not can_login(target, "alice", "alice-pw")
+    assert ("alice", "", "work_mem=1MB") in role_settings(target)
+    assert not any(
+        r == "alice" and c.startswith("search_path") for r, _, c in role_settings(target)
+    )
+    assert ("bob", "", "statement_timeout=5s") in role_settings(target)
+    assert ("Team; X", "bob", False) in memberships(target)
+    assert "Team; X to alice" in report.memberships  # already held: applied without error
+
+    again = restore_backup(settings, manifest.id, target.url(), storages=[storage])
+    assert isinstance(again, GlobalsRestore) and again.ok and not again.created_roles
+
+
+def test_a_hostile_globals_file_executes_nothing(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings, tmp_path: Path
+) -> None:
+    """A psql meta-command planted in a globals file (its manifest re-hashed to match) fails
+    verification and stops a restore before any statement runs; SQL that is not about roles
+    or tablespaces (COPY ... TO PROGRAM) is never executed, only reported as skipped."""
+    source, target = clusters
+    make_roles(source)
+    storage = storage_of(settings)
+    manifest = backup_globals(settings, storage=storage)
+    text = globals_text(storage, manifest)
+    marker = tmp_path / "marker"
+    planted = text.replace(
+        b"CREATE ROLE alice;", f"\\! touch {marker}\nCREATE ROLE alice;".encode()
+    )
+    hostile = rewrite_globals(storage, manifest, planted)
+    with pytest.raises(VerificationError, match=r"meta-command \\!"):
+        verify_copy(settings, storage, hostile)
+    before = roles(target)
+    with pytest.raises(VerificationError, match="nothing was executed"):
+        restore_backup(settings, hostile.id, target.url(), storages=[storage])
+    assert not marker.exists()
+    assert roles(target) == before
+
+    program = tmp_path / "program"
+    sql_hostile = text.replace(
+        b"CREATE ROLE alice;",
+        f"COPY (SELECT 1) TO PROGRAM 'touch {program}';\nCREATE ROLE alice;".encode(),
+    )
+    forged = rewrite_globals(storage, manifest, sql_hostile)
+    report = restore_backup(settings, forged.id, target.url(), storages=[storage])
+    assert isinstance(report, GlobalsRestore)
+    assert not program.exists()
+    assert "alice" in report.created_roles
+    copy = next(s for s in report.skipped if s.statement.startswith("COPY"))
+    assert "not a statement about roles or tablespaces" in copy.reason
+    assert str(program) not in copy.statement  # a string's contents never reach the report
+
+
+def test_restore_test_refuses_a_globals_backup(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings
+) -> None:
+    """restore-test never restores a globals backup (it would create roles on staging): by
+    id, or named with --database '*', it is a one-line usage error."""
+    storage = storage_of(settings)
+    manifest = backup_globals(settings, storage=storage)
+    verify_copy(settings, storage, manifest)
+    for backup_id, database in ((manifest.id, None), (None, "*")):
+        with pytest.raises(UsageError, match="not restore-tested"):
+            run_restore_test(settings, backup_id, storages=[storage], database=database)
