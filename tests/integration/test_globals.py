@@ -8,6 +8,7 @@ and ``target``), never the session's shared one; each test leaves both as initdb
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ from pgkeeper.settings import Settings, load_settings
 from pgkeeper.storage import LocalStorage
 from pgkeeper.verify import verify_copy
 from tests.servers.postgres import PgCluster
+from tests.support.cli import cli_env, one_line_error, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -478,3 +480,91 @@ def test_restore_test_refuses_a_globals_backup(
     for backup_id, database in ((manifest.id, None), (None, "*")):
         with pytest.raises(UsageError, match="not restore-tested"):
             run_restore_test(settings, backup_id, storages=[storage], database=database)
+# --- the front doors -----------------------------------------------------------------------------
+
+
+def test_cli_backs_up_lists_restores_and_refuses_to_restore_test_the_globals(
+    clusters: tuple[PgCluster, PgCluster], tmp_path: Path
+) -> None:
+    """`pgkeeper backup --globals` takes, verifies and lists a globals backup (database shown
+    as '(globals)'); `pgkeeper restore ID --target-url` prints one line per created, kept and
+    skipped item (or the report as JSON); `restore-test` refuses it in one line; dump options
+    with --globals are a usage error."""
+    source, target = clusters
+    make_roles(source)
+    backups = tmp_path / "backups"
+    env = cli_env(source.url(), backups, BACKUP_COMPRESSION_THREADS="1")
+    made = run_cli("backup", "--globals", "--json", env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    record = json.loads(made.stdout)
+    assert record["kind"] == "globals" and record["database"] == "*"
+    assert record["state"] == "verified"
+    assert record["filename"].endswith(".globals.sql.zst")
+    backup_id = record["id"]
+
+    listed = run_cli("list", env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(backup_id))
+    assert "(globals)" in row and "verified" in row
+    shown = run_cli("show", backup_id, env=env, cwd=tmp_path)
+    assert f"(globals) on {source.host}:{source.port}" in shown.stdout
+    assert "role passwords  included" in shown.stdout
+
+    restored = run_cli("restore", backup_id, "--target-url", target.url(), env=env, cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    lines = restored.stdout.splitlines()
+    assert lines[0].startswith(f"restored the globals of {backup_id} into 127.0.0.1:")
+    assert "  created role alice" in lines
+    assert "  kept role postgres (it exists: left as it is)" in lines
+    assert any(line.startswith("  skipped line ") and "auditors" in line for line in lines)
+    again = run_cli(
+        "restore", backup_id, "--target-url", target.url(), "--json", env=env, cwd=tmp_path
+    )
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert report["ok"] is True and report["created_roles"] == []
+    assert "alice" in report["kept_roles"]
+    assert "SCRAM" not in again.stdout + restored.stdout
+
+    refused = run_cli("restore-test", backup_id, env=env, cwd=tmp_path)
+    assert "not restore-tested" in one_line_error(refused, 2)
+    refused = run_cli("restore-test", "--database", "*", env=env, cwd=tmp_path)
+    assert "not restore-tested" in one_line_error(refused, 2)
+    bad = run_cli("backup", "--globals", "--format", "plain", env=env, cwd=tmp_path)
+    assert "do not apply to --globals" in one_line_error(bad, 2)
+
+
+def test_api_restore_answers_the_globals_report(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings
+) -> None:
+    """POST /api/backups/restore of a globals backup restores into the target server and
+    answers what was created, kept and skipped."""
+    from pgkeeper.api import PrefectLink, create_app
+    from tests.support.api import AUTH, TestClient, settings_for
+
+    source, target = clusters
+    make_roles(source)
+    storage = storage_of(settings)
+    manifest = backup_globals(settings, storage=storage)
+    api_settings = settings_for(source.url(), storage.root)
+    app = create_app(api_settings, prefect=PrefectLink(api_url=None, ui_url=None))
+    with TestClient(app) as client:
+        response = client.post(
+            "/api/backups/restore",
+            json={"backupId": manifest.id, "target": target.url()},
+            headers=AUTH,
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["success"] is True
+    assert body["backup"]["kind"] == "globals"
+    assert body["restore"]["database"] == "*"
+    report = body["globals"]
+    assert report["ok"] is True and report["rolePasswords"] is True
+    assert sorted(report["createdRoles"]) == ["Team; X", "alice", "auditors", "bob"]
+    assert report["keptRoles"] == ["postgres"]
+    assert "Team; X to alice" in report["memberships"]
+    skipped = next(s for s in report["skipped"] if "auditors" in s["statement"])
+    assert "restoring user postgres" in skipped["reason"] and skipped["failed"] is False
+    assert "SCRAM" not in response.text
+    assert can_login(target, "alice", "alice-pw")
