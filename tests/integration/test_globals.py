@@ -26,6 +26,7 @@ from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.errors import (
     BackupNotFoundError,
     BackupRunningError,
+    RestoreError,
     UsageError,
     VerificationError,
 )
@@ -37,6 +38,7 @@ from pgkeeper.server_globals import GlobalsRestore, backup_globals, globals_lock
 from pgkeeper.settings import Settings, load_settings
 from pgkeeper.storage import LocalStorage
 from pgkeeper.verify import verify_copy
+from tests.fidelity import compare
 from tests.servers.postgres import PgCluster
 from tests.support.cli import cli_env, one_line_error, run_cli
 
@@ -480,6 +482,8 @@ def test_restore_test_refuses_a_globals_backup(
     for backup_id, database in ((manifest.id, None), (None, "*")):
         with pytest.raises(UsageError, match="not restore-tested"):
             run_restore_test(settings, backup_id, storages=[storage], database=database)
+
+
 # --- the front doors -----------------------------------------------------------------------------
 
 
@@ -568,3 +572,192 @@ def test_api_restore_answers_the_globals_report(
     assert "restoring user postgres" in skipped["reason"] and skipped["failed"] is False
     assert "SCRAM" not in response.text
     assert can_login(target, "alice", "alice-pw")
+
+
+# --- the whole-server disaster -------------------------------------------------------------------
+
+SERVER_ROLES = """
+CREATE ROLE owner_a LOGIN PASSWORD 'owner-pw' CREATEDB;
+CREATE ROLE app LOGIN PASSWORD 'app-pw' CONNECTION LIMIT 20;
+CREATE ROLE readers NOLOGIN;
+GRANT readers TO app;
+ALTER ROLE app SET search_path = app, public;
+ALTER ROLE app SET statement_timeout = '45s';
+"""
+
+CRM = """
+CREATE SCHEMA app AUTHORIZATION app;
+SET ROLE app;
+CREATE TABLE app.customers (id serial PRIMARY KEY, name text NOT NULL, secret text);
+INSERT INTO app.customers (name, secret)
+    SELECT 'c' || g, md5(g::text) FROM generate_series(1, 200) g;
+CREATE VIEW app.names AS SELECT id, name FROM app.customers;
+ALTER TABLE app.customers ENABLE ROW LEVEL SECURITY;
+CREATE POLICY readers_see_few ON app.customers FOR SELECT TO readers USING (id < 100);
+GRANT USAGE ON SCHEMA app TO readers;
+GRANT SELECT (id, name) ON app.customers TO readers;
+GRANT SELECT ON app.names TO readers;
+ALTER DEFAULT PRIVILEGES IN SCHEMA app GRANT SELECT ON TABLES TO readers;
+RESET ROLE;
+"""
+
+LEDGER = """
+CREATE TABLE public.entries (id bigserial PRIMARY KEY, amount numeric(12, 2), at date)
+    TABLESPACE disk2;
+INSERT INTO public.entries (amount, at)
+    SELECT g * 1.5, date '2025-01-01' + g FROM generate_series(1, 300) g;
+CREATE TABLE public.owned_by_a (id int PRIMARY KEY);
+ALTER TABLE public.owned_by_a OWNER TO owner_a;
+GRANT INSERT, SELECT ON public.entries TO app;
+GRANT USAGE ON SEQUENCE public.entries_id_seq TO app;
+CREATE FUNCTION public.total() RETURNS numeric LANGUAGE sql SECURITY DEFINER
+    AS $$ SELECT sum(amount) FROM public.entries $$;
+ALTER FUNCTION public.total() OWNER TO owner_a;
+REVOKE ALL ON FUNCTION public.total() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION public.total() TO readers;
+"""
+
+DATABASE_LEVEL = """
+REVOKE CONNECT ON DATABASE ledger FROM PUBLIC;
+GRANT CONNECT ON DATABASE ledger TO app;
+GRANT CREATE ON DATABASE crm TO owner_a;
+ALTER DATABASE crm SET work_mem = '12MB';
+ALTER ROLE readers IN DATABASE crm SET statement_timeout = '10s';
+COMMENT ON DATABASE crm IS 'the customers';
+"""
+
+
+def database_properties(cluster: PgCluster, name: str) -> tuple[Any, ...]:
+    """What a database is beyond its contents: owner, access, settings, comment."""
+    rows = cluster.query(
+        "SELECT pg_get_userbyid(d.datdba),"
+        " (SELECT array_agg(a::text ORDER BY a::text) FROM unnest(d.datacl) a), d.datconnlimit,"
+        " shobj_description(d.oid, 'pg_database'),"
+        " (SELECT array_agg(coalesce(r.rolname, '') || ':' || c ORDER BY 1)"
+        "  FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole,"
+        "  unnest(s.setconfig) c WHERE s.setdatabase = d.oid)"
+        " FROM pg_database d WHERE d.datname = %s",
+        [name],
+    )
+    return rows[0]
+
+
+@pytest.mark.slow
+def test_whole_server_disaster_roles_and_databases_rebuilt_from_backups(
+    server_dirs: Callable[[], Path], clusters: tuple[PgCluster, PgCluster], settings: Settings
+) -> None:
+    """The README's whole-server procedure, performed: a server with roles (passwords,
+    settings, memberships), a tablespace, and three databases owned by those roles with
+    grants, policies and default privileges is backed up (globals, then each database, each
+    verified); the databases, the tablespace and the roles are dropped; the globals are
+    restored, then each database by 'latest --database NAME'. Roles, memberships, role
+    settings and every database (object by object, owners and grants included, and the
+    database itself: owner, access, settings, comment) come back as they were."""
+    server, _ = clusters
+    server.execute(SERVER_ROLES)
+    disk2 = server_dirs()
+    server.execute(
+        sql.SQL("CREATE TABLESPACE disk2 OWNER owner_a LOCATION {}").format(sql.Literal(str(disk2)))
+    )
+    server.create_database("fid", owner="owner_a")
+    compare.load_schema(server.url("fid"))  # its own roles, owners, grants, RLS, ...
+    server.create_database("crm", owner="app")
+    server.execute(CRM, dbname="crm")
+    server.create_database("ledger")
+    server.execute(LEDGER, dbname="ledger")
+    server.execute(DATABASE_LEVEL)
+    databases = ("fid", "crm", "ledger")
+    before = {
+        "roles": roles(server),
+        "memberships": memberships(server),
+        "settings": role_settings(server),
+        "tablespaces": tablespaces(server),
+    }
+    snapshots = {db: compare.snapshot(server.url(db)) for db in databases}
+    properties = {db: database_properties(server, db) for db in databases}
+
+    # Take: the globals, then each database; each verified.
+    storage = storage_of(settings)
+    made = backup_globals(settings, storage=storage)
+    verify_copy(settings, storage, made)
+    for db in databases:
+        dump = run_backup(settings, BackupOptions(database_url=server.url(db)), storage=storage)
+        verify_copy(settings, storage, dump)
+
+    # The disaster: every database, the tablespace and every role are gone.
+    reset(server)
+    assert roles(server).keys() == {"postgres"}
+
+    # Recover: the globals into the server, then each database by its name.
+    report = restore_backup(settings, made.id, server.url(), storages=[storage])
+    assert isinstance(report, GlobalsRestore)
+    assert report.ok, report.lines()
+    assert report.created_tablespaces == ["disk2"]
+    for db in databases:
+        newest = catalog.latest_backup(settings, [storage], db)
+        restore_backup(settings, newest.id, server.url(db), storages=[storage])
+
+    after = {
+        "roles": roles(server),
+        "memberships": memberships(server),
+        "settings": role_settings(server),
+        "tablespaces": tablespaces(server),
+    }
+    for db in databases:
+        compare.assert_same(snapshots[db], compare.snapshot(server.url(db)))
+    assert {db: database_properties(server, db) for db in databases} == properties
+    assert after == before
+    assert server.query(
+        "SELECT tablespace FROM pg_tables WHERE tablename = 'entries'", dbname="ledger"
+    ) == [("disk2",)]
+    assert can_login(server, "owner_a", "owner-pw") and can_login(server, "app", "app-pw")
+
+
+def test_a_restored_database_gets_its_owner_access_and_settings_back(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restore that creates the database gives it the backup's owner, access privileges,
+    settings, per-role settings and comment (from the archive's own entries). Without the
+    roles its objects need it fails and says to restore the globals first; when only a
+    database-level grant names a missing role, the data is restored and a warning says so; a
+    replaced database keeps its owner; a plain dump has none of these to give."""
+    source, target = clusters
+    source.execute(SERVER_ROLES)
+    source.execute("CREATE ROLE visitor NOLOGIN")
+    source.create_database("crm", owner="app")
+    source.execute(CRM, dbname="crm")
+    source.execute(DATABASE_LEVEL.split("\n", 3)[3])  # crm's lines only
+    source.execute("GRANT CONNECT ON DATABASE crm TO visitor")
+    wanted = database_properties(source, "crm")
+    storage = storage_of(settings)
+    dump = run_backup(settings, BackupOptions(database_url=source.url("crm")), storage=storage)
+    plain = run_backup(
+        settings, BackupOptions(database_url=source.url("crm"), format="plain"), storage=storage
+    )
+
+    with pytest.raises(RestoreError, match="restore the server's globals first"):
+        restore_backup(settings, dump.id, target.url("early"), storages=[storage])
+    assert not target.database_exists("early")
+
+    target.execute("CREATE ROLE app LOGIN; CREATE ROLE readers; CREATE ROLE owner_a")
+    with caplog.at_level("WARNING", logger="pgkeeper.database_properties"):
+        restore_backup(settings, dump.id, target.url("early"), storages=[storage])
+    assert "role visitor does not exist on this server" in caplog.text
+    early = database_properties(target, "early")
+    assert early[0] == "app" and early[3:] == wanted[3:]
+    assert target.query("SELECT count(*) FROM app.customers", dbname="early") == [(200,)]
+
+    made = backup_globals(settings, storage=storage)
+    restore_backup(settings, made.id, target.url(), storages=[storage])
+    restore_backup(settings, dump.id, target.url("crm"), storages=[storage])
+    assert database_properties(target, "crm") == wanted
+
+    target.execute("ALTER DATABASE crm OWNER TO readers")
+    target.execute("ALTER DATABASE crm RESET ALL")
+    restore_backup(settings, dump.id, target.url("crm"), confirm="crm", storages=[storage])
+    replaced = database_properties(target, "crm")
+    assert replaced[0] == "readers"  # a replaced database keeps its owner
+    assert replaced[3:] == wanted[3:]  # its comment and settings are the backup's
+
+    restore_backup(settings, plain.id, target.url("from_plain"), storages=[storage])
+    assert database_properties(target, "from_plain") == ("postgres", None, -1, None, None)
