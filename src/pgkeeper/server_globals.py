@@ -324,6 +324,10 @@ def classify(stmt: Statement) -> Kind:
             return Kind("set", setting)
         return _unsupported(f"SET {setting} is not one of pg_dumpall's session settings")
     if head == "CREATE" and stmt.is_(1, *_ROLE_WORDS) and len(w) > 2:
+        if len(w) > 3:
+            # pg_dumpall writes CREATE ROLE name; then ALTER ROLE name WITH ... : options here
+            # (IN ROLE, ROLE, ADMIN) could make other roles, the restoring user's, members.
+            return _unsupported("CREATE ROLE with options is not how pg_dumpall writes it")
         return Kind("create_role", stmt.name(2))
     if head == "CREATE" and stmt.is_(1, "TABLESPACE") and len(w) > 2:
         owner = [stmt.name(i + 1) for i in range(3, len(w) - 1) if stmt.is_(i, "OWNER")]

@@ -34,7 +34,7 @@ class Statement:
 
     line: int
     text: str
-    words: tuple[str, ...]  # its tokens: keywords upper-cased, names as the server spells them
+    words: tuple[str, ...]  # its tokens but the final ;, keywords upper-cased, names as spelled
     quoted: tuple[bool, ...]  # per token: a quoted name or a string (never a keyword)
     starts: tuple[int, ...]  # per token: its offset in ``text``
     raw: tuple[str, ...]  # per token: as written
@@ -53,7 +53,7 @@ class Statement:
         """A comma list of names from token ``i`` up to one of the ``stop`` keywords or the
         end, and where it stopped (PUBLIC, everyone, is no role and left out)."""
         found: list[str] = []
-        while i < len(self.words) and self.words[i] != ";" and not self.is_(i, *stop):
+        while i < len(self.words) and not self.is_(i, *stop):
             if self.words[i] != "," and not self.is_(i, "PUBLIC"):
                 found.append(self.name(i))
             i += 1
@@ -68,12 +68,10 @@ class Statement:
         """The first words, for a report line: strings shown as '…', so a password hash or a
         comment's text never reaches a report or a log."""
         shown: list[str] = []
-        for i, word in enumerate(self.words[:limit]):
-            if word == ";":
-                break
+        for i in range(min(limit, len(self.words))):
             string = self.quoted[i] and not self.raw[i].startswith('"')
             shown.append("'…'" if string else self.raw[i][:40])
-        more = " …" if len(self.words) > limit and self.words[limit] != ";" else ""
+        more = " …" if len(self.words) > limit else ""
         return " ".join(shown) + more
 
 

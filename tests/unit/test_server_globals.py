@@ -168,6 +168,8 @@ def test_pg_dumpall_statements_are_told_apart(
         "CREATE DATABASE x;",
         "DO $$ BEGIN PERFORM 1; END $$;",
         "'CREATE' ROLE x;",
+        "CREATE ROLE x ROLE postgres;",
+        "CREATE ROLE x SUPERUSER IN ROLE pg_read_all_data;",
     ],
 )
 def test_anything_else_is_unsupported(sql: str) -> None:
