@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,15 +22,17 @@ import pytest
 import zstandard
 from psycopg import sql
 
-from pgkeeper import catalog
+from pgkeeper import catalog, server_globals
 from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.errors import (
     BackupNotFoundError,
     BackupRunningError,
+    NotADumpError,
     RestoreError,
     UsageError,
     VerificationError,
 )
+from pgkeeper.importing import import_file
 from pgkeeper.manifest import Manifest
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.restore import restore_backup
@@ -487,6 +490,7 @@ def test_restore_test_refuses_a_globals_backup(
 # --- the front doors -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_backs_up_lists_restores_and_refuses_to_restore_test_the_globals(
     clusters: tuple[PgCluster, PgCluster], tmp_path: Path
 ) -> None:
@@ -761,3 +765,48 @@ def test_a_restored_database_gets_its_owner_access_and_settings_back(
 
     restore_backup(settings, plain.id, target.url("from_plain"), storages=[storage])
     assert database_properties(target, "from_plain") == ("postgres", None, -1, None, None)
+
+
+def test_globals_go_to_database_urls_server_by_default_and_are_capped(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server URL whose database is '*' (the fleet's) backs up that server's globals;
+    restored with no target they go into DATABASE_URL's server, where every role exists
+    (all kept, nothing created); a file over the size cap is refused before anything runs."""
+    source, _ = clusters
+    make_roles(source)
+    storage = storage_of(settings)
+    manifest = backup_globals(settings, source.url("*"), storage=storage)
+    assert manifest.server == f"{source.host}:{source.port}"
+    report = restore_backup(settings, manifest.id, None, storages=[storage])
+    assert isinstance(report, GlobalsRestore)
+    assert report.target == manifest.server
+    assert report.created_roles == [] and report.ok
+    assert sorted(report.kept_roles) == ["Team; X", "alice", "auditors", "bob", "postgres"]
+
+    monkeypatch.setattr(server_globals, "MAX_GLOBALS_BYTES", 256)
+    with pytest.raises(UsageError, match=r"larger than .* reads globals whole"):
+        restore_backup(settings, manifest.id, None, storages=[storage])
+
+
+def test_import_takes_pg_dumpall_globals_only_and_refuses_a_whole_cluster(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings, tmp_path: Path
+) -> None:
+    """`pgkeeper import` of pg_dumpall --globals-only output makes a verified globals backup
+    that restores into a server; a whole pg_dumpall (with databases) is refused."""
+    source, target = clusters
+    make_roles(source)
+    env = {**os.environ, **source.libpq_env()}
+    pg_dumpall = str(source.bindir / "pg_dumpall")
+    only = tmp_path / "globals.sql"
+    whole = tmp_path / "cluster.sql"
+    subprocess.run([pg_dumpall, "--globals-only", "-f", str(only)], env=env, check=True)
+    subprocess.run([pg_dumpall, "-f", str(whole)], env=env, check=True)
+    imported = import_file(settings, only, name="old_server")
+    assert (imported.kind, imported.database, imported.server) == ("globals", "*", "import")
+    assert imported.filename.endswith(".globals.sql")
+    assert imported.verified
+    report = restore_backup(settings, imported.id, target.url(), storages=[storage_of(settings)])
+    assert isinstance(report, GlobalsRestore) and "alice" in report.created_roles
+    with pytest.raises(NotADumpError, match="cluster dump with databases"):
+        import_file(settings, whole)
