@@ -65,7 +65,8 @@ def backup(
     )
     verify_backup(manifest.id, default_verify_level(verify))  # 2. verify the stored copy
     uploaded = upload_backup(manifest.id, return_state=True)  # 3. offsite (a failure: step 6)
-    rotation = rotate_backups(return_state=True) if rotate else None  # 4. retention
+    group = f"{manifest.database}@{manifest.server}"  # 4. this database's retention
+    rotation = rotate_backups(only=group, return_state=True) if rotate else None
     publish_inventory()  # 5. inventory artifact
     return finish_backup(  # 6. tell the outcomes of 3 and 4; fail the run if either failed
         manifest.id, allow_failure(uploaded), allow_failure(rotation) if rotation else None

@@ -71,14 +71,14 @@ def finish_backup(backup_id: str, uploaded: object, rotation: object) -> str:
         if upload is not None:
             upload = f"the upload failed ({upload}); retry with 'pgkeeper upload {backup_id}'"
             problems.append(upload)
-        procedure.tell_step(settings, storages[0], source, "upload", upload)
+        procedure.tell_step(settings, storages[0], source.dbname, source.server, "upload", upload)
     if rotation is not None:
         rotate = _failure(rotation)
         if rotate is None and isinstance(rotation, RotationReport):
             rotate = procedure.rotation_problem(rotation)
         if rotate is not None:
             problems.append(rotate)
-        procedure.tell_step(settings, storages[0], source, "rotate", rotate)
+        procedure.tell_step(settings, storages[0], source.dbname, source.server, "rotate", rotate)
     if problems:
         raise AfterBackupError(backup_id, problems)
     return backup_id
