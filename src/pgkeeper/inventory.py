@@ -17,6 +17,7 @@ The file::
       - url: postgresql://backup@db1.internal:5432/*
         password_env: DB1_PASSWORD   # or password_file: /run/secrets/db1, or ~/.pgpass
         globals: true                # the server's roles etc. (default: true for '*')
+        include: ["app_*"]           # databases of '*' to take (default: all), patterns
         exclude: [scratch]           # databases of '*' to leave out
         schedule: hourly             # an override for every database of this server
         databases:                   # overrides per database (with '*': only to tune them)
@@ -81,7 +82,9 @@ _OVERRIDES = {
     "staging_url": "staging_database_url",
 }
 _SPECIAL = {"targets", "enabled"}
-_SERVER_KEYS = {"url", "password_env", "password_file", "globals", "exclude", "databases"}
+_SERVER_KEYS = {
+    "url", "password_env", "password_file", "globals", "include", "exclude", "databases"
+}
 
 
 @dataclass(frozen=True)
@@ -233,9 +236,10 @@ def _with_password(url: str, entry: Mapping[str, Any], where: str) -> str:
     return ConnInfo({**conn.params, "password": password}).conninfo()
 
 
-def _databases_on(url: str, exclude: Iterable[str]) -> list[str]:
-    """Every database of the server that accepts connections (templates excluded), minus the
-    ``exclude`` patterns. Raises the connection errors of ``postgres.connect``."""
+def _databases_on(url: str, include: Iterable[str], exclude: Iterable[str]) -> list[str]:
+    """Every database of the server that accepts connections (templates excluded) matching an
+    ``include`` pattern (none: all) and no ``exclude`` pattern (shell-style: ``app_*``).
+    Raises the connection errors of ``postgres.connect``."""
     conn = ConnInfo.parse(url)
     try:
         admin = postgres.connect(conn, dbname="postgres")
@@ -247,8 +251,12 @@ def _databases_on(url: str, exclude: Iterable[str]) -> list[str]:
             " ORDER BY datname"
         ).fetchall()
     names = [str(r[0]) for r in rows]
-    patterns = list(exclude)
-    return [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    wanted, unwanted = list(include), list(exclude)
+    return [
+        n for n in names
+        if (not wanted or any(fnmatch.fnmatchcase(n, p) for p in wanted))
+        and not any(fnmatch.fnmatchcase(n, p) for p in unwanted)
+    ]  # fmt: skip
 
 
 def _entry(
@@ -275,9 +283,10 @@ def _add_server(
     per_db = entry.get("databases") or {}
     if not isinstance(per_db, Mapping):
         raise ConfigError(f"{where}: databases must map database names to their settings")
+    include = entry.get("include") or []
     exclude = entry.get("exclude") or []
-    if not isinstance(exclude, list):
-        raise ConfigError(f"{where}: exclude must be a list of database names or patterns")
+    if not isinstance(include, list) or not isinstance(exclude, list):
+        raise ConfigError(f"{where}: include and exclude are lists of database names or patterns")
     wants_globals = entry.get("globals", conn.params.get("dbname") == ALL)
     if wants_globals:
         admin_url = ConnInfo({**conn.params, "dbname": "postgres"}).conninfo()
@@ -290,7 +299,7 @@ def _add_server(
         names: list[str] = []
         if expand:
             try:
-                names = _databases_on(url, exclude)
+                names = _databases_on(url, include, exclude)
             except PgkeeperError as exc:
                 inventory.errors[conn.server] = exc.message
                 log.warning("cannot list the databases of %s: %s", conn.server, exc.message)
