@@ -13,14 +13,17 @@ from pgkeeper.retention import format_size
 from pgkeeper.rotate import RotationReport, policies_from_settings, rotate, usage_report
 from pgkeeper.settings import load_settings
 from pgkeeper.storage import targets
+from tasks.inventory import settings_for
 from tasks.retry import TRANSIENT_RETRIES
 
 
 @task(name="rotate", **TRANSIENT_RETRIES)
-def rotate_backups(dry_run: bool = False, only: str | None = None) -> RotationReport:
+def rotate_backups(
+    dry_run: bool = False, only: str | None = None, database: str | None = None
+) -> RotationReport:
     """Apply retention on every target (dry run: only plan) and publish the plan as a table;
     ``only`` (database@server): that database alone, as after its backup."""
-    settings = load_settings()
+    settings = settings_for(database)
     storages = targets(settings)
     inventory = configured(settings) if only is None else None
     report = rotate(

@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 
 from pgkeeper import alerts, procedure
 from pgkeeper.backup import BackupOptions
-from pgkeeper.errors import PgkeeperError
+from pgkeeper.errors import PgkeeperError, is_transient
 from pgkeeper.inventory import Database, Inventory
 from pgkeeper.manifest import Manifest
 from pgkeeper.retention import Policy
@@ -148,10 +148,11 @@ def backup_one(
     verify_level: str | None = None,
     upload: bool = True,
     flow_run_id: str | None = None,
+    raise_transient: bool = False,
 ) -> Outcome:
     """Dump, verify and upload one database (no rotation, no alert: ``finish`` does those for
     the whole run). Never raises for the database's own failures: they are the outcome's
-    ``error``."""
+    ``error`` (``raise_transient``: a transient one is raised, for a task's retries)."""
     started = time.monotonic()
     outcome = Outcome(database.key, database.name, database.server)
     settings = database.settings
@@ -163,6 +164,8 @@ def backup_one(
         if upload:
             outcome.upload = procedure.upload(settings, manifest, storages)
     except PgkeeperError as exc:
+        if raise_transient and is_transient(exc):
+            raise
         outcome.error = exc.message
         log.warning("backup of %s failed: %s", database.key, exc.message)
     outcome.seconds = time.monotonic() - started
