@@ -4,9 +4,13 @@ inside the server's and the fleet's Prefect concurrency limits), the rotation an
 server's share, and the fleet inventory artifact.
 
 The concurrency limits are Prefect global concurrency limits, so they hold across every
-worker and every overlapping run: ``pgkeeper-server-<host>-<port>`` (BACKUP_SERVER_CONCURRENCY
-slots) and ``pgkeeper-fleet`` (BACKUP_FLEET_CONCURRENCY). ``ensure_limits`` creates or updates
-them (serve at start, each fleet run); a slot is held only around the dump itself.
+worker and every overlapping run. A server's share of a fleet run (a ``backup-server`` run)
+holds the one slot of ``pgkeeper-server-<host>-<port>`` (one share of a server at a time)
+and as many slots of ``pgkeeper-fleet`` (BACKUP_FLEET_CONCURRENCY) as it runs dumps at once,
+BACKUP_SERVER_CONCURRENCY, for its whole duration. Held per dump instead, every acquisition
+after a release waited ~2 s here (the server's Retry-After on a slot still counted as taken):
+over 200 databases that is minutes; per server run it is paid once. ``ensure_limits`` creates
+or updates them (serve at start, each fleet run).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_table_artifact
@@ -46,9 +51,7 @@ def ensure_limits(settings: Settings, servers: list[str]) -> None:
             FLEET_LIMIT, settings.backup_fleet_concurrency
         )
         for server in servers:
-            client.upsert_global_concurrency_limit_by_name(
-                server_limit(server), settings.backup_server_concurrency
-            )
+            client.upsert_global_concurrency_limit_by_name(server_limit(server), 1)
 
 
 class FleetRunError(PgkeeperError):
@@ -106,18 +109,14 @@ def _inventory() -> tuple[Settings, Inventory]:
 
 @task(name="backup-database", **TRANSIENT_RETRIES)
 def backup_in_fleet(key: str, trigger: str, verify: str | None, upload: bool) -> fleet.Outcome:
-    """Dump, verify and upload one database of the fleet, inside its server's and the fleet's
-    concurrency limits (held only around this work)."""
-    from prefect.concurrency.sync import concurrency
-
+    """Dump, verify and upload one database of the fleet (its server run holds the limits)."""
     _, inventory = _inventory()
     database = inventory.lookup(key)
     storages = targets(database.settings)
-    with concurrency([server_limit(database.server), FLEET_LIMIT], occupy=1, strict=True):
-        outcome = fleet.backup_one(
-            database, storages, trigger=trigger, verify_level=verify, upload=upload,
-            flow_run_id=runtime.flow_run.id, raise_transient=True,
-        )  # fmt: skip
+    outcome = fleet.backup_one(
+        database, storages, trigger=trigger, verify_level=verify, upload=upload,
+        flow_run_id=runtime.flow_run.id, raise_transient=True,
+    )  # fmt: skip
     logger = get_run_logger()
     if outcome.manifest is not None and outcome.ok:
         logger.info("backup %s of %s: %s in %.1fs", outcome.manifest.id, key,
@@ -145,18 +144,14 @@ def finish_server(outcomes: list[fleet.Outcome], rotate: bool) -> int:
     return len(run.outcomes)
 
 
-def outcome_of(key: str, state: object) -> fleet.Outcome:
-    """A database task's Outcome from its final state (its exception when it failed)."""
-    from prefect.states import State
-
-    assert isinstance(state, State)  # noqa: S101 - futures' states
-    if state.is_completed():
-        result = state.result()
-        assert isinstance(result, fleet.Outcome)  # noqa: S101 - what backup_in_fleet returns
+def outcome_of(key: str, future: Any) -> fleet.Outcome:
+    """A database task's Outcome from its finished future (its exception when it failed)."""
+    result = future.result(raise_on_failure=False)
+    if isinstance(result, fleet.Outcome):
         return result
-    error = state.result(raise_on_failure=False)
-    text = str(error).strip() if isinstance(error, BaseException) else ""
+    text = str(result).strip() if isinstance(result, BaseException) else ""
     name, _, server = key.partition("@")
+    state = future.state
     reason = text.splitlines()[0] if text else (state.message or state.name or "failed")
     return fleet.Outcome(key, name, server, error=reason)
 
@@ -166,7 +161,7 @@ def publish_fleet() -> int:
     """Publish every database of the inventory in one table: newest verified backup, its age,
     the newest restore test, and whether it is within its RPO (marked when not)."""
     settings = load_settings()
-    inventory = load_inventory(settings, expand=False)
+    inventory = load_inventory(settings)  # '*' servers asked again: the table shows them all
     manifests = [e.manifest for e in catalog.list_all(targets(settings))]
 
     def max_age(own: Settings) -> timedelta | None:

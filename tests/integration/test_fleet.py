@@ -204,3 +204,64 @@ def test_each_database_keeps_its_own_retention_and_inventory_shows_the_fleet(
     wrong = one_line_error(run_cli("backup", "-d", "nope", env=env, cwd=tmp_path), 2)
     assert "not in the inventory" in wrong or "does not exist" in wrong
     assert stat.S_IMODE(os.stat(tmp_path / "backups").st_mode) == 0o700
+
+
+def test_a_fleet_flow_run_gives_each_database_its_own_named_tagged_run(
+    pg_cluster: PgCluster, second_cluster: PgCluster, fleet: dict[str, list[str]],
+    tmp_path: Path, prefect_server: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The backup flow over the inventory: a backup-server run per server, in it a task run
+    per database named after it and tagged db:/server:, the global concurrency limits created,
+    every database backed up, and the fleet-inventory artifact listing them all."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
+
+    from flows.backup import backup
+    from tasks.fleet import FLEET_LIMIT, server_limit
+    from tests.support.flows import artifact_data
+
+    inventory = _inventory(tmp_path, pg_cluster, second_cluster, fleet)
+    for name, value in {
+        "BACKUP_INVENTORY": str(inventory), "BACKUP_DIR": str(tmp_path / "backups"),
+        "FLEET_PW_A": pg_cluster.password, "FLEET_PW_B": second_cluster.password,
+        "BACKUP_COMPRESSION_THREADS": "1", "BACKUP_SERVER_CONCURRENCY": "1",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    state = backup(return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == 5
+    listed = catalog.list_backups(LocalStorage(tmp_path / "backups"))
+    assert len([m for m in listed if m.kind == "dump"]) == 5
+    assert all((m.verified and m.trigger.startswith("fleet")) or m.trigger == "prefect"
+               for m in listed)  # fmt: skip
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=False)
+            )
+        )
+        ours = {f"{n}@{pg_cluster.host}:{pg_cluster.port}" for n in fleet["a"]}
+        ours |= {f"{n}@{second_cluster.host}:{second_cluster.port}" for n in fleet["b"]}
+        mine = [r for r in children if set(r.parameters.get("databases") or []) & ours]
+        servers = {r.parameters["server"] for r in mine}
+        assert servers == {f"{pg_cluster.host}:{pg_cluster.port}",
+                           f"{second_cluster.host}:{second_cluster.port}"}  # fmt: skip
+        task_names = set()
+        for run in mine:
+            for task_run in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id={"any_": [run.id]})
+            ):
+                if task_run.name.startswith("backup "):
+                    task_names.add(task_run.name)
+                    database = task_run.name.split()[1].split("@")[0]
+                    assert {"pgkeeper", f"db:{database}"} <= set(task_run.tags)
+                    assert any(t.startswith("server:") for t in task_run.tags)
+        limits = {limit.name for limit in client.read_global_concurrency_limits(limit=100)}
+    expected = {f"backup {n}@{pg_cluster.host}:{pg_cluster.port}" for n in fleet["a"]}
+    expected |= {f"backup {n}@{second_cluster.host}:{second_cluster.port}" for n in fleet["b"]}
+    assert expected <= task_names
+    assert {FLEET_LIMIT, server_limit(f"{pg_cluster.host}:{pg_cluster.port}")} <= limits
+    rows = artifact_data(state)["fleet-inventory"]
+    assert {r["database"] for r in rows} == {*fleet["a"], *fleet["b"]}
+    assert all(r["within RPO"] == "yes" for r in rows)
