@@ -265,3 +265,39 @@ def test_a_fleet_flow_run_gives_each_database_its_own_named_tagged_run(
     rows = artifact_data(state)["fleet-inventory"]
     assert {r["database"] for r in rows} == {*fleet["a"], *fleet["b"]}
     assert all(r["within RPO"] == "yes" for r in rows)
+
+
+def test_the_api_names_databases_and_lists_the_fleet(
+    pg_cluster: PgCluster, second_cluster: PgCluster, fleet: dict[str, list[str]],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """POST /api/backups {"database": NAME} backs up that database of the inventory (its own
+    URL); GET /api/backups?database=NAME lists its backups only; GET /api/databases has a row
+    per database with its RPO state, and no password anywhere."""
+    from pgkeeper.api import PrefectLink, create_app
+    from tests.support.api import AUTH, TestClient, settings_for
+
+    inventory = _inventory(tmp_path, pg_cluster, second_cluster, fleet)
+    monkeypatch.setenv("FLEET_PW_A", pg_cluster.password)
+    monkeypatch.setenv("FLEET_PW_B", second_cluster.password)
+    settings = settings_for(None, tmp_path / "backups", backup_inventory=str(inventory))
+    app = create_app(settings, prefect=PrefectLink(api_url=None, ui_url=None))
+    target = fleet["b"][1]
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        made = client.post("/api/backups", json={"database": target}, headers=AUTH)
+        assert made.status_code == 200, made.text
+        assert made.json()["backup"]["database"] == target
+        other = client.post("/api/backups", json={"database": fleet["a"][1]}, headers=AUTH)
+        assert other.status_code == 200, other.text
+        listed = client.get(f"/api/backups?database={target}", headers=AUTH).json()
+        assert [b["database"] for b in listed["backups"]] == [target]
+        rows = client.get("/api/databases", headers=AUTH).json()
+        unknown = client.post("/api/backups", json={"database": "nope"}, headers=AUTH)
+    by_name = {r["database"]: r for r in rows["databases"]}
+    assert set(by_name) == {*fleet["a"], *fleet["b"]}
+    assert by_name[target]["withinRpo"] is True and by_name[target]["newestVerified"]
+    assert by_name[fleet["a"][0]]["withinRpo"] is False  # never backed up: outside its RPO
+    assert rows["outsideRpo"] == len(by_name) - 2
+    assert unknown.status_code == 404 and "does not exist" in unknown.json()["error"]
+    for secret in (pg_cluster.password, second_cluster.password):
+        assert secret not in json.dumps(rows) + made.text
