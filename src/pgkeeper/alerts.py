@@ -317,6 +317,7 @@ _RULE_TITLE = {
     "disk": "disk space",
     "storage": "storage unreachable",
     "scheduler": "nothing runs the schedules",
+    "inventory": "databases not found",
 }
 
 
@@ -684,7 +685,7 @@ def problems_of(reports: Sequence[MonitorReport]) -> list[Problem]:
 
 MONITOR_RULES = frozenset(
     {"freshness", "verified", "size", "restore-test", "offsite", "usage", "quota", "disk",
-     "storage", "scheduler"}
+     "storage", "scheduler", "inventory"}
 )  # fmt: skip
 
 

@@ -234,16 +234,21 @@ DatabaseOpt = Annotated[
 ]
 
 
+def _interval(settings: Settings) -> timedelta | None:
+    """The longest gap of the backup schedules (None with BACKUP_MAX_AGE set or nothing
+    scheduled): computed by the schedules' own arithmetic only when needed (it costs ~1 s)."""
+    if settings.backup_max_age or not settings.backup_enabled:
+        return None
+    from deployments.schedules import backup_interval
+
+    return backup_interval(settings)
+
+
 def max_age_of(settings: Settings) -> timedelta | None:
     """A database's RPO: BACKUP_MAX_AGE, else its backup schedule's longest gap + 1 h."""
     from pgkeeper.monitor import expectations
 
-    interval = None
-    if not settings.backup_max_age and settings.backup_enabled:
-        from deployments.schedules import backup_interval  # the schedules' own arithmetic
-
-        interval = backup_interval(settings)
-    return expectations(settings, interval).max_age
+    return expectations(settings, _interval(settings)).max_age
 
 
 def _database_settings(settings: Settings, database: str | None) -> Settings:
@@ -852,6 +857,7 @@ def monitor(as_json: JsonOpt = False) -> None:
     """Run every health check, print them, tell new and resolved problems; exit 1 on a problem."""
     from pgkeeper import monitor as health
     from pgkeeper.alerts import Route, report_health
+    from pgkeeper.inventory import configured, load_inventory
     from pgkeeper.postgres import ConnInfo
     from pgkeeper.prefect_api import PrefectLink
     from pgkeeper.retention import parse_duration
@@ -860,12 +866,7 @@ def monitor(as_json: JsonOpt = False) -> None:
     settings = settings_from_env()
     route = Route.of(settings)  # a malformed BACKUP_NOTIFY_URLS fails now, in one line
     storages = targets(settings)
-    interval = None
-    if not settings.backup_max_age and settings.backup_enabled:
-        from deployments.schedules import backup_interval  # the schedules' own arithmetic
-
-        interval = backup_interval(settings)
-    expect = health.expectations(settings, interval)
+    expect = health.expectations(settings, _interval(settings))
     database = server = None
     if settings.database_url is not None and settings.database_url.get_secret_value():
         source = ConnInfo.parse(settings.require_database_url())
@@ -878,6 +879,14 @@ def monitor(as_json: JsonOpt = False) -> None:
         )
         scheduler = link.scheduler_check(silence.total_seconds())
     policies = policies_from_settings(settings, storages)
+    fleet = unreachable = None
+    inventory = configured(settings)
+    if inventory is not None and inventory.source != "DATABASE_URL":
+        inventory = load_inventory(settings)  # '*' servers asked: new databases are checked
+        unreachable = inventory.errors
+        fleet = health.fleet_expectations(
+            inventory, lambda own: health.expectations(own, _interval(own))
+        )
     reports = health.monitor_each(
         storages,
         expect,
@@ -885,6 +894,8 @@ def monitor(as_json: JsonOpt = False) -> None:
         server=server,
         usage_warn_bytes={url: p.usage_warn_bytes for url, p in policies.items()},
         scheduler=scheduler,
+        fleet=fleet,
+        unreachable=unreachable,
     )
     report_health(settings, storages[0], reports, route=route)
     failed = [r for r in reports if not r.ok]

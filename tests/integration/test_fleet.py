@@ -301,3 +301,28 @@ def test_the_api_names_databases_and_lists_the_fleet(
     assert unknown.status_code == 404 and "does not exist" in unknown.json()["error"]
     for secret in (pg_cluster.password, second_cluster.password):
         assert secret not in json.dumps(rows) + made.text
+
+
+def test_monitor_checks_every_database_of_the_fleet_by_its_own_schedule(
+    pg_cluster: PgCluster, second_cluster: PgCluster, fleet: dict[str, list[str]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """After one database was backed up: `pgkeeper monitor` has a report per fleet database;
+    the never backed-up ones fail their freshness check, the backed-up one passes, and the
+    exit code says something failed."""
+    inventory = _inventory(tmp_path, pg_cluster, second_cluster, fleet)
+    env = _env(tmp_path, inventory, pg_cluster, second_cluster, BACKUP_MAX_AGE="2h")
+    assert run_cli("backup", "-d", fleet["b"][1], env=env, cwd=tmp_path).returncode == 0
+    proc = run_cli("monitor", "--json", env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1
+    reports = {r["subject"]: r for r in json.loads(proc.stdout)["reports"]}
+    subjects = {f"{n} on {pg_cluster.host}:{pg_cluster.port}" for n in fleet["a"]}
+    subjects |= {f"{n} on {second_cluster.host}:{second_cluster.port}" for n in fleet["b"]}
+    assert subjects <= set(reports)
+
+    def freshness(subject: str) -> str:
+        return next(c["status"] for c in reports[subject]["checks"] if c["check"] == "freshness")
+
+    good = f"{fleet['b'][1]} on {second_cluster.host}:{second_cluster.port}"
+    assert freshness(good) == "ok"
+    assert all(freshness(s) == "failed" for s in subjects - {good})
