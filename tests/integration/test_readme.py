@@ -38,8 +38,15 @@ def section(heading: str, path: Path = README) -> str:
     assert match, f"no section {heading!r} in {path.name}"
     level = len(heading) - len(heading.lstrip("#"))
     rest = text[match.end():]
-    end = re.search(rf"^#{{1,{level}}} ", rest, re.MULTILINE)
-    return rest[: end.start()] if end else rest
+    fenced = False
+    offset = 0
+    for line in rest.splitlines(keepends=True):  # a '#' comment in a code block is no heading
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(rf"#{{1,{level}}} ", line):
+            return rest[:offset]
+        offset += len(line)
+    return rest
 
 
 def code_blocks(text: str, languages: tuple[str, ...] = ("sh",)) -> list[str]:
