@@ -6,6 +6,7 @@ monitor expects backups exactly as often as they are scheduled.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 from prefect import get_run_logger, runtime, task
@@ -13,11 +14,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from deployments import schedules
 from pgkeeper import alerts, monitor
+from pgkeeper.inventory import configured, load_inventory
 from pgkeeper.monitor import MonitorReport
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.retention import parse_duration
 from pgkeeper.rotate import policies_from_settings
-from pgkeeper.settings import load_settings
+from pgkeeper.settings import Settings, load_settings
 from pgkeeper.storage import targets
 from tasks.alerts import prefect_link
 from tasks.retry import TRANSIENT_RETRIES
@@ -57,6 +59,20 @@ def check_health(
     scheduler = (
         link.scheduler_check(silence.total_seconds()) if settings.backup_enabled else None
     )
+    fleet = unreachable = None
+    inventory = configured(settings)
+    if inventory is not None and inventory.source != "DATABASE_URL":
+        inventory = load_inventory(settings)  # '*' servers asked: new databases are checked
+        unreachable = inventory.errors
+
+        def expect_of(own: Settings) -> monitor.Expectations:
+            own_interval = None if own.backup_max_age else schedules.backup_interval(own)
+            return replace(
+                monitor.expectations(own, own_interval),
+                grace=expect.grace, restore_test_max_age=expect.restore_test_max_age,
+            )  # fmt: skip
+
+        fleet = monitor.fleet_expectations(inventory, expect_of)
     reports = monitor.monitor_each(
         storages,
         expect,
@@ -64,6 +80,8 @@ def check_health(
         server=server,
         usage_warn_bytes={url: p.usage_warn_bytes for url, p in policies.items()},
         scheduler=scheduler,
+        fleet=fleet,
+        unreachable=unreachable,
     )
     logger = get_run_logger()
     for report in reports:

@@ -39,10 +39,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pgkeeper import catalog
 from pgkeeper.errors import PgkeeperError, StorageError
@@ -50,6 +50,9 @@ from pgkeeper.manifest import Manifest, RestoreTest, utcnow
 from pgkeeper.retention import aware, format_size, parse_duration, parse_size, recorded_at
 from pgkeeper.rotate import UsageReport, usage_report
 from pgkeeper.settings import Settings
+
+if TYPE_CHECKING:
+    from pgkeeper.inventory import Inventory
 from pgkeeper.storage.base import Storage
 
 __all__ = [
@@ -708,21 +711,34 @@ def monitor_each(
     usage_warn_bytes: Mapping[str, int | None] | None = None,
     scheduler: tuple[bool, str] | None = None,
     now: datetime | None = None,
+    fleet: Mapping[tuple[str, str], Expectations] | None = None,
+    unreachable: Mapping[str, str] | None = None,
 ) -> list[MonitorReport]:
     """One report per database the targets hold (only ``database`` on ``server`` when given;
     it gets a report even when it has no backup at all), then one for what they share.
 
-    Raises nothing for storage failures (they are failed checks).
+    ``fleet``: the inventory's databases (``(database, server)``) with each one's own
+    expectations (its schedule, its max age): each gets a report, backed up or not, and
+    databases outside it are not checked; ``unreachable``: '*' servers that could not be asked
+    for their databases, each a failed ``inventory`` check. Raises nothing for storage failures
+    (they are failed checks).
     """
     now = aware(now or utcnow())
     held = holdings(storages, database, server)
     groups = _split(held)
     if database is not None and server is not None and not groups:
         groups[(database, server)] = Holdings(targets=held.targets, errors=held.errors)
+    own = {key: expect for key in groups} if fleet is None else dict(fleet)
     reports = [
-        MonitorReport(now, subject_of(db, srv), database_checks(group, expect, now))
-        for (db, srv), group in groups.items()
-    ]
+        MonitorReport(now, subject_of(db, srv), database_checks(
+            groups.get((db, srv)) or Holdings(targets=held.targets, errors=held.errors),
+            own[(db, srv)], now,
+        ))
+        for (db, srv) in sorted(own)
+    ]  # fmt: skip
+    for srv, why in sorted((unreachable or {}).items()):
+        check = Check("inventory", "failed", f"cannot list the databases of {srv}: {why}")
+        reports.append(MonitorReport(now, f"databases on {srv}", [check]))
     usage = measure_usage(storages, usage_warn_bytes)
     facts = SystemFacts(free=free_space(storages), scheduler=scheduler)
     reports.append(MonitorReport(now, SYSTEM_SUBJECT, system_checks(held, usage, expect, facts)))
@@ -730,6 +746,16 @@ def monitor_each(
         for check in report.failed:
             log.warning("monitor: %s: %s failed: %s", report.subject, check.name, check.detail)
     return reports
+
+
+def fleet_expectations(
+    inventory: Inventory, expect_of: Callable[[Settings], Expectations]
+) -> dict[tuple[str, str], Expectations] | None:
+    """Each enabled database of a fleet with its own expectations (``expect_of`` its
+    settings), for ``monitor_each``; None for a fleet of one (DATABASE_URL: as before)."""
+    if inventory.source == "DATABASE_URL":
+        return None
+    return {(d.name, d.server): expect_of(d.settings) for d in inventory.enabled}
 
 
 def raise_for_failure(report: MonitorReport) -> None:

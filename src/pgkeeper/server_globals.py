@@ -234,7 +234,6 @@ def take_globals(
     storages = storages if storages is not None else targets(settings)
     primary = storages[0]
     source = ConnInfo.parse(server_url or settings.require_database_url())
-    subject = source.with_dbname(GLOBALS_DATABASE)
     with alerts.watch(settings, primary, "backup", GLOBALS_DATABASE, source.server) as outcome:
         with progress_for("backup", None) as progress:
             manifest = backup_globals(
@@ -250,17 +249,17 @@ def take_globals(
             run.upload = procedure.upload(settings, manifest, storages, progress)
         assert run.upload is not None  # noqa: S101 - there is an offsite target
         run.locations += run.upload.copied_to + run.upload.already_there
-        _tell(settings, primary, subject, "upload", procedure.upload_problem(run.upload), run)
-    if rotate_after:
-        run.rotation = procedure.rotate_all(settings, storages)
-        _tell(settings, primary, subject, "rotate", procedure.rotation_problem(run.rotation), run)
+        _tell(settings, primary, source, "upload", procedure.upload_problem(run.upload), run)
+    if rotate_after:  # this server's globals only, by the policy of the settings
+        run.rotation = procedure.rotate_database(settings, storages, manifest)
+        _tell(settings, primary, source, "rotate", procedure.rotation_problem(run.rotation), run)
     return run
 
 
 def _tell(
     settings: Settings,
     primary: Storage,
-    subject: ConnInfo,
+    source: ConnInfo,
     operation: str,
     problem: str | None,
     run: procedure.BackupRun,
@@ -268,7 +267,7 @@ def _tell(
     if problem is not None:
         run.problems.append(problem)
         log.warning("backup %s: %s", run.manifest.id, problem)
-    procedure.tell_step(settings, primary, subject, operation, problem)
+    procedure.tell_step(settings, primary, GLOBALS_DATABASE, source.server, operation, problem)
 
 
 # --- reading a globals file into statements ----------------------------------------------------

@@ -168,6 +168,10 @@ def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAP
         response_model=BackupList, responses=_errors(*AUTH_ERRORS), summary="List backups",
     )  # fmt: skip
     add(
+        "/api/databases", handlers.list_databases, "GET", read, tags=["databases"],
+        responses=_errors(*AUTH_ERRORS), summary="The fleet's databases and their state",
+    )  # fmt: skip
+    add(
         "/api/backups", handlers.create_backup, "POST",
         Access("admin", json_body("POST /api/backups")), tags=["backups"],
         response_model=CreatedBackupResponse,

@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pgkeeper.api.guard import Tokens
 from pgkeeper.api.models import SchedulerStatus
+from pgkeeper.inventory import Inventory
 from pgkeeper.prefect_api import PrefectLink
 from pgkeeper.redaction import redact
 from pgkeeper.settings import Settings
@@ -34,6 +35,13 @@ class ApiContext:
     _storages: list[Storage] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _scheduler: tuple[float, bool, str] | None = field(default=None, repr=False)
+
+    def inventory(self) -> Inventory:
+        """The inventory as configured (no server is asked: '*' servers' databases are found
+        by name, with the server's settings)."""
+        from pgkeeper.inventory import load_inventory
+
+        return load_inventory(self.settings, expand=False)
 
     def storages(self) -> list[Storage]:
         """The storage targets, opened once (cloud clients are costly to build, thread-safe)."""

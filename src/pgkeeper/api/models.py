@@ -98,6 +98,11 @@ class CreateBackupRequest(StrictRequest):
         description="leave out tables matching these patterns (pg_dump -T)",
     )  # fmt: skip
     rotate: bool = Field(default=True, description="apply the retention policy afterwards")
+    database: str | None = Field(
+        default=None, max_length=200,
+        description="a database of the inventory (name or name@host:port); default: "
+        "DATABASE_URL's",
+    )  # fmt: skip
     wait: bool = Field(
         default=True, description="false: start a Prefect flow run and answer 202 at once"
     )

@@ -33,6 +33,7 @@ from pgkeeper.postgres import ConnInfo
 from pgkeeper.prefect_api import RunHandle
 from pgkeeper.redaction import redact
 from pgkeeper.settings import Settings
+from pgkeeper.storage import targets
 
 # --- handlers -------------------------------------------------------------------------------------
 
@@ -42,15 +43,63 @@ def health() -> HealthResponse:
     return HealthResponse(version=__version__)
 
 
-def list_backups(ctx: Ctx) -> dict[str, Any]:
-    """Every complete backup, newest first, with totals and whether the scheduler runs."""
+DatabaseQuery = Annotated[
+    str | None,
+    Query(
+        max_length=200,
+        description="only this database's backups (name, or name@host:port)",
+        examples=["shop"],
+    ),
+]
+
+
+def list_backups(ctx: Ctx, database: DatabaseQuery = None) -> dict[str, Any]:
+    """Every complete backup (of one database with ``database``), newest first, with totals
+    and whether the scheduler runs."""
     entries = catalog.list_all(ctx.storages())
+    if database is not None:
+        name, _, server = database.rpartition("@") if "@" in database else (database, "", "")
+        entries = [e for e in entries if e.manifest.database == name
+                   and server in ("", e.manifest.server)]  # fmt: skip
     return {
         "success": True,
         "backups": [{**e.manifest.to_public(), "locations": e.locations} for e in entries],
         "total": len(entries),
         "totalSize": sum(e.manifest.size for e in entries),
         "scheduler": ctx.scheduler(),
+    }
+
+
+def list_databases(ctx: Ctx) -> dict[str, Any]:
+    """Every database of the inventory: schedule, newest verified backup, its age and size,
+    newest restore test, and whether it is within its RPO (its max age)."""
+    from pgkeeper.fleet import status
+    from pgkeeper.inventory import load_inventory
+    from pgkeeper.manifest import utcnow
+    from pgkeeper.monitor import expectations
+
+    inventory = load_inventory(ctx.settings)  # '*' servers are asked for their databases
+
+    def max_age(own: Settings) -> Any:
+        interval = None
+        if not own.backup_max_age and own.backup_enabled:
+            from deployments.schedules import backup_interval  # the schedules' arithmetic
+
+            interval = backup_interval(own)
+        return expectations(own, interval).max_age
+
+    manifests = [e.manifest for e in catalog.list_all(ctx.storages())]
+    now = utcnow()
+    rows = [row.to_public(now) for row in status(inventory, manifests, max_age)]
+    return {
+        "success": True,
+        "source": inventory.source,
+        "databases": rows,
+        "total": len(rows),
+        "outsideRpo": sum(1 for r in rows if r["withinRpo"] is False),
+        "unreachable": {
+            server: redact(why, ctx.secrets) for server, why in inventory.errors.items()
+        },
     }
 
 
@@ -105,12 +154,16 @@ def create_backup(ctx: Ctx, body: CreateBackupRequest) -> Any:
     from pgkeeper.procedure import take_backup
 
     settings = ctx.settings
+    if body.database is not None:  # a database of the inventory: its URL and its overrides
+        settings = ctx.inventory().lookup(body.database).settings
     name = naming.validate_name(DEFAULT_BACKUP_NAME if body.name is None else body.name)
     compression = _compression(body, settings)
     chosen = _backup_options(body)
     if not body.wait:
         # Only what the request chose: the flow's own settings decide the rest.
         parameters: dict[str, Any] = {"name": name}
+        if body.database is not None:
+            parameters["database"] = body.database
         if not body.rotate:
             parameters["rotate"] = False
         if compression is not None:
@@ -123,7 +176,8 @@ def create_backup(ctx: Ctx, body: CreateBackupRequest) -> Any:
     options = BackupOptions(
         name=name, format=body.format, compression=compression, trigger="api", **chosen
     )
-    run = take_backup(settings, options, storages=ctx.storages(), rotate_after=body.rotate)
+    storages = ctx.storages() if body.database is None else targets(settings)
+    run = take_backup(settings, options, storages=storages, rotate_after=body.rotate)
     result: dict[str, Any] = {
         "success": True,
         "backup": run.manifest.to_public(),
