@@ -541,6 +541,12 @@ def test_cli_backs_up_lists_restores_and_refuses_to_restore_test_the_globals(
     bad = run_cli("backup", "--globals", "--format", "plain", env=env, cwd=tmp_path)
     assert "do not apply to --globals" in one_line_error(bad, 2)
 
+    # -d NAME: the globals of that inventory database's server (here the only one).
+    fleet = cli_env(None, backups, BACKUP_DATABASES=source.url("postgres"))
+    by_name = run_cli("backup", "--globals", "-d", "postgres", "--json", env=fleet, cwd=tmp_path)
+    assert by_name.returncode == 0, by_name.stderr
+    assert json.loads(by_name.stdout)["server"] == f"{source.host}:{source.port}"
+
 
 def test_api_restore_answers_the_globals_report(
     clusters: tuple[PgCluster, PgCluster], settings: Settings
