@@ -14,7 +14,6 @@ from prefect.artifacts import create_markdown_artifact
 
 from deployments import schedules
 from pgkeeper import alerts, monitor
-from pgkeeper.inventory import configured, load_inventory
 from pgkeeper.monitor import MonitorReport
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.retention import parse_duration
@@ -59,20 +58,14 @@ def check_health(
     scheduler = (
         link.scheduler_check(silence.total_seconds()) if settings.backup_enabled else None
     )
-    fleet = unreachable = None
-    inventory = configured(settings)
-    if inventory is not None and inventory.source != "DATABASE_URL":
-        inventory = load_inventory(settings)  # '*' servers asked: new databases are checked
-        unreachable = inventory.errors
+    def expect_of(own: Settings) -> monitor.Expectations:  # a fleet database's own schedule
+        own_interval = None if own.backup_max_age else schedules.backup_interval(own)
+        return replace(
+            monitor.expectations(own, own_interval),
+            grace=expect.grace, restore_test_max_age=expect.restore_test_max_age,
+        )  # fmt: skip
 
-        def expect_of(own: Settings) -> monitor.Expectations:
-            own_interval = None if own.backup_max_age else schedules.backup_interval(own)
-            return replace(
-                monitor.expectations(own, own_interval),
-                grace=expect.grace, restore_test_max_age=expect.restore_test_max_age,
-            )  # fmt: skip
-
-        fleet = monitor.fleet_expectations(inventory, expect_of)
+    fleet, unreachable = monitor.fleet_scope(settings, expect_of)
     reports = monitor.monitor_each(
         storages,
         expect,

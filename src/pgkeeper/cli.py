@@ -947,7 +947,6 @@ def monitor(as_json: JsonOpt = False) -> None:
     """Run every health check, print them, tell new and resolved problems; exit 1 on a problem."""
     from pgkeeper import monitor as health
     from pgkeeper.alerts import Route, report_health
-    from pgkeeper.inventory import configured, load_inventory
     from pgkeeper.postgres import ConnInfo
     from pgkeeper.prefect_api import PrefectLink
     from pgkeeper.retention import parse_duration
@@ -969,14 +968,9 @@ def monitor(as_json: JsonOpt = False) -> None:
         )
         scheduler = link.scheduler_check(silence.total_seconds())
     policies = policies_from_settings(settings, storages)
-    fleet = unreachable = None
-    inventory = configured(settings)
-    if inventory is not None and inventory.source != "DATABASE_URL":
-        inventory = load_inventory(settings)  # '*' servers asked: new databases are checked
-        unreachable = inventory.errors
-        fleet = health.fleet_expectations(
-            inventory, lambda own: health.expectations(own, _interval(own))
-        )
+    fleet, unreachable = health.fleet_scope(
+        settings, lambda own: health.expectations(own, _interval(own))
+    )
     reports = health.monitor_each(
         storages,
         expect,

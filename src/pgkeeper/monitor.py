@@ -42,7 +42,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pgkeeper import catalog
 from pgkeeper.errors import PgkeeperError, StorageError
@@ -50,9 +50,6 @@ from pgkeeper.manifest import Manifest, RestoreTest, utcnow
 from pgkeeper.retention import aware, format_size, parse_duration, parse_size, recorded_at
 from pgkeeper.rotate import UsageReport, usage_report
 from pgkeeper.settings import Settings
-
-if TYPE_CHECKING:
-    from pgkeeper.inventory import Inventory
 from pgkeeper.storage.base import Storage
 
 __all__ = [
@@ -748,14 +745,21 @@ def monitor_each(
     return reports
 
 
-def fleet_expectations(
-    inventory: Inventory, expect_of: Callable[[Settings], Expectations]
-) -> dict[tuple[str, str], Expectations] | None:
-    """Each enabled database of a fleet with its own expectations (``expect_of`` its
-    settings), for ``monitor_each``; None for a fleet of one (DATABASE_URL: as before)."""
-    if inventory.source == "DATABASE_URL":
-        return None
-    return {(d.name, d.server): expect_of(d.settings) for d in inventory.enabled}
+def fleet_scope(
+    settings: Settings, expect_of: Callable[[Settings], Expectations]
+) -> tuple[dict[tuple[str, str], Expectations] | None, dict[str, str] | None]:
+    """For ``monitor_each``: each enabled database of the inventory with its own expectations
+    (``expect_of`` its settings; '*' servers are asked, so a new database is checked too) and
+    the servers that could not be asked; (None, None) for a fleet of one (DATABASE_URL, or
+    nothing configured: every database the targets hold, as before)."""
+    from pgkeeper.inventory import configured, load_inventory
+
+    known = configured(settings)
+    if known is None or known.source == "DATABASE_URL":
+        return None, None
+    inventory = load_inventory(settings)
+    found = {(d.name, d.server): expect_of(d.settings) for d in inventory.enabled}
+    return found, inventory.errors
 
 
 def raise_for_failure(report: MonitorReport) -> None:
