@@ -16,6 +16,7 @@ The timezone is ``--timezone``, else the one the deployment's schedule already h
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ from pgkeeper.schedule import (
 from pgkeeper.settings import Settings
 
 BACKUP_DEPLOYMENTS = [f"backup-{preset}" for preset in PRESETS] + ["backup-custom"]
+CUSTOM_MORE = re.compile(r"backup-custom-\d+")  # the inventory's further crons (the fleet)
 POOL = "-pool"  # prefect.yaml's deployments: the same names with this suffix
 OFF = frozenset({"off", "none", "false", "disabled"})
 LATENESS = "max_lateness_minutes"
@@ -135,11 +137,6 @@ def _lateness(cron: str) -> int:
     return int(period(cron).total_seconds() // 60)
 
 
-def _takes_lateness(deployment: dict[str, Any]) -> bool:
-    schema = deployment.get("parameter_openapi_schema") or {}
-    return LATENESS in (schema.get("properties") or {})
-
-
 def _first_cron(deployment: dict[str, Any]) -> Spec | None:
     return next((normalise(s) for s in server_specs(deployment) if "cron" in s), None)
 
@@ -173,11 +170,38 @@ def full_name(settings: Settings, deployment: str) -> str:
     return f"{flow}/{deployment}"
 
 
+def _parameters(deployment: dict[str, Any], cron: str, **wanted: Any) -> dict[str, Any]:
+    """A schedule's run parameters, as ``deployments.schedules`` gives them, for those the
+    deployment's flow takes: its missed-run limit, and for backups the schedule it is (the
+    fleet backs up the databases whose own schedule names it)."""
+    schema = deployment.get("parameter_openapi_schema") or {}
+    takes = schema.get("properties") or {}
+    parameters = {key: value for key, value in wanted.items() if key in takes}
+    if LATENESS in takes:
+        parameters[LATENESS] = _lateness(cron)
+    return parameters
+
+
+def _backup_family(link: PrefectLink, suffix: str) -> dict[str, dict[str, Any]]:
+    """Serve's backup deployments (``suffix`` ""), or prefect.yaml's (``-pool``), by name."""
+    found = {}
+    for deployment in link.deployments_of("backup"):
+        full = str(deployment.get("name", ""))
+        if full.endswith(POOL) != bool(suffix):
+            continue
+        name = full.removesuffix(suffix)
+        if name in BACKUP_DEPLOYMENTS or CUSTOM_MORE.fullmatch(name):
+            found[name] = deployment
+    return found
+
+
 def _backup_schedules(
     settings: Settings, link: PrefectLink, value: str, timezone: str | None
 ) -> dict[str, Spec]:
     """A BACKUP_SCHEDULE-style value (or ``off``) for every backup deployment on the server:
-    serve's family and prefect.yaml's ``-pool`` one, whichever exist."""
+    serve's family and prefect.yaml's ``-pool`` one, whichever exist. ``off`` switches every
+    backup schedule off; a value sets the presets and ``backup-custom`` and leaves the
+    inventory's own crons (``backup-custom-2``...) as they are."""
     off = value.lower() in OFF
     try:
         presets, custom = ([], None) if off else parse_backup_schedule(value)
@@ -187,11 +211,7 @@ def _backup_schedules(
     wanted: dict[str, Spec] = {}
     families = 0
     for suffix in ("", POOL):
-        existing = {}
-        for name in BACKUP_DEPLOYMENTS:
-            found = link.request("GET", f"/deployments/name/backup/{name}{suffix}")
-            if isinstance(found, dict):
-                existing[name] = found
+        existing = _backup_family(link, suffix)
         if not existing:
             continue
         families += 1
@@ -204,16 +224,15 @@ def _backup_schedules(
                     wanted[f"backup/{name}{suffix}"] = {**current, "active": False}
                 continue
             if preset in PRESETS:
-                cron, active = PRESETS[preset], preset in presets
-            elif custom is not None:
-                cron, active = custom, True
-            elif current is not None:
-                cron, active = str(current["cron"]), False
+                cron, active, which = PRESETS[preset], preset in presets, preset
+            elif name == "backup-custom" and custom is not None:
+                cron, active, which = custom, True, custom
+            elif name == "backup-custom" and current is not None:
+                cron, active, which = str(current["cron"]), False, str(current["cron"])
             else:
-                continue  # backup-custom without a cron stays without a schedule
-            wanted[f"backup/{name}{suffix}"] = _schedule(
-                cron, zone, active, {LATENESS: _lateness(cron)}
-            )
+                continue  # without a cron, or one of the inventory's: as it is
+            parameters = _parameters(deployment, cron, schedule=which)
+            wanted[f"backup/{name}{suffix}"] = _schedule(cron, zone, active, parameters)
     if not families:
         raise DeploymentNotFoundError(
             f"no backup deployment on the Prefect server at {link.shown} (start 'pgkeeper "
@@ -240,8 +259,9 @@ def _one_schedule(
     zone = _timezone(timezone, found) or settings.backup_timezone
     base = environment(settings).get(deployment.removesuffix(POOL)) or {}
     parameters = dict((current or base).get("parameters") or {})
-    if _takes_lateness(found):
-        parameters[LATENESS] = _lateness(cron)
+    if "schedule" in parameters:  # a backup deployment's runs say which schedule they are
+        parameters["schedule"] = cron
+    parameters.update(_parameters(found, cron))
     return {deployment: _schedule(cron, zone, True, parameters)}
 
 

@@ -55,6 +55,7 @@ def build_deployments(
     from prefect.schedules import Cron
 
     from flows.backup import backup
+    from flows.backup_server import backup_server
     from flows.monitor import monitor
     from flows.restore import restore
     from flows.restore_test import restore_test
@@ -70,6 +71,7 @@ def build_deployments(
         "restore": restore,
         "restore-test": restore_test,
         "monitor": monitor,
+        "backup-server": backup_server,
     }
     one_at_a_time = ConcurrencyLimitConfig(
         limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW

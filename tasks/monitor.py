@@ -6,6 +6,7 @@ monitor expects backups exactly as often as they are scheduled.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 from prefect import get_run_logger, runtime, task
@@ -17,7 +18,7 @@ from pgkeeper.monitor import MonitorReport
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.retention import parse_duration
 from pgkeeper.rotate import policies_from_settings
-from pgkeeper.settings import load_settings
+from pgkeeper.settings import Settings, load_settings
 from pgkeeper.storage import targets
 from tasks.alerts import prefect_link
 from tasks.retry import TRANSIENT_RETRIES
@@ -57,6 +58,14 @@ def check_health(
     scheduler = (
         link.scheduler_check(silence.total_seconds()) if settings.backup_enabled else None
     )
+    def expect_of(own: Settings) -> monitor.Expectations:  # a fleet database's own schedule
+        own_interval = None if own.backup_max_age else schedules.backup_interval(own)
+        return replace(
+            monitor.expectations(own, own_interval),
+            grace=expect.grace, restore_test_max_age=expect.restore_test_max_age,
+        )  # fmt: skip
+
+    fleet, unreachable = monitor.fleet_scope(settings, expect_of)
     reports = monitor.monitor_each(
         storages,
         expect,
@@ -64,6 +73,8 @@ def check_health(
         server=server,
         usage_warn_bytes={url: p.usage_warn_bytes for url, p in policies.items()},
         scheduler=scheduler,
+        fleet=fleet,
+        unreachable=unreachable,
     )
     logger = get_run_logger()
     for report in reports:

@@ -15,9 +15,9 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -27,6 +27,9 @@ from pgkeeper.manifest import Manifest
 from pgkeeper.pipeline import Progress
 from pgkeeper.settings import Settings, load_settings
 from pgkeeper.storage import Storage, targets
+
+if TYPE_CHECKING:
+    from pgkeeper.server_globals import GlobalsRestore
 
 try:  # recent typer vendors click; older ones use the click package
     from typer._click import exceptions as _click_exceptions
@@ -185,7 +188,7 @@ def progress_bar(label: str, total: int | None = None) -> Iterator[Progress | No
 def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> None:
     rows = [
         ("id", manifest.id),
-        ("database", f"{manifest.database} on {manifest.server}"),
+        ("database", f"{_database_of(manifest)} on {manifest.server}"),
         ("format", f"{manifest.format}, {manifest.compression}"),
         ("size", f"{human_size(manifest.size)} ({manifest.size} bytes)"),
         ("started", manifest.started_at.isoformat()),
@@ -194,6 +197,9 @@ def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> N
         ("sha256", manifest.sha256),
         ("trigger", manifest.trigger),
     ]
+    if manifest.kind == "globals":
+        passwords = manifest.options.get("role_passwords", True)
+        rows.append(("role passwords", "included" if passwords else "not included (no superuser)"))
     if manifest.pinned:
         rows.append(("pinned", "yes"))
     if manifest.table_counts is not None:
@@ -214,6 +220,11 @@ def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> N
         typer.echo(f"{key:<{width}}  {value}")
 
 
+def _database_of(manifest: Manifest) -> str:
+    """How listings name what a backup holds: its database, or ``(globals)`` for a server's."""
+    return "(globals)" if manifest.kind == "globals" else manifest.database
+
+
 def _resolve_id(
     backup_id: str, storages: list[Storage], settings: Settings, database: str | None = None
 ) -> str:
@@ -232,6 +243,32 @@ DatabaseOpt = Annotated[
         help="Which database 'latest' means (default: DATABASE_URL's).",
     ),
 ]
+
+
+def _interval(settings: Settings) -> timedelta | None:
+    """The longest gap of the backup schedules (None with BACKUP_MAX_AGE set or nothing
+    scheduled): computed by the schedules' own arithmetic only when needed (it costs ~1 s)."""
+    if settings.backup_max_age or not settings.backup_enabled:
+        return None
+    from deployments.schedules import backup_interval
+
+    return backup_interval(settings)
+
+
+def max_age_of(settings: Settings) -> timedelta | None:
+    """A database's RPO: BACKUP_MAX_AGE, else its backup schedule's longest gap + 1 h."""
+    from pgkeeper.monitor import expectations
+
+    return expectations(settings, _interval(settings)).max_age
+
+
+def _database_settings(settings: Settings, database: str | None) -> Settings:
+    """The settings of ``--database NAME`` from the inventory (its URL and overrides)."""
+    if database is None:
+        return settings
+    from pgkeeper.inventory import load_inventory
+
+    return load_inventory(settings, expand=False).lookup(database).settings
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -269,6 +306,23 @@ def backup(
     no_rotate: Annotated[
         bool, typer.Option("--no-rotate", help="Do not apply retention afterwards.")
     ] = False,
+    all_databases: Annotated[
+        bool,
+        typer.Option("--all", help="Every database of the inventory, and its servers' globals."),
+    ] = False,
+    database: Annotated[
+        str | None,
+        typer.Option("--database", "-d", help="An inventory database (name or name@host:port)."),
+    ] = None,
+    globals_: Annotated[
+        bool,
+        typer.Option(
+            "--globals",
+            help="Back up a server's globals instead (roles, memberships, role settings, "
+            "tablespaces: pg_dumpall --globals-only): --database-url's, -d NAME's or "
+            "DATABASE_URL's server.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Back up the database now: dump, verify, copy offsite, rotate (pgkeeper.procedure)."""
@@ -276,6 +330,34 @@ def backup(
     from pgkeeper.procedure import take_backup
 
     settings = settings_from_env()
+    if globals_:
+        dump_only = {"--format": format, "--compression": compression, "--level": level,
+                     "--schema-only": schema_only, "--data-only": data_only, "--table": table,
+                     "--exclude-table": exclude_table, "--jobs": jobs,
+                     "--all": all_databases}  # fmt: skip
+        given = [flag for flag, value in dump_only.items() if value]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} do not apply to --globals (a server's globals are plain "
+                "SQL, compressed with BACKUP_COMPRESSION; --all backs up every '*' server's)"
+            )
+        if database is not None and database_url is not None:
+            raise UsageError("give --database (from the inventory) or --database-url, not both")
+        settings = _database_settings(settings, database)  # -d NAME: that database's server
+        _backup_globals(settings, name, database_url, no_verify, no_upload, no_rotate, as_json)
+        return
+    if all_databases:
+        chosen = [name, database_url, format, compression, level, table, exclude_table, jobs]
+        if database is not None or any(v is not None for v in chosen) or schema_only or data_only:
+            raise UsageError(
+                "--all backs up each database as the inventory says: set format, compression "
+                "and filters per database in BACKUP_INVENTORY, or back up one with --database"
+            )
+        _backup_fleet(settings, no_verify, no_upload, no_rotate, as_json)
+        return
+    if database is not None and database_url is not None:
+        raise UsageError("give --database (from the inventory) or --database-url, not both")
+    settings = _database_settings(settings, database)
     options = BackupOptions(
         name=name,
         database_url=database_url,
@@ -302,6 +384,76 @@ def backup(
         print_json({**run.manifest.to_public(), "locations": run.locations})
     else:
         _print_manifest(run.manifest, run.locations)
+    run.raise_for_problems()
+
+
+def _backup_globals(
+    settings: Settings,
+    name: str | None,
+    server_url: str | None,
+    no_verify: bool,
+    no_upload: bool,
+    no_rotate: bool,
+    as_json: bool,
+) -> None:
+    """``backup --globals``: the server's globals through the same steps as a database."""
+    from pgkeeper.server_globals import take_globals
+
+    run = take_globals(
+        settings,
+        server_url,
+        storages=targets(settings),
+        name=name,
+        trigger="cli",
+        verify_level="off" if no_verify else None,
+        upload_offsite=not no_upload,
+        rotate_after=not no_rotate,
+        progress_for=progress_bar,
+    )
+    if as_json:
+        print_json({**run.manifest.to_public(), "locations": run.locations})
+    else:
+        _print_manifest(run.manifest, run.locations)
+    run.raise_for_problems()
+
+
+def _backup_fleet(
+    settings: Settings, no_verify: bool, no_upload: bool, no_rotate: bool, as_json: bool
+) -> None:
+    """``pgkeeper backup --all``: the fleet within its concurrency limits (pgkeeper.fleet)."""
+    from pgkeeper import fleet
+    from pgkeeper.inventory import load_inventory
+
+    inventory = load_inventory(settings)
+    total = len(inventory.enabled) + len(inventory.servers)
+
+    def done(outcome: fleet.Outcome) -> None:
+        if as_json:
+            return
+        if outcome.ok and outcome.manifest is not None:
+            m = outcome.manifest
+            typer.echo(f"ok      {outcome.key}  {m.id}  {human_size(m.size)}  "
+                       f"{outcome.seconds:.1f}s")  # fmt: skip
+        else:
+            why = outcome.error or "the upload failed"
+            typer.echo(f"FAILED  {outcome.key}  {why}")
+
+    if not as_json:
+        typer.echo(f"backing up {total} databases and server globals from {inventory.source}")
+    run = fleet.backup_all(
+        settings, inventory, verify_level="off" if no_verify else None,
+        upload=not no_upload, rotate_after=not no_rotate, on_done=done,
+    )  # fmt: skip
+    if as_json:
+        print_json([
+            {"key": o.key, "database": o.database, "server": o.server, "ok": o.ok,
+             "error": o.error, "backup": o.manifest.to_public() if o.manifest else None,
+             "seconds": round(o.seconds, 3)}
+            for o in run.outcomes
+        ])  # fmt: skip
+    else:
+        ok = len(run.outcomes) - len(run.failed)
+        typer.echo(f"{ok} of {len(run.outcomes)} backed up")
     run.raise_for_problems()
 
 
@@ -382,7 +534,7 @@ def list_(
     rows = [
         {
             "id": e.id,
-            "database": e.manifest.database,
+            "database": _database_of(e.manifest),
             "size": human_size(e.manifest.size),
             "age": human_age(e.manifest.started_at, now),
             "format": f"{e.manifest.format}/{e.manifest.compression}",
@@ -461,7 +613,10 @@ def restore(
     backup_id: Annotated[str, typer.Argument(help="Backup id, or 'latest' (newest verified).")],
     target_url: Annotated[
         str | None,
-        typer.Option(help="Database to restore into (default: a new <db>_restored_<time>)."),
+        typer.Option(
+            help="Database to restore into (default: a new <db>_restored_<time>); for a "
+            "globals backup, the server (default: DATABASE_URL's)."
+        ),
     ] = None,
     confirm: Annotated[
         str | None, typer.Option(help="Name of the target database, to replace its data.")
@@ -499,6 +654,11 @@ def restore(
             storages=storages,
             progress=progress,
         )
+    from pgkeeper.server_globals import GlobalsRestore
+
+    if isinstance(result, GlobalsRestore):
+        _report_globals(result, as_json)
+        return
     if as_json:
         print_json(result.__dict__)
         return
@@ -507,6 +667,22 @@ def restore(
     )
     if result.safety_backup_id:
         typer.echo(f"the previous contents are in backup {result.safety_backup_id}")
+
+
+def _report_globals(result: GlobalsRestore, as_json: bool) -> None:
+    """A globals restore's report: one line per role, membership, setting, tablespace, skip;
+    exit 1 when the server refused a statement the rules meant to apply."""
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        typer.echo(
+            f"restored the globals of {result.backup_id} into {result.target} in "
+            f"{result.duration_seconds:.1f}s (from {result.source})"
+        )
+        for line in result.lines():
+            typer.echo(f"  {line}")
+    if not result.ok:
+        _fail(f"{len(result.failed)} statement(s) of the globals failed (see the report)", 1)
 
 
 @app.command()
@@ -537,7 +713,7 @@ def download(
     database: DatabaseOpt = None,
 ) -> None:
     """Write a backup's stored file (verified against its checksum) to a local file."""
-    from pgkeeper.download import write_backup
+    from pgkeeper.download import download_name, write_backup
 
     settings = settings_from_env()
     storages = targets(settings)
@@ -562,16 +738,6 @@ def download(
     finally:
         partial.unlink(missing_ok=True)
     typer.echo(f"wrote {path}")
-
-
-def download_name(manifest: Manifest, decompress: bool) -> str:
-    if manifest.format == "directory":
-        return f"{manifest.id}.dir.tar"
-    name = manifest.filename
-    if decompress:
-        for suffix in (".zst", ".gz"):
-            name = name.removesuffix(suffix)
-    return name
 
 
 @app.command("import")
@@ -688,15 +854,37 @@ def rotate(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
     ] = False,
+    database: Annotated[
+        str | None,
+        typer.Option("--database", "-d", help="Only this database (name or name@host:port)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Apply the retention policy on every target (or show its plan with --dry-run)."""
+    """Apply the retention policy on every target (or show its plan with --dry-run); each
+    database of the inventory by its own retention settings."""
+    from pgkeeper.fleet import group_policy
+    from pgkeeper.inventory import configured
     from pgkeeper.rotate import policies_from_settings
     from pgkeeper.rotate import rotate as run_rotate
 
     settings = settings_from_env()
     storages = targets(settings)
-    report = run_rotate(storages, policies_from_settings(settings, storages), dry_run=dry_run)
+    inventory = configured(settings)
+    only = None
+    if database is not None:
+        if inventory is not None:
+            only = inventory.lookup(database).key
+        elif "@" in database:
+            only = database
+        else:
+            raise UsageError(
+                f"--database {database}: no inventory to find its server in (name it as "
+                "name@host:port, or set DATABASE_URL / BACKUP_DATABASES / BACKUP_INVENTORY)"
+            )
+    report = run_rotate(
+        storages, policies_from_settings(settings, storages), dry_run=dry_run,
+        group_policy=group_policy(inventory, storages) if inventory else None, only=only,
+    )  # fmt: skip
     if as_json:
         typer.echo(report.to_json())
     else:
@@ -712,6 +900,48 @@ def rotate(
         typer.echo(report.summary())
     if not report.ok:
         _fail("rotation failed on some target (see above); nothing listed was lost", 1)
+
+
+@app.command("inventory")
+@handle_errors
+def inventory_(as_json: JsonOpt = False) -> None:
+    """Every database of the inventory: schedule, newest verified backup and its age, size,
+    newest restore test, and whether it is within its RPO (the max age)."""
+    from pgkeeper.fleet import status
+    from pgkeeper.inventory import load_inventory
+
+    settings = settings_from_env()
+    inventory = load_inventory(settings)
+    manifests = [e.manifest for e in catalog.list_all(targets(settings))]
+    rows = status(inventory, manifests, max_age_of)
+    now = datetime.now(UTC)
+    if as_json:
+        print_json({"source": inventory.source, "databases": [r.to_public(now) for r in rows],
+                    "unreachable": inventory.errors})  # fmt: skip
+    else:
+        table = [
+            {
+                "database": r.database,
+                "server": r.server,
+                "schedule": r.schedule if r.enabled else "disabled",
+                "newest verified": r.newest_verified or "-",
+                "age": human_age(r.verified_at, now) if r.verified_at else "-",
+                "size": human_size(r.size) if r.size is not None else "-",
+                "restore test": (
+                    f"{r.restore_test} {human_age(r.restore_tested_at, now)}"
+                    if r.restore_tested_at
+                    else "-"
+                ),
+                "within RPO": {True: "yes", False: "NO", None: "-"}[r.within_rpo(now)],
+            }
+            for r in rows
+        ]
+        if table:
+            print_table(table, list(table[0]))
+        for server, why in inventory.errors.items():
+            typer.echo(f"cannot list the databases of {server}: {why}", err=True)
+    if any(r.within_rpo(now) is False for r in rows) or inventory.errors:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -770,12 +1000,7 @@ def monitor(as_json: JsonOpt = False) -> None:
     settings = settings_from_env()
     route = Route.of(settings)  # a malformed BACKUP_NOTIFY_URLS fails now, in one line
     storages = targets(settings)
-    interval = None
-    if not settings.backup_max_age and settings.backup_enabled:
-        from deployments.schedules import backup_interval  # the schedules' own arithmetic
-
-        interval = backup_interval(settings)
-    expect = health.expectations(settings, interval)
+    expect = health.expectations(settings, _interval(settings))
     database = server = None
     if settings.database_url is not None and settings.database_url.get_secret_value():
         source = ConnInfo.parse(settings.require_database_url())
@@ -788,6 +1013,9 @@ def monitor(as_json: JsonOpt = False) -> None:
         )
         scheduler = link.scheduler_check(silence.total_seconds())
     policies = policies_from_settings(settings, storages)
+    fleet, unreachable = health.fleet_scope(
+        settings, lambda own: health.expectations(own, _interval(own))
+    )
     reports = health.monitor_each(
         storages,
         expect,
@@ -795,6 +1023,8 @@ def monitor(as_json: JsonOpt = False) -> None:
         server=server,
         usage_warn_bytes={url: p.usage_warn_bytes for url, p in policies.items()},
         scheduler=scheduler,
+        fleet=fleet,
+        unreachable=unreachable,
     )
     report_health(settings, storages[0], reports, route=route)
     failed = [r for r in reports if not r.ok]

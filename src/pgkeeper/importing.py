@@ -1,8 +1,10 @@
 """Import an external dump as a backup: detect what it is by content, store it, verify it.
 
 Recognised, by content never by file name: custom (``PGDMP``), tar (``pg_dump -Ft``), a tar of a
-directory-format dump, and plain SQL, each raw, gzip or zstd compressed. Anything else is
-refused with NotADumpError before anything is listed. Custom, plain and tar dumps are stored
+directory-format dump, and plain SQL, each raw, gzip or zstd compressed, and a server's globals
+(``pg_dumpall --globals-only``), imported as a globals backup (database ``*``). A whole
+``pg_dumpall`` (databases included) and anything else is refused with NotADumpError before
+anything is listed. Custom, plain and tar dumps are stored
 as they came (same bytes, same compression); a directory tar is unpacked into the directory
 layout so it restores with ``pg_restore -j``.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import re
 import struct
@@ -23,13 +24,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from pgkeeper import __version__, catalog, naming, plainsql
-from pgkeeper.errors import (
-    BackupExistsError,
-    NotADumpError,
-    PgkeeperError,
-    StorageError,
-    VerificationError,
-)
+from pgkeeper.errors import NotADumpError, StorageError, VerificationError
 from pgkeeper.manifest import Manifest, StoredObject, utcnow
 from pgkeeper.pipeline import GZIP_MAGIC, ZSTD_MAGIC, Decoder, Progress
 from pgkeeper.settings import Settings
@@ -42,7 +37,13 @@ log = logging.getLogger(__name__)
 PLAIN_MARKERS = (plainsql.HEADER,)
 # pg_dumpall output creates roles and databases and \connects between them: it cannot be
 # restored into one database, so it is refused rather than stored as an unrestorable backup.
-CLUSTER_MARKER = b"-- PostgreSQL database cluster dump"
+# Its --globals-only output (roles and tablespaces, no \connect) is a globals backup.
+CLUSTER_MARKER = plainsql.CLUSTER_HEADER
+_CLUSTER_DATABASES = re.compile(rb"^(?:\\connect\b|-- Databases$)", re.MULTILINE)
+_WHOLE_CLUSTER = (
+    "this is a pg_dumpall cluster dump with databases, which pgkeeper cannot restore into one "
+    "database (import a pg_dump of each database, and pg_dumpall --globals-only for the roles)"
+)
 _PLAIN_VERSION = re.compile(rb"-- Dumped from database version (\S+)")
 _PLAIN_CLIENT = re.compile(rb"-- Dumped by pg_dump version (\S+)")
 
@@ -52,6 +53,7 @@ class DumpKind:
     format: str  # custom | plain | tar | directory
     compression: str  # zstd | gzip | none
     database: str = "unknown"
+    kind: str = "dump"  # dump | globals (pg_dumpall --globals-only, database "*")
     server_version: str = ""
     pg_dump_version: str = ""
 
@@ -120,10 +122,11 @@ def detect(head: bytes) -> DumpKind:
         return _detect_tar(inner, compression)
     text = inner.lstrip(b"\xef\xbb\xbf")[:8192]
     if CLUSTER_MARKER in text:
-        raise NotADumpError(
-            "this is a pg_dumpall cluster dump, which cannot be restored into one database "
-            "(import a pg_dump of a single database instead)"
-        )
+        if _CLUSTER_DATABASES.search(text):
+            raise NotADumpError(_WHOLE_CLUSTER)
+        # Globals only, as far as the head shows: verification reads it all (a \connect
+        # further on is refused there).
+        return DumpKind("plain", compression, database="*", kind="globals")
     if any(marker in text for marker in PLAIN_MARKERS):
         kind = DumpKind("plain", compression)
         if (m := _PLAIN_VERSION.search(text)) is not None:
@@ -228,23 +231,20 @@ def import_stream(
     if not head:
         raise NotADumpError("not a PostgreSQL dump: the file is empty")
     kind = detect(head)
-    if database is not None:
+    if database is not None and kind.kind != "globals":  # a server's globals are of no database
         kind.database = database
-    if at is None:
-        backup_id, started = catalog.reserve_id(primary, name, kind.database, "import")
-    else:
-        wanted = naming.make_id(name, at, bool(at.microsecond))
-        backup_id, started = _claim(primary, wanted, kind.database), at
     stream = _Head(head, _limited(read, max_bytes))
-    try:
+    with catalog.new_backup(primary, name, kind.database, "import", at=at) as reservation:
+        backup_id, started = reservation.backup_id, reservation.started
         if kind.format == "directory":
             objects = _store_directory_tar(primary, backup_id, stream, kind, progress)
         else:
-            relative = naming.data_name(backup_id, kind.format, kind.compression)
+            relative = naming.data_name(backup_id, kind.format, kind.compression, kind.kind)
             objects = [_store_object(primary, backup_id, relative, stream.read, progress)]
         manifest = Manifest(
             id=backup_id,
             name=name,
+            kind=kind.kind,  # type: ignore[arg-type]
             database=kind.database or "unknown",
             server="import",
             server_version=kind.server_version,
@@ -263,35 +263,15 @@ def import_stream(
         )
         result = check_backup(primary, manifest, "full", settings.pg_bin_dir)
         bad = failed_check(result)
+        if bad is not None and kind.kind == "globals" and "holds databases" in bad.detail:
+            raise NotADumpError(_WHOLE_CLUSTER)
         if bad is not None:
             raise NotADumpError(
                 f"not a usable PostgreSQL dump: it failed the {bad.name} check ({bad.detail})"
             )
         manifest = manifest.model_copy(update={"verification": result})
-        catalog.write_manifest(primary, manifest)
-    except BaseException:
-        for info in catalog.backup_objects(primary, backup_id):
-            try:
-                primary.delete(info.key)
-            except PgkeeperError:
-                log.warning("could not remove %s after a failed import", info.key)
-        raise
-    catalog.clear_pending(primary, backup_id)
+        reservation.commit(manifest)
     return manifest
-
-
-def _claim(storage: Storage, backup_id: str, database: str) -> str:
-    """Claim exactly ``backup_id`` (its ``pending.json``, created exclusively), as
-    ``catalog.reserve_id`` claims a new one; BackupExistsError when anything holds it."""
-    taken = any(True for _ in storage.list(naming.backup_prefix(backup_id)))
-    body = json.dumps({"id": backup_id, "database": database, "server": "import",
-                       "since": utcnow().isoformat()}).encode()  # fmt: skip
-    if taken or not storage.create_exclusive(naming.pending_key(backup_id), body):
-        raise BackupExistsError(
-            f"backup {backup_id!r} already exists in {storage.url} (or its import is running): "
-            "it is not overwritten"
-        )
-    return backup_id
 
 
 def _limited(read: Callable[[int], bytes], max_bytes: int | None) -> Callable[[int], bytes]:

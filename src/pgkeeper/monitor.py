@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -355,6 +355,11 @@ def check_restore_test(backups: Sequence[Manifest], expect: Expectations, now: d
         return Check("restore-test", "skipped", "the restore-test check is off")
     if not backups:
         return Check("restore-test", "skipped", "no backup to check")
+    if all(m.kind == "globals" for m in backups):
+        return Check(
+            "restore-test", "skipped", "a server's globals are not restore-tested (roles are "
+            "server-wide): the whole-server procedure of the README proves them"
+        )  # fmt: skip
     found = _newest_restore_test(backups)
     if found is None:
         oldest = min(recorded_at(m) for m in backups)
@@ -703,21 +708,34 @@ def monitor_each(
     usage_warn_bytes: Mapping[str, int | None] | None = None,
     scheduler: tuple[bool, str] | None = None,
     now: datetime | None = None,
+    fleet: Mapping[tuple[str, str], Expectations] | None = None,
+    unreachable: Mapping[str, str] | None = None,
 ) -> list[MonitorReport]:
     """One report per database the targets hold (only ``database`` on ``server`` when given;
     it gets a report even when it has no backup at all), then one for what they share.
 
-    Raises nothing for storage failures (they are failed checks).
+    ``fleet``: the inventory's databases (``(database, server)``) with each one's own
+    expectations (its schedule, its max age): each gets a report, backed up or not, and
+    databases outside it are not checked; ``unreachable``: '*' servers that could not be asked
+    for their databases, each a failed ``inventory`` check. Raises nothing for storage failures
+    (they are failed checks).
     """
     now = aware(now or utcnow())
     held = holdings(storages, database, server)
     groups = _split(held)
     if database is not None and server is not None and not groups:
         groups[(database, server)] = Holdings(targets=held.targets, errors=held.errors)
+    own = {key: expect for key in groups} if fleet is None else dict(fleet)
     reports = [
-        MonitorReport(now, subject_of(db, srv), database_checks(group, expect, now))
-        for (db, srv), group in groups.items()
-    ]
+        MonitorReport(now, subject_of(db, srv), database_checks(
+            groups.get((db, srv)) or Holdings(targets=held.targets, errors=held.errors),
+            own[(db, srv)], now,
+        ))
+        for (db, srv) in sorted(own)
+    ]  # fmt: skip
+    for srv, why in sorted((unreachable or {}).items()):
+        check = Check("inventory", "failed", f"cannot list the databases of {srv}: {why}")
+        reports.append(MonitorReport(now, f"databases on {srv}", [check]))
     usage = measure_usage(storages, usage_warn_bytes)
     facts = SystemFacts(free=free_space(storages), scheduler=scheduler)
     reports.append(MonitorReport(now, SYSTEM_SUBJECT, system_checks(held, usage, expect, facts)))
@@ -725,6 +743,23 @@ def monitor_each(
         for check in report.failed:
             log.warning("monitor: %s: %s failed: %s", report.subject, check.name, check.detail)
     return reports
+
+
+def fleet_scope(
+    settings: Settings, expect_of: Callable[[Settings], Expectations]
+) -> tuple[dict[tuple[str, str], Expectations] | None, dict[str, str] | None]:
+    """For ``monitor_each``: each enabled database of the inventory with its own expectations
+    (``expect_of`` its settings; '*' servers are asked, so a new database is checked too) and
+    the servers that could not be asked; (None, None) for a fleet of one (DATABASE_URL, or
+    nothing configured: every database the targets hold, as before)."""
+    from pgkeeper.inventory import configured, load_inventory
+
+    known = configured(settings)
+    if known is None or known.source == "DATABASE_URL":
+        return None, None
+    inventory = load_inventory(settings)
+    found = {(d.name, d.server): expect_of(d.settings) for d in inventory.enabled}
+    return found, inventory.errors
 
 
 def raise_for_failure(report: MonitorReport) -> None:

@@ -45,6 +45,21 @@ class Settings(BaseSettings):
         default=None, description="folder holding pg_dump/pg_restore/psql (default: newest found)."
     )
 
+    # --- the fleet: many databases (inventory.py) ----------------------------------------
+    backup_databases: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="libpq URLs, comma separated; a database '*' means every database there.",
+    )
+    backup_inventory: Path | None = Field(
+        default=None, description="YAML file: servers, databases and per-database overrides."
+    )
+    backup_server_concurrency: int = Field(
+        default=1, ge=1, le=64, description="dumps running against one server at once."
+    )
+    backup_fleet_concurrency: int = Field(
+        default=4, ge=1, le=256, description="dumps running at once across the fleet."
+    )
+
     # --- backups --------------------------------------------------------------------------
     backup_enabled: bool = True
     backup_schedule: str = "daily"
@@ -189,7 +204,9 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("backup_targets", "backup_api_allowed_hosts", mode="before")
+    @field_validator(
+        "backup_targets", "backup_api_allowed_hosts", "backup_databases", mode="before"
+    )
     @classmethod
     def _targets(cls, value: object) -> object:
         return _split_list(value)

@@ -38,8 +38,15 @@ def section(heading: str, path: Path = README) -> str:
     assert match, f"no section {heading!r} in {path.name}"
     level = len(heading) - len(heading.lstrip("#"))
     rest = text[match.end():]
-    end = re.search(rf"^#{{1,{level}}} ", rest, re.MULTILINE)
-    return rest[: end.start()] if end else rest
+    fenced = False
+    offset = 0
+    for line in rest.splitlines(keepends=True):  # a '#' comment in a code block is no heading
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(rf"#{{1,{level}}} ", line):
+            return rest[:offset]
+        offset += len(line)
+    return rest
 
 
 def code_blocks(text: str, languages: tuple[str, ...] = ("sh",)) -> list[str]:
@@ -205,3 +212,28 @@ def test_checking_a_backup_by_hand_works_as_written(sample_db: str, tmp_path: Pa
     victim.write_bytes(victim.read_bytes() + b"x")
     bad = bash(script, dict(os.environ), tmp_path)
     assert bad.returncode != 0 and "FAILED" in bad.stdout
+
+
+def test_the_fleet_inventory_example_is_a_valid_inventory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'Many databases': the inventory file example loads as written (its password file and
+    variable given), with the overrides it shows."""
+    from pgkeeper.inventory import load_inventory
+
+    block = code_blocks(section("## Many databases: the fleet"), ("yaml",))[0]
+    secret = tmp_path / "db1"
+    secret.write_text("pw1\n")
+    path = tmp_path / "inventory.yaml"
+    path.write_text(block.replace("/run/secrets/db1", str(secret)))
+    monkeypatch.setenv("DB2_PASSWORD", "pw2")
+    inventory = load_inventory(
+        load_settings(_env_file=None, backup_inventory=str(path)), expand=False
+    )
+    by_name = {d.name: d for d in inventory.databases}
+    assert by_name["shop"].settings.backup_keep_hourly == 48
+    assert by_name["shop"].settings.backup_schedule == "hourly"
+    assert by_name["shop"].settings.backup_keep_daily == 7
+    assert not by_name["app_legacy"].enabled
+    assert by_name["app"].server == "db2.internal:5432" and "pw2" in by_name["app"].url
+    assert {s.server for s in inventory.servers} == {"db1.internal:5432", "db2.internal:5432"}

@@ -165,13 +165,7 @@ class LocalStorage:
         temp = f".{name}{TEMP_MARK}{secrets.token_hex(4)}"
         try:
             try:
-                fd = os.open(
-                    temp,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    FILE_MODE,
-                    dir_fd=dir_fd,
-                )
-                with os.fdopen(fd, "wb") as handle:
+                with _new_file(temp, dir_fd) as handle:
                     yield _FileWriter(handle)
                     handle.flush()
                     os.fsync(handle.fileno())
@@ -196,13 +190,7 @@ class LocalStorage:
             raise translate_os_error(exc, str(final)) from exc
         temp = f".{name}{TEMP_MARK}{secrets.token_hex(4)}"
         try:
-            fd = os.open(
-                temp,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                FILE_MODE,
-                dir_fd=dir_fd,
-            )
-            with os.fdopen(fd, "wb") as handle:
+            with _new_file(temp, dir_fd) as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -319,6 +307,12 @@ class LocalStorage:
 
     def abort_orphan_uploads(self, prefix: str = "") -> builtins.list[str]:
         return []
+
+
+def _new_file(name: str, dir_fd: int) -> BinaryIO:
+    """A new private file (0600) in the folder ``dir_fd``; never an existing one or a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.fdopen(os.open(name, flags, FILE_MODE, dir_fd=dir_fd), "wb")
 
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:
