@@ -80,7 +80,7 @@ def test_a_schedule_set_at_run_time_survives_restarts_until_the_environment_chan
     assert "schedule of backup/backup-hourly: kept as set on the Prefect server" in again
     assert "schedule of verify/verify: kept as set on the Prefect server" in again
     hourly_params = link.request("GET", "/deployments/name/backup/backup-hourly")["schedules"]
-    assert hourly_params[0]["parameters"] == {"max_lateness_minutes": 60}
+    assert hourly_params[0]["parameters"] == {"schedule": "hourly", "max_lateness_minutes": 60}
 
     changed = serve_once(link, tmp_path, BACKUP_SCHEDULE="weekly")
     assert active_backups(link) == ["weekly"]
