@@ -12,6 +12,8 @@ Storage layout under a target's prefix, one folder per backup::
     <id>/<id>.dump.zst        custom format (zstd);  .dump.gz / .dump for gzip / none
     <id>/<id>.sql.zst         plain format (zstd);   .sql.gz / .sql
     <id>/<id>.dir/...         directory format: pg_dump's own files, compressed by pg_dump
+    <id>/<id>.dump.zst.age    encrypted (age): the same names plus ``.age``, each file of a
+                              directory backup too (``<id>.dir/toc.dat.age``)
 """
 
 from __future__ import annotations
@@ -97,13 +99,19 @@ def parse_id(backup_id: str) -> tuple[str, datetime]:
     return match.group("name"), datetime.strptime(ts, fmt).replace(tzinfo=UTC)
 
 
-def extension(fmt: str, compression: str) -> str:
-    return _EXT[(fmt, compression)]
+ENCRYPTED = ".age"
 
 
-def data_name(backup_id: str, fmt: str, compression: str) -> str:
+def extension(fmt: str, compression: str, encrypted: bool = False) -> str:
+    """The data file's extension; an encrypted file adds ``.age`` (a directory backup's
+    folder keeps ``.dir``: its files carry the suffix)."""
+    suffix = ENCRYPTED if encrypted and fmt != "directory" else ""
+    return _EXT[(fmt, compression)] + suffix
+
+
+def data_name(backup_id: str, fmt: str, compression: str, encrypted: bool = False) -> str:
     """The file (or folder, for directory format) name of a backup's data."""
-    return validate_id(backup_id) + extension(fmt, compression)
+    return validate_id(backup_id) + extension(fmt, compression, encrypted)
 
 
 def backup_prefix(backup_id: str) -> str:
