@@ -22,7 +22,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from pgkeeper import catalog, naming
-from pgkeeper.errors import PgkeeperError, UsageError
+from pgkeeper.errors import IdentityError, PgkeeperError, UsageError
 from pgkeeper.manifest import Manifest
 from pgkeeper.pipeline import Progress
 from pgkeeper.settings import Settings, load_settings
@@ -194,6 +194,9 @@ def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> N
         ("sha256", manifest.sha256),
         ("trigger", manifest.trigger),
     ]
+    if manifest.encryption is not None:
+        who = ", ".join(f"{r['type']} {r['fingerprint']}" for r in manifest.encryption.recipients)
+        rows.append(("encrypted", f"age, to {who or 'recipients not recorded (imported)'}"))
     if manifest.pinned:
         rows.append(("pinned", "yes"))
     if manifest.table_counts is not None:
@@ -230,6 +233,17 @@ DatabaseOpt = Annotated[
         "--database",
         "-d",
         help="Which database 'latest' means (default: DATABASE_URL's).",
+    ),
+]
+
+
+IdentityOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--identity",
+        "-i",
+        help="age (or OpenSSH) private key file for encrypted backups "
+        "(default: BACKUP_ENCRYPTION_IDENTITY_FILE).",
     ),
 ]
 
@@ -427,11 +441,12 @@ def verify(
     quick: Annotated[bool, typer.Option("--quick", help="Checksums and header only.")] = False,
     database: DatabaseOpt = None,
     as_json: JsonOpt = False,
+    identity: IdentityOpt = None,
 ) -> None:
     """Re-read a backup and check its checksum, compression stream and dump structure."""
     from pgkeeper.verify import verify_copy
 
-    settings = settings_from_env()
+    settings = settings_from_env(backup_encryption_identity_file=identity)
     storages = targets(settings)
     backup_id = _resolve_id(backup_id, storages, settings, database)
     manifest, storage = catalog.find(storages, backup_id)
@@ -440,6 +455,8 @@ def verify(
             manifest = verify_copy(
                 settings, storage, manifest, level="quick" if quick else "full", progress=progress
             )
+        except IdentityError:
+            raise  # the key, not the backup: nothing was recorded
         except PgkeeperError:
             if as_json:  # the failed verification was recorded on that copy's manifest
                 found = catalog.read_manifest(storage, backup_id)
@@ -452,6 +469,13 @@ def verify(
         return
     for check in manifest.verification.checks:
         typer.echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name:<12} {check.detail}")
+    if manifest.verification.decrypted is False:
+        typer.echo(
+            f"backup {backup_id} is good as far as can be told without its private key: it was "
+            "NOT decrypted (set BACKUP_ENCRYPTION_IDENTITY_FILE or pass --identity FILE to "
+            "verify it fully)"
+        )
+        return
     typer.echo(f"backup {backup_id} is good")
 
 
@@ -480,11 +504,12 @@ def restore(
     ] = False,
     database: DatabaseOpt = None,
     as_json: JsonOpt = False,
+    identity: IdentityOpt = None,
 ) -> None:
     """Restore a backup; a failed restore leaves the target as it was."""
     from pgkeeper.restore import restore_backup
 
-    settings = settings_from_env()
+    settings = settings_from_env(backup_encryption_identity_file=identity)
     storages = targets(settings)
     resolved = _resolve_id(backup_id, storages, settings, database)
     manifest, _ = catalog.find(storages, resolved)
@@ -535,17 +560,24 @@ def download(
         bool, typer.Option("--decompress", help="Write the raw dump, not the stored bytes.")
     ] = False,
     database: DatabaseOpt = None,
+    identity: IdentityOpt = None,
 ) -> None:
     """Write a backup's stored file (verified against its checksum) to a local file."""
+    from pgkeeper import crypto
     from pgkeeper.download import write_backup
 
-    settings = settings_from_env()
+    settings = settings_from_env(backup_encryption_identity_file=identity)
     storages = targets(settings)
     backup_id = _resolve_id(backup_id, storages, settings, database)
     manifest, storage = catalog.find(storages, backup_id)
     name = download_name(manifest, decompress)
+    key = None
+    if decompress:  # an encrypted backup: the key opens it, before any output is created
+        key = crypto.identity_for(settings, manifest, "download --decompress")
+        if key is not None:
+            crypto.check_identity(storage, manifest, key)
     if output is not None and str(output) == "-":
-        write_backup(storage, manifest, sys.stdout.buffer, decompress=decompress)
+        write_backup(storage, manifest, sys.stdout.buffer, decompress=decompress, identity=key)
         return
     path = output or Path(name)
     if path.is_dir():
@@ -557,7 +589,9 @@ def download(
         # 0600: a backup holds every row of the database, whatever the umask says.
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out, progress_bar("download", manifest.size) as progress:
-            write_backup(storage, manifest, out, decompress=decompress, progress=progress)
+            write_backup(
+                storage, manifest, out, decompress=decompress, progress=progress, identity=key
+            )
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -569,7 +603,7 @@ def download_name(manifest: Manifest, decompress: bool) -> str:
         return f"{manifest.id}.dir.tar"
     name = manifest.filename
     if decompress:
-        for suffix in (".zst", ".gz"):
+        for suffix in (".age", ".zst", ".gz"):
             name = name.removesuffix(suffix)
     return name
 
@@ -582,11 +616,12 @@ def import_(
     ],
     name: Annotated[str, typer.Option(help="Backup name for the id.")] = "imported",
     as_json: JsonOpt = False,
+    identity: IdentityOpt = None,
 ) -> None:
     """Bring an external dump in as a backup (detected by content; verified)."""
     from pgkeeper.importing import import_file
 
-    settings = settings_from_env()
+    settings = settings_from_env(backup_encryption_identity_file=identity)
     if not file.exists():
         raise UsageError(f"{file} does not exist (check the path)")
     with progress_bar("import", file.stat().st_size if file.is_file() else None) as progress:
@@ -605,18 +640,19 @@ def restore_test(
     ] = None,
     staging_url: Annotated[
         str | None,
-        typer.Option(help="Server to restore on (default: STAGING_DATABASE_URL, else source)."),
+        typer.Option(help="Server to restore on (default: STAGING_DATABASE_URL)."),
     ] = None,
     checks_dir: Annotated[
         Path | None, typer.Option(help="Folder of .sql checks (default: BACKUP_CHECKS_DIR).")
     ] = None,
     database: DatabaseOpt = None,
     as_json: JsonOpt = False,
+    identity: IdentityOpt = None,
 ) -> None:
     """Restore a backup into a scratch database, compare row counts, run checks, drop it."""
     from pgkeeper.restore_test import failed_summary, headline, run_restore_test
 
-    settings = settings_from_env()
+    settings = settings_from_env(backup_encryption_identity_file=identity)
     resolved = None if backup_id in (None, "latest") else naming.validate_id(backup_id)
     result = run_restore_test(
         settings,

@@ -2,15 +2,17 @@
 
 Every byte read is hashed; a copy whose sha256 differs from the manifest raises
 VerificationError at the end, so callers writing to a file discard it (the CLI writes to
-``.<name>.part`` and renames only on success).
+``.<name>.part`` and renames only on success). An encrypted backup is sent as stored (the age
+file, no key needed); decompressed, it is decrypted first with the identity the caller passes.
 """
 
 from __future__ import annotations
 
 import tarfile
+import tempfile
 from typing import Any, BinaryIO, cast
 
-from pgkeeper import naming
+from pgkeeper import crypto, naming
 from pgkeeper.errors import VerificationError
 from pgkeeper.manifest import Manifest
 from pgkeeper.pipeline import HashingReader, Progress, decode_verified
@@ -41,16 +43,24 @@ def write_backup(
     *,
     decompress: bool = False,
     progress: Progress | None = None,
+    identity: crypto.Identity | None = None,
 ) -> None:
-    """Stream a backup to ``out``; raise VerificationError if the stored bytes are bad."""
+    """Stream a backup to ``out``; raise VerificationError if the stored bytes are bad.
+
+    ``decompress`` of an encrypted backup decrypts with ``identity`` (required then: see
+    ``crypto.identity_for``); a directory backup's tar then holds the decrypted files."""
+    decrypt = identity if decompress and manifest.encryption is not None else None
     try:
         if manifest.format != "directory":
             obj = manifest.objects[0]
             with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
                 decode = manifest.compression if decompress else "none"
-                decode_verified(HashingReader.of(src, obj, progress), decode, out.write)
+                decode_verified(HashingReader.of(src, obj, progress), decode, out.write, decrypt)
             return
         with tarfile.open(fileobj=out, mode="w|") as archive:
+            if decrypt is not None:
+                _tar_decrypted(storage, manifest, archive, decrypt, progress)
+                return
             for obj in manifest.objects:
                 info = tarfile.TarInfo(obj.name)
                 info.size = obj.size
@@ -63,3 +73,25 @@ def write_backup(
         raise damaged(
             manifest, storage, exc, "the download is incomplete and must not be used"
         ) from None
+
+
+def _tar_decrypted(
+    storage: Storage,
+    manifest: Manifest,
+    archive: tarfile.TarFile,
+    identity: crypto.Identity,
+    progress: Progress | None,
+) -> None:
+    """Add every file of an encrypted directory backup, decrypted, to ``archive``. A tar member
+    needs its size first: each file is decrypted into a private temporary file (in memory up to
+    8 MiB), checked against its sha256, then added."""
+    for obj in manifest.objects:
+        with tempfile.SpooledTemporaryFile(max_size=8 << 20) as plain:
+            with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
+                reader = HashingReader.of(src, obj, progress)
+                decode_verified(reader, "none", plain.write, identity)
+            info = tarfile.TarInfo(obj.name.removesuffix(crypto.SUFFIX))
+            info.size = plain.tell()
+            info.mtime = int(manifest.finished_at.timestamp())
+            plain.seek(0)
+            archive.addfile(info, cast(Any, plain))

@@ -175,9 +175,9 @@ class Manifest(BaseModel):
             "timestamp": self.started_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
             "database": self.database,
             "compressed": self.compression != "none",
-            "encrypted": self.encryption is not None,
             "sha256": self.sha256,
             "state": self.state,
+            "encrypted": self.encryption is not None,
         }
         for key, value in data.items():
             public.setdefault(key, value)

@@ -615,10 +615,9 @@ def verify_copy(
     as that goes without the key (see the module docstring)."""
     identity = crypto.configured_identity(settings) if manifest.encryption else None
     if identity is not None:
-        try:
+        # Damaged or unreadable: check_backup finds it and records the failed check.
+        with contextlib.suppress(VerificationError, StorageError):
             crypto.check_identity(storage, manifest, identity)
-        except (VerificationError, StorageError):
-            pass  # damaged or unreadable: check_backup finds it and records the failed check
     result = check_backup(storage, manifest, level, settings.pg_bin_dir, progress, identity)
     updated = manifest.model_copy(update={"verification": result})
     if record:
