@@ -675,6 +675,36 @@ def restore_test(
 
 @app.command()
 @handle_errors
+def rekey(
+    backup_id: Annotated[str, typer.Argument(help="Backup id (or 'latest').")],
+    database: DatabaseOpt = None,
+    identity: IdentityOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-encrypt a backup to BACKUP_ENCRYPTION_RECIPIENTS as a new verified copy, then delete
+    the old one (an unencrypted backup gets encrypted)."""
+    from pgkeeper.rekey import rekey_backup
+
+    settings = settings_from_env(backup_encryption_identity_file=identity)
+    storages = targets(settings)
+    resolved = _resolve_id(backup_id, storages, settings, database)
+    manifest, _ = catalog.find(storages, resolved)
+    with progress_bar("rekey", manifest.size) as progress:
+        result = rekey_backup(settings, resolved, storages=storages, progress=progress)
+    if as_json:
+        print_json(result.__dict__)
+    else:
+        shown = ", ".join(f"{r['type']} {r['fingerprint']}" for r in result.recipients)
+        typer.echo(f"rekeyed {result.old_id} as {result.new_id}, encrypted to {shown}")
+        typer.echo(f"stored in {', '.join(result.stored_in)}")
+        if result.removed_from:
+            typer.echo(f"removed {result.old_id} from {', '.join(result.removed_from)}")
+    if result.problems:
+        _fail("; ".join(result.problems), 1)
+
+
+@app.command()
+@handle_errors
 def rotate(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; change nothing.")

@@ -139,7 +139,8 @@ class Recipients:
         """
         text = value.strip()
         origin = "BACKUP_ENCRYPTION_RECIPIENTS"
-        if not text.startswith(("age1", "ssh-")) and "\n" not in text and "," not in text:
+        inline = text.upper().startswith(("AGE", "SSH-")) or "PRIVATE KEY" in text
+        if not inline and "\n" not in text and "," not in text:
             path = Path(text).expanduser()
             try:
                 text = path.read_text("utf-8")

@@ -8,6 +8,7 @@ user makes them: `age-keygen` (Debian's `age`) and `ssh-keygen`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -189,3 +190,336 @@ def test_encrypted_round_trip_is_exact(
         compare.assert_same(fidelity_snapshot, compare.snapshot(pg_cluster.url(target)))
     finally:
         pg_cluster.drop_database(target)
+
+
+# --- the restore side's identity ---------------------------------------------------------------
+
+
+@pytest.fixture
+def encrypted_backup(
+    sample_db: str, keys: tuple[AgeKey, AgeKey], tmp_path: Path
+) -> tuple[dict[str, str], str]:
+    """An encrypted custom/zstd backup of `sample_db`: (the CLI environment, its id)."""
+    env = cli_env(sample_db, tmp_path / "backups", BACKUP_ENCRYPTION_RECIPIENTS=keys[0].recipient)
+    made = run_cli("backup", "--json", env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    return env, json.loads(made.stdout)["id"]
+
+
+def _databases(pg_cluster: PgCluster) -> set[str]:
+    return {r[0] for r in pg_cluster.query("SELECT datname FROM pg_database")}
+
+
+def test_restore_without_or_with_a_wrong_identity_fails_in_one_line_and_changes_nothing(
+    encrypted_backup: tuple[dict[str, str], str],
+    keys: tuple[AgeKey, AgeKey],
+    pg_cluster: PgCluster,
+    tmp_path: Path,
+) -> None:
+    """No identity: one line saying what to set; a wrong one: one line naming the file. No
+    database is created or changed either way (not even a scratch one)."""
+    env, backup_id = encrypted_backup
+    target = f"enc_target_{uuid.uuid4().hex[:6]}"
+    pg_cluster.create_database(target)
+    pg_cluster.execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('before')",
+                       dbname=target)  # fmt: skip
+    before = _databases(pg_cluster)
+    url = pg_cluster.url(target)
+    try:
+        missing = run_cli("restore", backup_id, "--target-url", url, "--confirm", target,
+                          env=env, cwd=tmp_path)  # fmt: skip
+        line = one_line_error(missing, 2)
+        assert "is encrypted" in line and "BACKUP_ENCRYPTION_IDENTITY_FILE" in line
+        wrong = run_cli("restore", backup_id, "--target-url", url, "--confirm", target,
+                        "--identity", str(keys[1].identity), env=env, cwd=tmp_path)  # fmt: skip
+        line = one_line_error(wrong, 2)
+        assert "cannot decrypt" in line and str(keys[1].identity) in line
+        assert "AGE-SECRET-KEY" not in wrong.stderr
+        default = run_cli("restore", backup_id, env=env, cwd=tmp_path)  # a new database
+        one_line_error(default, 2)
+        assert _databases(pg_cluster) == before
+        assert pg_cluster.query("SELECT v FROM kept", dbname=target) == [("before",)]
+    finally:
+        pg_cluster.drop_database(target)
+
+
+def test_verify_download_and_restore_test_need_the_identity(
+    encrypted_backup: tuple[dict[str, str], str], keys: tuple[AgeKey, AgeKey], tmp_path: Path
+) -> None:
+    """verify without the identity passes and says it did not decrypt; with a wrong one it
+    stops (nothing recorded); download as stored needs no key, --decompress does; restore-test
+    needs it too."""
+    env, backup_id = encrypted_backup
+    sealed = run_cli("verify", backup_id, env=env, cwd=tmp_path)
+    assert sealed.returncode == 0, sealed.stderr
+    assert "NOT decrypted" in sealed.stdout
+    wrong = run_cli("verify", backup_id, "-i", str(keys[1].identity), env=env, cwd=tmp_path)
+    assert "cannot decrypt" in one_line_error(wrong, 2)
+    shown = json.loads(run_cli("show", backup_id, "--json", env=env, cwd=tmp_path).stdout)
+    assert shown["state"] == "verified"  # a wrong key is not a damaged backup
+
+    stored = tmp_path / "stored.bin"
+    got = run_cli("download", backup_id, "-o", str(stored), env=env, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    assert stored.read_bytes().startswith(AGE_MAGIC)
+    raw = tmp_path / "raw.dump"
+    refused = run_cli("download", backup_id, "--decompress", "-o", str(raw), env=env, cwd=tmp_path)
+    assert "download --decompress needs its private key" in one_line_error(refused, 2)
+    assert not raw.exists()
+    got = run_cli("download", backup_id, "--decompress", "-o", str(raw),
+                  "-i", str(keys[0].identity), env=env, cwd=tmp_path)  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    assert raw.read_bytes().startswith(b"PGDMP")
+
+    test_env = {**env, "BACKUP_RESTORE_TEST_ON_SOURCE": "true"}
+    untested = run_cli("restore-test", backup_id, env=test_env, cwd=tmp_path)
+    assert "restoring it needs its private key" in one_line_error(untested, 2)
+    tested = run_cli("restore-test", backup_id, "-i", str(keys[0].identity),
+                     env=test_env, cwd=tmp_path)  # fmt: skip
+    assert tested.returncode == 0, tested.stderr
+    assert "restore test passed" in tested.stdout
+
+
+def test_a_damaged_encrypted_backup_fails_verification_with_and_without_the_identity(
+    sample_db: str, keys: tuple[AgeKey, AgeKey], tmp_path: Path
+) -> None:
+    """A flipped byte fails the checksum check (no key needed). A file cut short, its manifest
+    forged to match: cut inside a chunk's first bytes, the length alone gives it away; cut at
+    a chunk boundary, only decryption can tell (the last chunk is marked), so only the
+    identity's verification fails."""
+    backups = tmp_path / "backups"
+    env = cli_env(sample_db, backups, BACKUP_ENCRYPTION_RECIPIENTS=keys[0].recipient)
+    made = run_cli("backup", "-C", "none", "--json", env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    backup_id = json.loads(made.stdout)["id"]
+    data = stored_files(backups, backup_id)[0]
+    original = data.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    data.write_bytes(bytes(flipped))
+    bad = run_cli("verify", backup_id, env=env, cwd=tmp_path)
+    assert "checksum" in one_line_error(bad, 1)
+
+    header_end = original.index(b"\n--- ")
+    header_end = original.index(b"\n", header_end + 1) + 1
+    boundary = header_end + 16 + (64 * 1024 + 16)  # the nonce and one full chunk
+    assert boundary + 100 < len(original), "the dump must span more than one age chunk"
+    manifest_path = backups / backup_id / "manifest.json"
+    clean = json.loads(manifest_path.read_text())
+
+    def forge(cut: bytes) -> None:
+        data.write_bytes(cut)
+        manifest = json.loads(json.dumps(clean))
+        manifest["objects"][0].update(size=len(cut), sha256=hashlib.sha256(cut).hexdigest())
+        manifest["size"] = len(cut)
+        manifest_path.write_text(json.dumps(manifest))
+
+    forge(original[: boundary + 5])
+    sealed = run_cli("verify", backup_id, env=env, cwd=tmp_path)
+    assert "encryption check" in one_line_error(sealed, 1)
+    full = run_cli("verify", backup_id, "-i", str(keys[0].identity), env=env, cwd=tmp_path)
+    assert "decryption check" in one_line_error(full, 1)
+
+    forge(original[:boundary])
+    sealed = run_cli("verify", backup_id, env=env, cwd=tmp_path)
+    assert sealed.returncode == 0, sealed.stderr  # the limit of what a header and length tell
+    full = run_cli("verify", backup_id, "-i", str(keys[0].identity), env=env, cwd=tmp_path)
+    assert "decryption check" in one_line_error(full, 1)
+
+
+# --- restoring by hand with Debian's age --------------------------------------------------------
+
+
+@pytest.mark.skipif(AGE is None, reason="age is not installed (scripts/system-deps.sh)")
+def test_restore_by_hand_with_the_age_binary(
+    encrypted_backup: tuple[dict[str, str], str],
+    keys: tuple[AgeKey, AgeKey],
+    pg_cluster: PgCluster,
+    tmp_path: Path,
+) -> None:
+    """The README's commands, as written: age -d -i key.txt FILE | zstd -d | pg_restore."""
+    env, backup_id = encrypted_backup
+    folder = Path(env["BACKUP_DIR"]) / backup_id
+    target = f"by_hand_{uuid.uuid4().hex[:6]}"
+    shell_env = {**cli_env(None, tmp_path), **pg_cluster.libpq_env("postgres")}
+    script = (
+        f"createdb {target} && "
+        f"age -d -i {keys[0].identity} {backup_id}.dump.zst.age | zstd -dc | "
+        f"pg_restore -d {target}"
+    )
+    bindir = str(pg_cluster.bindir)
+    shell_env["PATH"] = f"{bindir}:{shell_env['PATH']}"
+    try:
+        done = subprocess.run(["bash", "-ec", script], cwd=folder, env=shell_env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        rows = pg_cluster.query("SELECT count(*) FROM shop.orders", dbname=target)
+        assert rows == [(1200,)]
+    finally:
+        pg_cluster.drop_database(target)
+
+
+# --- rekey --------------------------------------------------------------------------------------
+
+
+def test_rekey_moves_a_backup_to_the_new_recipients_and_removes_the_old_one(
+    encrypted_backup: tuple[dict[str, str], str],
+    keys: tuple[AgeKey, AgeKey],
+    pg_cluster: PgCluster,
+    tmp_path: Path,
+) -> None:
+    """Recipients rotated from key 0 to key 1: rekey (with key 0) writes a new, verified copy
+    only key 1 opens, keeps the original's record, and deletes the old backup."""
+    env, old_id = encrypted_backup
+    backups = Path(env["BACKUP_DIR"])
+    old = json.loads((backups / old_id / "manifest.json").read_text())
+    env = {**env, "BACKUP_ENCRYPTION_RECIPIENTS": keys[1].recipient}
+    without = run_cli("rekey", old_id, env=env, cwd=tmp_path)
+    assert "rekeying it needs its private key" in one_line_error(without, 2)
+    done = run_cli("rekey", old_id, "-i", str(keys[0].identity), "--json", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    new_id = result["new_id"]
+    assert result["removed_from"] == [str(backups)]
+    assert not (backups / old_id).exists()
+    new = json.loads((backups / new_id / "manifest.json").read_text())
+    assert new["started_at"] == old["started_at"]
+    assert new["table_counts"] == old["table_counts"]
+    assert new["options"]["rekeyed_from"] == old_id
+    assert new["verification"]["ok"] is True
+    assert new["encryption"]["recipients"] != old["encryption"]["recipients"]
+    assert keys[1].recipient not in json.dumps(new)
+    # Only the new key opens it now.
+    wrong = run_cli("verify", new_id, "-i", str(keys[0].identity), env=env, cwd=tmp_path)
+    one_line_error(wrong, 2)
+    good = run_cli("verify", new_id, "-i", str(keys[1].identity), env=env, cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    target = f"rekeyed_{uuid.uuid4().hex[:6]}"
+    try:
+        restored = run_cli("restore", new_id, "--target-url", pg_cluster.url(target),
+                           "-i", str(keys[1].identity), env=env, cwd=tmp_path)  # fmt: skip
+        assert restored.returncode == 0, restored.stderr
+        assert pg_cluster.query("SELECT count(*) FROM shop.orders", dbname=target) == [(1200,)]
+    finally:
+        pg_cluster.drop_database(target)
+
+
+def test_rekey_encrypts_a_backup_made_before_encryption_was_on(
+    sample_db: str, keys: tuple[AgeKey, AgeKey], tmp_path: Path
+) -> None:
+    """An unencrypted directory backup, rekeyed: every file becomes an age file; no key needed."""
+    backups = tmp_path / "backups"
+    env = cli_env(sample_db, backups)
+    made = run_cli("backup", "-F", "directory", "-C", "gzip", "--json", env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    old_id = json.loads(made.stdout)["id"]
+    env["BACKUP_ENCRYPTION_RECIPIENTS"] = keys[0].recipient
+    done = run_cli("rekey", old_id, "--json", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    new_id = json.loads(done.stdout)["new_id"]
+    files = stored_files(backups, new_id)
+    assert files and all(f.read_bytes().startswith(AGE_MAGIC) for f in files)
+    env["BACKUP_ENCRYPTION_IDENTITY_FILE"] = str(keys[0].identity)
+    good = run_cli("verify", new_id, env=env, cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    assert "NOT decrypted" not in good.stdout
+
+
+# --- import -------------------------------------------------------------------------------------
+
+
+def test_import_of_an_age_encrypted_dump_needs_the_identity_and_keeps_the_bytes(
+    encrypted_backup: tuple[dict[str, str], str], keys: tuple[AgeKey, AgeKey], tmp_path: Path
+) -> None:
+    """A downloaded encrypted backup imports back: refused without the identity (one line),
+    stored as it came (same sha256) and verified decrypted with it."""
+    env, backup_id = encrypted_backup
+    file = tmp_path / "download.dump.zst.age"
+    got = run_cli("download", backup_id, "-o", str(file), env=env, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    refused = run_cli("import", str(file), env=env, cwd=tmp_path)
+    assert "encrypted (age)" in one_line_error(refused, 2)
+    done = run_cli("import", str(file), "-i", str(keys[0].identity), "--json",
+                   env=env, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert manifest["objects"][0]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert (manifest["format"], manifest["compression"]) == ("custom", "zstd")
+    assert manifest["encrypted"] is True
+    assert manifest["verification"]["decrypted"] is True
+
+
+def test_an_unencrypted_import_is_encrypted_when_recipients_are_set(
+    sample_db: str, keys: tuple[AgeKey, AgeKey], pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """pg_dump's own file, imported with recipients set, reaches the target only encrypted."""
+    dump = tmp_path / "external.dump"
+    subprocess.run(
+        [str(pg_cluster.bindir / "pg_dump"), "-Fc", "-f", str(dump), "--no-password"],
+        env={**cli_env(None, tmp_path), **pg_cluster.libpq_env(sample_db.rsplit("/", 1)[1])},
+        check=True, capture_output=True,
+    )  # fmt: skip
+    env = cli_env(sample_db, tmp_path / "backups",
+                  BACKUP_ENCRYPTION_RECIPIENTS=keys[0].recipient,
+                  BACKUP_ENCRYPTION_IDENTITY_FILE=str(keys[0].identity))  # fmt: skip
+    done = run_cli("import", str(dump), "--json", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    files = stored_files(tmp_path / "backups", manifest["id"])
+    assert [f.name.endswith(".dump.age") for f in files] == [True]
+    assert files[0].read_bytes().startswith(AGE_MAGIC)
+    assert manifest["verification"]["decrypted"] is True
+
+
+# --- ssh keys as recipients ----------------------------------------------------------------------
+
+
+def test_ssh_ed25519_and_rsa_keys_are_recipients_from_a_file(
+    sample_db: str, pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """A file of ssh public keys (and a comment) as BACKUP_ENCRYPTION_RECIPIENTS; the ed25519
+    private key restores; the manifest holds OpenSSH's fingerprints."""
+    keygen = shutil.which("ssh-keygen")
+    if keygen is None:
+        pytest.skip("ssh-keygen is not installed")
+    for kind, extra in (("ed25519", []), ("rsa", ["-b", "2048"])):
+        subprocess.run([keygen, "-q", "-t", kind, *extra, "-N", "", "-f", str(tmp_path / kind)],
+                       check=True, capture_output=True)  # fmt: skip
+    listing = tmp_path / "recipients.txt"
+    listing.write_text(
+        "# the restore team\n"
+        + (tmp_path / "ed25519.pub").read_text()
+        + (tmp_path / "rsa.pub").read_text()
+    )
+    env = cli_env(sample_db, tmp_path / "backups", BACKUP_ENCRYPTION_RECIPIENTS=str(listing))
+    made = run_cli("backup", "--json", env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    manifest = json.loads(made.stdout)
+    fingerprint = subprocess.run([keygen, "-lf", str(tmp_path / "ed25519.pub")],
+                                 capture_output=True, text=True, check=True).stdout.split()[1]  # fmt: skip
+    recorded = manifest["encryption"]["recipients"]
+    assert [r["type"] for r in recorded] == ["ssh-ed25519", "ssh-rsa"]
+    assert recorded[0]["fingerprint"] == fingerprint
+    target = f"ssh_{uuid.uuid4().hex[:6]}"
+    try:
+        restored = run_cli("restore", manifest["id"], "--target-url", pg_cluster.url(target),
+                           "-i", str(tmp_path / "ed25519"), env=env, cwd=tmp_path)  # fmt: skip
+        assert restored.returncode == 0, restored.stderr
+    finally:
+        pg_cluster.drop_database(target)
+
+
+def test_a_private_key_given_as_recipient_is_refused_without_echoing_it(
+    sample_db: str, keys: tuple[AgeKey, AgeKey], tmp_path: Path
+) -> None:
+    """A secret key pasted into BACKUP_ENCRYPTION_RECIPIENTS stops the backup in one line that
+    does not repeat it; nothing is stored."""
+    secret = next(
+        line for line in keys[0].identity.read_text().splitlines()
+        if line.startswith("AGE-SECRET-KEY-")
+    )
+    env = cli_env(sample_db, tmp_path / "backups", BACKUP_ENCRYPTION_RECIPIENTS=secret)
+    proc = run_cli("backup", env=env, cwd=tmp_path)
+    line = one_line_error(proc, 2)
+    assert "private key" in line and secret not in proc.stderr + proc.stdout
+    assert not any((tmp_path / "backups").glob("*/manifest.json"))
