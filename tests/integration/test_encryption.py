@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.fidelity import compare
@@ -69,11 +70,12 @@ def marked_db(pg_cluster: PgCluster) -> Iterator[tuple[str, str]]:
     marker = f"PGK-MARKER-{uuid.uuid4().hex}"
     name = f"marked_{uuid.uuid4().hex[:8]}"
     pg_cluster.create_database(name)
-    pg_cluster.execute(
-        "CREATE TABLE notes (id serial PRIMARY KEY, body text);"
-        f"INSERT INTO notes (body) SELECT '{marker} ' || g FROM generate_series(1, 500) g;",
-        dbname=name,
-    )
+    pg_cluster.execute("CREATE TABLE notes (id serial PRIMARY KEY, body text)", dbname=name)
+    with psycopg.connect(pg_cluster.url(name), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO notes (body) SELECT %s || g FROM generate_series(1, 500) g",
+            (marker + " ",),
+        )
     yield pg_cluster.url(name), marker
     pg_cluster.drop_database(name)
 
@@ -495,8 +497,10 @@ def test_ssh_ed25519_and_rsa_keys_are_recipients_from_a_file(
     made = run_cli("backup", "--json", env=env, cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     manifest = json.loads(made.stdout)
-    fingerprint = subprocess.run([keygen, "-lf", str(tmp_path / "ed25519.pub")],
-                                 capture_output=True, text=True, check=True).stdout.split()[1]  # fmt: skip
+    listed = subprocess.run(
+        [keygen, "-lf", str(tmp_path / "ed25519.pub")], capture_output=True, text=True, check=True
+    )
+    fingerprint = listed.stdout.split()[1]
     recorded = manifest["encryption"]["recipients"]
     assert [r["type"] for r in recorded] == ["ssh-ed25519", "ssh-rsa"]
     assert recorded[0]["fingerprint"] == fingerprint
