@@ -139,8 +139,8 @@ class Recipients:
         """
         text = value.strip()
         origin = "BACKUP_ENCRYPTION_RECIPIENTS"
-        inline = text.upper().startswith(("AGE", "SSH-")) or "PRIVATE KEY" in text
-        if not inline and "\n" not in text and "," not in text:
+        inline = text.upper().startswith(("AGE", "SSH-", "#")) or "PRIVATE KEY" in text
+        if not inline and not any(sep in text for sep in " ,\n"):
             path = Path(text).expanduser()
             try:
                 text = path.read_text("utf-8")
