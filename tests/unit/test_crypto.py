@@ -77,7 +77,7 @@ def test_a_private_key_as_recipient_is_refused_without_echoing_it(tmp_path: Path
 
 
 def test_a_missing_recipients_file_names_the_path(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="recipients.txt cannot be read"):
+    with pytest.raises(ConfigError, match=r"recipients\.txt cannot be read"):
         crypto.Recipients.parse(str(tmp_path / "recipients.txt"))
 
 
@@ -124,7 +124,7 @@ def test_decryption_errors_say_what_happened(tmp_path: Path) -> None:
     path, public = _key(tmp_path, "right")
     other, _ = _key(tmp_path, "other")
     sealed = _encrypt(os.urandom(200_000), crypto.Recipients.parse(public))
-    with pytest.raises(IdentityError, match="other.txt"):
+    with pytest.raises(IdentityError, match=r"other\.txt"):
         crypto.decrypt_stream(io.BytesIO(sealed).read, len, crypto.Identity.load(other))
     identity = crypto.Identity.load(path)
     for damaged in (sealed[:-1], sealed[:-100], sealed[: len(sealed) // 2]):
@@ -158,10 +158,12 @@ def test_the_decrypting_reader_reads_and_stops(tmp_path: Path) -> None:
     reader = crypto.DecryptingReader(io.BytesIO(sealed).read, identity, depth=1)
     assert len(reader.read(100)) == 100
     reader.close()  # the thread stops though it had more to give
-    with crypto.DecryptingReader(io.BytesIO(sealed[:-5]).read, identity) as cut:
-        with pytest.raises(VerificationError):
-            while cut.read(65536):
-                pass
+    with (
+        crypto.DecryptingReader(io.BytesIO(sealed[:-5]).read, identity) as cut,
+        pytest.raises(VerificationError),
+    ):
+        while cut.read(65536):
+            pass
 
 
 def test_the_header_tells_the_recipients_without_the_key(tmp_path: Path) -> None:

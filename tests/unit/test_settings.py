@@ -175,7 +175,7 @@ def test_a_missing_or_empty_secret_file_is_a_clear_error(
         load_settings()
     (tmp_path / "empty").write_text("\n")
     monkeypatch.setenv("DATABASE_URL_FILE", str(tmp_path / "empty"))
-    with pytest.raises(ConfigError, match="DATABASE_URL_FILE .* is empty"):
+    with pytest.raises(ConfigError, match=r"DATABASE_URL_FILE .* is empty"):
         load_settings()
 
 
