@@ -899,11 +899,18 @@ def api(
         str | None, typer.Option(help="Interface (default BACKUP_API_HOST, 127.0.0.1).")
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default BACKUP_API_PORT, 8080).")] = None,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="TLS certificate (chain) file: serve https.")
+    ] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key file.")] = None,
 ) -> None:
-    """Serve the HTTP API (uvicorn); OpenAPI docs at /docs."""
+    """Serve the HTTP API (uvicorn; TLS with --ssl-certfile/--ssl-keyfile); docs at /docs."""
     from pgkeeper.api import serve_api
 
-    serve_api(settings_from_env(), host=host, port=port)
+    serve_api(
+        settings_from_env(), host=host, port=port, ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+    )  # fmt: skip
 
 
 @app.command()
