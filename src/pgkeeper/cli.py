@@ -399,7 +399,8 @@ def list_(
             "database": e.manifest.database,
             "size": human_size(e.manifest.size),
             "age": human_age(e.manifest.started_at, now),
-            "format": f"{e.manifest.format}/{e.manifest.compression}",
+            "format": f"{e.manifest.format}/{e.manifest.compression}"
+            + ("/age" if e.manifest.encryption is not None else ""),
             "state": e.manifest.state + (" pinned" if e.manifest.pinned else ""),
             "restore test": (
                 "-"
