@@ -41,6 +41,7 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
     from prefect.schedules import Cron
 
     from flows.backup import backup
+    from flows.backup_server import backup_server
     from flows.monitor import monitor
     from flows.restore import restore
     from flows.restore_test import restore_test
@@ -56,6 +57,7 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
         "restore": restore,
         "restore-test": restore_test,
         "monitor": monitor,
+        "backup-server": backup_server,
     }
     one_at_a_time = ConcurrencyLimitConfig(
         limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW

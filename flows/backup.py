@@ -17,6 +17,7 @@ from pydantic import Field
 
 from tasks.alerts import outcome_hooks
 from tasks.backup import backup_database, finish_backup
+from tasks.fleet import fan_out, plan_run
 from tasks.inventory import publish_inventory
 from tasks.rotate import rotate_backups
 from tasks.schedule import missed_run, run_trigger
@@ -52,21 +53,36 @@ def backup(
     rotate: bool = Field(
         default=True, description="Apply the retention policy after the backup (rotate)."
     ),
+    database: str | None = Field(
+        default=None,
+        description="One database of the inventory (name or name@host:port); default: all "
+        "of them whose schedule this run is (a fleet run), or DATABASE_URL's.",
+    ),
+    schedule: str | None = Field(
+        default=None, description="The schedule this run is (set by schedules: daily, a cron)."
+    ),
     max_lateness_minutes: int | None = Field(
         default=None,
         description="Skip the run if it starts this late (set by schedules to one period).",
     ),
-) -> str | State:
-    """Back up the database, verify it, copy it offsite, rotate, publish the backup inventory."""
+) -> str | int | State:
+    """Back up the database (or the fleet: a run per server, a task run per database), verify,
+    copy offsite, rotate, publish the inventory."""
     if skipped := missed_run(max_lateness_minutes):  # 0. a run missed during downtime: skip
         return skipped
-    manifest = backup_database(  # 1. dump
-        name, format, compression, run_trigger(), schema_only, data_only, tables, exclude_tables
-    )
-    verify_backup(manifest.id, default_verify_level(verify))  # 2. verify the stored copy
-    uploaded = upload_backup(manifest.id, return_state=True)  # 3. offsite (a failure: step 6)
-    rotation = rotate_backups(return_state=True) if rotate else None  # 4. retention
-    publish_inventory()  # 5. inventory artifact
-    return finish_backup(  # 6. tell the outcomes of 3 and 4; fail the run if either failed
-        manifest.id, allow_failure(uploaded), allow_failure(rotation) if rotation else None
+    covered = plan_run(database, schedule)  # 1. one database, or the fleet's
+    if covered.fleet:  # 2. the fleet: each server's share on whatever worker takes it
+        return fan_out(covered, run_trigger(), verify, rotate)
+    db = covered.database
+    manifest = backup_database(  # 2. dump
+        name, format, compression, run_trigger(), schema_only, data_only, tables,
+        exclude_tables, db,
+    )  # fmt: skip
+    verify_backup(manifest.id, default_verify_level(verify, db), db)  # 3. verify the copy
+    uploaded = upload_backup(manifest.id, db, return_state=True)  # 4. offsite (failure: 7)
+    group = f"{manifest.database}@{manifest.server}"  # 5. this database's retention
+    rotation = rotate_backups(only=group, database=db, return_state=True) if rotate else None
+    publish_inventory()  # 6. inventory artifact
+    return finish_backup(  # 7. tell the outcomes of 4 and 5; fail the run if either failed
+        manifest.id, allow_failure(uploaded), allow_failure(rotation) if rotation else None, db
     )

@@ -19,6 +19,8 @@ from pgkeeper.prefect_api import PrefectLink
 from pgkeeper.procedure import AfterBackupError
 from pgkeeper.settings import load_settings
 from pgkeeper.storage import targets
+from tasks.fleet import FleetRunError
+from tasks.inventory import settings_for
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,11 @@ def prefect_link() -> PrefectLink:
 
 
 def _tell(operation: str, flow_run: Any, state: Any) -> None:
-    settings = load_settings()
+    error = None if state.is_completed() else state.result(raise_on_failure=False)
+    if isinstance(error, FleetRunError) or isinstance(state.result(raise_on_failure=False), int):
+        return  # a fleet run: each database was told by its server's run
+    database = (getattr(flow_run, "parameters", None) or {}).get("database")
+    settings = settings_for(database) if database else load_settings()
     if settings.database_url is None or not settings.database_url.get_secret_value():
         return  # nothing to name the alert after (the flow failed on that already)
     source = ConnInfo.parse(settings.require_database_url())

@@ -10,8 +10,8 @@ from pgkeeper.manifest import Manifest
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.procedure import AfterBackupError
 from pgkeeper.rotate import RotationReport
-from pgkeeper.settings import load_settings
 from pgkeeper.storage import targets
+from tasks.inventory import settings_for
 from tasks.progress import ProgressArtifact, expected_dump_size, human_size
 from tasks.retry import TRANSIENT_RETRIES
 
@@ -26,9 +26,10 @@ def backup_database(
     data_only: bool = False,
     tables: list[str] | None = None,
     exclude_tables: list[str] | None = None,
+    database: str | None = None,
 ) -> Manifest:
     """Dump the database to the primary target, streamed and under the backup lock."""
-    settings = load_settings()
+    settings = settings_for(database)
     storages = targets(settings)
     total = expected_dump_size(storages, settings.require_database_url())
     options = BackupOptions(
@@ -56,13 +57,15 @@ def _failure(result: object) -> str | None:
 
 
 @task(name="backup-verdict")
-def finish_backup(backup_id: str, uploaded: object, rotation: object) -> str:
+def finish_backup(
+    backup_id: str, uploaded: object, rotation: object, database: str | None = None
+) -> str:
     """Tell how the upload and the rotation went (each its own alert for the database) and
     fail the run, with AfterBackupError, when either failed: the backup itself is done.
 
     ``uploaded``/``rotation``: what those tasks returned, their exception when they failed
     (passed with ``allow_failure``), or None when the step did not run."""
-    settings = load_settings()
+    settings = settings_for(database)
     storages = targets(settings)
     source = ConnInfo.parse(settings.require_database_url())
     problems = []
@@ -71,14 +74,14 @@ def finish_backup(backup_id: str, uploaded: object, rotation: object) -> str:
         if upload is not None:
             upload = f"the upload failed ({upload}); retry with 'pgkeeper upload {backup_id}'"
             problems.append(upload)
-        procedure.tell_step(settings, storages[0], source, "upload", upload)
+        procedure.tell_step(settings, storages[0], source.dbname, source.server, "upload", upload)
     if rotation is not None:
         rotate = _failure(rotation)
         if rotate is None and isinstance(rotation, RotationReport):
             rotate = procedure.rotation_problem(rotation)
         if rotate is not None:
             problems.append(rotate)
-        procedure.tell_step(settings, storages[0], source, "rotate", rotate)
+        procedure.tell_step(settings, storages[0], source.dbname, source.server, "rotate", rotate)
     if problems:
         raise AfterBackupError(backup_id, problems)
     return backup_id

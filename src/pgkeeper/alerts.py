@@ -65,11 +65,13 @@ __all__ = [
     "AlertState",
     "Changes",
     "Problem",
+    "RunOutcome",
     "compose",
     "problems_of",
     "reconcile",
     "report_health",
     "report_outcome",
+    "report_outcomes",
     "watch",
 ]
 
@@ -580,6 +582,85 @@ def _report_outcome(
                     f"({format_size(manifest.size)}, {took:.0f}s)"
                 )
     scope = Scope(frozenset({f"{operation}-failed"}), frozenset({subject}))
+    return _tell(settings, primary, scope, problems, success=success, link=link, route=route)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one database's run of an operation ended: an error, or the backup it made."""
+
+    database: str
+    server: str
+    error: BaseException | str | None = None
+    manifest: Manifest | None = None
+
+
+def report_outcomes(
+    settings: Settings,
+    primary: Storage,
+    operation: str,
+    outcomes: Sequence[RunOutcome],
+    *,
+    link: str | None = None,
+    route: Route | None = None,
+) -> bool:
+    """Tell the outcomes of one fleet run of ``operation`` as ONE evaluation: the failures
+    open (or keep) their databases' alerts in one grouped message (200 databases failing in
+    one outage are one message), the successes resolve theirs; events and Sentry per database,
+    the heartbeat once. Never raises (see ``report_outcome``)."""
+    try:
+        return _report_outcomes(settings, primary, operation, outcomes, link, route)
+    except PgkeeperError as exc:
+        log.warning("alerts for the %s run not sent: %s", operation, exc.message)
+    except Exception as exc:
+        log.warning("alerts for the %s run not sent: %s: %s", operation, type(exc).__name__,
+                    redact(str(exc), secrets_of(settings)))  # fmt: skip
+    return False
+
+
+def _report_outcomes(
+    settings: Settings,
+    primary: Storage,
+    operation: str,
+    outcomes: Sequence[RunOutcome],
+    link: str | None,
+    route: Route | None,
+) -> bool:
+    secrets = secrets_of(settings)
+    route = route or Route.of(settings)
+    failed = [o for o in outcomes if o.error is not None]
+    if operation == "backup" and outcomes:
+        notify.heartbeat(settings, "fail" if failed else "success")
+    problems = []
+    verified = []
+    for outcome in outcomes:
+        subject = subject_of(outcome.database, outcome.server)
+        if outcome.error is not None:
+            error = outcome.error
+            text = error if isinstance(error, str) else (str(error) or type(error).__name__)
+            detail = redact(text.strip().splitlines()[0] if text.strip() else "failed", secrets)
+            if isinstance(error, BaseException):
+                tracking.capture(settings, error, operation=operation, database=subject)
+            failure: dict[str, Any] = {"error": detail, "server": outcome.server}
+            _emit_lifecycle(route.prefect, f"pgkeeper.{operation}.failed", outcome.database,
+                            outcome.server, failure)  # fmt: skip
+            what = _what_to_do(operation, detail)
+            problems.append(Problem(f"{operation}-failed", subject, what))
+        elif outcome.manifest is not None:
+            manifest = outcome.manifest
+            payload = {"backup_id": manifest.id, "size": manifest.size, "server": outcome.server}
+            _emit_lifecycle(route.prefect, f"pgkeeper.{operation}.completed", outcome.database,
+                            outcome.server, payload)  # fmt: skip
+            if operation == "backup" and (manifest.verified or settings.backup_verify == "off"):
+                _emit_lifecycle(route.prefect, "pgkeeper.backup.verified", outcome.database,
+                                outcome.server, payload)  # fmt: skip
+                verified.append(manifest)
+    success = None
+    if verified:
+        total = sum(m.size for m in verified)
+        success = f"{len(verified)} backups verified ({format_size(total)})"
+    subjects = frozenset(subject_of(o.database, o.server) for o in outcomes)
+    scope = Scope(frozenset({f"{operation}-failed"}), subjects)
     return _tell(settings, primary, scope, problems, success=success, link=link, route=route)
 
 

@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -248,6 +248,27 @@ IdentityOpt = Annotated[
 ]
 
 
+def max_age_of(settings: Settings) -> timedelta | None:
+    """A database's RPO: BACKUP_MAX_AGE, else its backup schedule's longest gap + 1 h."""
+    from pgkeeper.monitor import expectations
+
+    interval = None
+    if not settings.backup_max_age and settings.backup_enabled:
+        from deployments.schedules import backup_interval  # the schedules' own arithmetic
+
+        interval = backup_interval(settings)
+    return expectations(settings, interval).max_age
+
+
+def _database_settings(settings: Settings, database: str | None) -> Settings:
+    """The settings of ``--database NAME`` from the inventory (its URL and overrides)."""
+    if database is None:
+        return settings
+    from pgkeeper.inventory import load_inventory
+
+    return load_inventory(settings, expand=False).lookup(database).settings
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 
@@ -283,6 +304,14 @@ def backup(
     no_rotate: Annotated[
         bool, typer.Option("--no-rotate", help="Do not apply retention afterwards.")
     ] = False,
+    all_databases: Annotated[
+        bool,
+        typer.Option("--all", help="Every database of the inventory, and its servers' globals."),
+    ] = False,
+    database: Annotated[
+        str | None,
+        typer.Option("--database", "-d", help="An inventory database (name or name@host:port)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Back up the database now: dump, verify, copy offsite, rotate (pgkeeper.procedure)."""
@@ -290,6 +319,18 @@ def backup(
     from pgkeeper.procedure import take_backup
 
     settings = settings_from_env()
+    if all_databases:
+        chosen = [name, database_url, format, compression, level, table, exclude_table, jobs]
+        if database is not None or any(v is not None for v in chosen) or schema_only or data_only:
+            raise UsageError(
+                "--all backs up each database as the inventory says: set format, compression "
+                "and filters per database in BACKUP_INVENTORY, or back up one with --database"
+            )
+        _backup_fleet(settings, no_verify, no_upload, no_rotate, as_json)
+        return
+    if database is not None and database_url is not None:
+        raise UsageError("give --database (from the inventory) or --database-url, not both")
+    settings = _database_settings(settings, database)
     options = BackupOptions(
         name=name,
         database_url=database_url,
@@ -316,6 +357,46 @@ def backup(
         print_json({**run.manifest.to_public(), "locations": run.locations})
     else:
         _print_manifest(run.manifest, run.locations)
+    run.raise_for_problems()
+
+
+def _backup_fleet(
+    settings: Settings, no_verify: bool, no_upload: bool, no_rotate: bool, as_json: bool
+) -> None:
+    """``pgkeeper backup --all``: the fleet within its concurrency limits (pgkeeper.fleet)."""
+    from pgkeeper import fleet
+    from pgkeeper.inventory import load_inventory
+
+    inventory = load_inventory(settings)
+    total = len(inventory.enabled) + len(inventory.servers)
+
+    def done(outcome: fleet.Outcome) -> None:
+        if as_json:
+            return
+        if outcome.ok and outcome.manifest is not None:
+            m = outcome.manifest
+            typer.echo(f"ok      {outcome.key}  {m.id}  {human_size(m.size)}  "
+                       f"{outcome.seconds:.1f}s")  # fmt: skip
+        else:
+            why = outcome.error or "the upload failed"
+            typer.echo(f"FAILED  {outcome.key}  {why}")
+
+    if not as_json:
+        typer.echo(f"backing up {total} databases and server globals from {inventory.source}")
+    run = fleet.backup_all(
+        settings, inventory, verify_level="off" if no_verify else None,
+        upload=not no_upload, rotate_after=not no_rotate, on_done=done,
+    )  # fmt: skip
+    if as_json:
+        print_json([
+            {"key": o.key, "database": o.database, "server": o.server, "ok": o.ok,
+             "error": o.error, "backup": o.manifest.to_public() if o.manifest else None,
+             "seconds": round(o.seconds, 3)}
+            for o in run.outcomes
+        ])  # fmt: skip
+    else:
+        ok = len(run.outcomes) - len(run.failed)
+        typer.echo(f"{ok} of {len(run.outcomes)} backed up")
     run.raise_for_problems()
 
 
@@ -565,7 +646,7 @@ def download(
 ) -> None:
     """Write a backup's stored file (verified against its checksum) to a local file."""
     from pgkeeper import crypto
-    from pgkeeper.download import write_backup
+    from pgkeeper.download import download_name, write_backup
 
     settings = settings_from_env(backup_encryption_identity_file=identity)
     storages = targets(settings)
@@ -597,16 +678,6 @@ def download(
     finally:
         partial.unlink(missing_ok=True)
     typer.echo(f"wrote {path}")
-
-
-def download_name(manifest: Manifest, decompress: bool) -> str:
-    if manifest.format == "directory":
-        return f"{manifest.id}.dir.tar"
-    name = manifest.filename
-    if decompress:
-        for suffix in (".age", ".zst", ".gz"):
-            name = name.removesuffix(suffix)
-    return name
 
 
 @app.command("import")
@@ -710,15 +781,37 @@ def rotate(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
     ] = False,
+    database: Annotated[
+        str | None,
+        typer.Option("--database", "-d", help="Only this database (name or name@host:port)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Apply the retention policy on every target (or show its plan with --dry-run)."""
+    """Apply the retention policy on every target (or show its plan with --dry-run); each
+    database of the inventory by its own retention settings."""
+    from pgkeeper.fleet import group_policy
+    from pgkeeper.inventory import configured
     from pgkeeper.rotate import policies_from_settings
     from pgkeeper.rotate import rotate as run_rotate
 
     settings = settings_from_env()
     storages = targets(settings)
-    report = run_rotate(storages, policies_from_settings(settings, storages), dry_run=dry_run)
+    inventory = configured(settings)
+    only = None
+    if database is not None:
+        if inventory is not None:
+            only = inventory.lookup(database).key
+        elif "@" in database:
+            only = database
+        else:
+            raise UsageError(
+                f"--database {database}: no inventory to find its server in (name it as "
+                "name@host:port, or set DATABASE_URL / BACKUP_DATABASES / BACKUP_INVENTORY)"
+            )
+    report = run_rotate(
+        storages, policies_from_settings(settings, storages), dry_run=dry_run,
+        group_policy=group_policy(inventory, storages) if inventory else None, only=only,
+    )  # fmt: skip
     if as_json:
         typer.echo(report.to_json())
     else:
@@ -734,6 +827,48 @@ def rotate(
         typer.echo(report.summary())
     if not report.ok:
         _fail("rotation failed on some target (see above); nothing listed was lost", 1)
+
+
+@app.command("inventory")
+@handle_errors
+def inventory_(as_json: JsonOpt = False) -> None:
+    """Every database of the inventory: schedule, newest verified backup and its age, size,
+    newest restore test, and whether it is within its RPO (the max age)."""
+    from pgkeeper.fleet import status
+    from pgkeeper.inventory import load_inventory
+
+    settings = settings_from_env()
+    inventory = load_inventory(settings)
+    manifests = [e.manifest for e in catalog.list_all(targets(settings))]
+    rows = status(inventory, manifests, max_age_of)
+    now = datetime.now(UTC)
+    if as_json:
+        print_json({"source": inventory.source, "databases": [r.to_public(now) for r in rows],
+                    "unreachable": inventory.errors})  # fmt: skip
+    else:
+        table = [
+            {
+                "database": r.database,
+                "server": r.server,
+                "schedule": r.schedule if r.enabled else "disabled",
+                "newest verified": r.newest_verified or "-",
+                "age": human_age(r.verified_at, now) if r.verified_at else "-",
+                "size": human_size(r.size) if r.size is not None else "-",
+                "restore test": (
+                    f"{r.restore_test} {human_age(r.restore_tested_at, now)}"
+                    if r.restore_tested_at
+                    else "-"
+                ),
+                "within RPO": {True: "yes", False: "NO", None: "-"}[r.within_rpo(now)],
+            }
+            for r in rows
+        ]
+        if table:
+            print_table(table, list(table[0]))
+        for server, why in inventory.errors.items():
+            typer.echo(f"cannot list the databases of {server}: {why}", err=True)
+    if any(r.within_rpo(now) is False for r in rows) or inventory.errors:
+        raise typer.Exit(1)
 
 
 @app.command()

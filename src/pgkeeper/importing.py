@@ -31,7 +31,6 @@ from pgkeeper import __version__, catalog, crypto, naming, plainsql
 from pgkeeper.errors import (
     IdentityError,
     NotADumpError,
-    PgkeeperError,
     StorageError,
     VerificationError,
 )
@@ -242,9 +241,9 @@ def import_stream(
         recipients = crypto.recipients_of(settings)
         encryption = crypto.encryption_record(recipients)
         identity = crypto.configured_identity(settings) if recipients is not None else None
-    backup_id, started = catalog.reserve_id(primary, name, kind.database, "import")
     stream = _Head(head, _limited(read, max_bytes))
-    try:
+    with catalog.new_backup(primary, name, kind.database, "import") as reservation:
+        backup_id, started = reservation.backup_id, reservation.started
         if kind.format == "directory":
             objects = _store_directory_tar(primary, backup_id, stream, kind, progress, recipients)
         else:
@@ -278,15 +277,7 @@ def import_stream(
                 f"not a usable PostgreSQL dump: it failed the {bad.name} check ({bad.detail})"
             )
         manifest = manifest.model_copy(update={"verification": result})
-        catalog.write_manifest(primary, manifest)
-    except BaseException:
-        for info in catalog.backup_objects(primary, backup_id):
-            try:
-                primary.delete(info.key)
-            except PgkeeperError:
-                log.warning("could not remove %s after a failed import", info.key)
-        raise
-    catalog.clear_pending(primary, backup_id)
+        reservation.commit(manifest)
     return manifest
 
 

@@ -79,6 +79,11 @@ class Manifest(BaseModel):
     server: str = Field(description="host:port of the source server, never credentials")
     server_version: str = ""
     pg_dump_version: str = ""
+    kind: Literal["dump", "globals"] = Field(
+        default="dump",
+        description="dump: one database (pg_dump); globals: a server's roles, memberships, "
+        "role settings and tablespaces (pg_dumpall --globals-only), database '*'",
+    )
     format: Literal["custom", "plain", "directory", "tar"]
     compression: Literal["zstd", "gzip", "none"]
     compression_level: int | None = None

@@ -3,7 +3,7 @@
     take_backup ─ 1. dump      backup.run_backup            the primary target, under the lock
                   2. verify    verify.verify_copy           BACKUP_VERIFY (or the door's level)
                   3. upload    upload.upload_backup         every offsite target, proven
-                  4. rotate    rotate.rotate                retention on every target
+                  4. rotate    rotate.rotate                this database's retention, everywhere
                   5. tell      alerts.report_outcome        once per operation that ran
 
 The CLI (``pgkeeper backup``) and the API (``POST /api/backups``) call ``take_backup``; the
@@ -126,9 +126,14 @@ def upload_problem(report: UploadReport | None) -> str | None:
     return f"the upload failed ({where}); retry with 'pgkeeper upload {report.backup_id}'"
 
 
-def rotate_all(settings: Settings, storages: list[Storage]) -> RotationReport:
-    """Step 4: retention on every target (the same rules as ``pgkeeper rotate``)."""
-    return rotate(storages, policies_from_settings(settings, storages))
+def rotate_database(
+    settings: Settings, storages: list[Storage], manifest: Manifest
+) -> RotationReport:
+    """Step 4: retention for the database just backed up, on every target, by its policy
+    (``settings``: its own in a fleet); other databases are left to their own backups and
+    to the scheduled ``rotate``, which plans every database."""
+    group = f"{manifest.database}@{manifest.server}"
+    return rotate(storages, policies_from_settings(settings, storages), only=group)
 
 
 def rotation_problem(report: RotationReport | None) -> str | None:
@@ -173,7 +178,7 @@ def take_backup(
         run.locations += run.upload.copied_to + run.upload.already_there
         _tell(settings, primary, source, "upload", upload_problem(run.upload), run)
     if rotate_after:
-        run.rotation = rotate_all(settings, storages)
+        run.rotation = rotate_database(settings, storages, manifest)
         _tell(settings, primary, source, "rotate", rotation_problem(run.rotation), run)
     return run
 
@@ -190,15 +195,19 @@ def _tell(
     if problem is not None:
         run.problems.append(problem)
         log.warning("backup %s: %s", run.manifest.id, problem)
-    tell_step(settings, primary, source, operation, problem)
+    tell_step(settings, primary, source.dbname, source.server, operation, problem)
 
 
 def tell_step(
-    settings: Settings, primary: Storage, source: ConnInfo, operation: str, problem: str | None
+    settings: Settings,
+    primary: Storage,
+    database: str,
+    server: str,
+    operation: str,
+    problem: str | None,
 ) -> None:
     """Tell how an after-backup step (upload, rotate) went for the database: a problem opens
     its alert, success resolves it. Never raises."""
     alerts.report_outcome(
-        settings, primary, operation, database=source.dbname, server=source.server,
-        error=problem,
-    )  # fmt: skip
+        settings, primary, operation, database=database, server=server, error=problem
+    )

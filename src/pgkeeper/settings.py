@@ -25,6 +25,7 @@ Compression = Literal["zstd", "gzip", "none"]
 # file already; BACKUP_ENCRYPTION_IDENTITY_FILE too.)
 SECRET_FILE_SETTINGS = (
     "database_url",
+    "backup_databases",  # a list: the file holds the URLs, comma or newline separated
     "staging_database_url",
     "aws_secret_access_key",
     "backup_api_token",
@@ -53,10 +54,27 @@ class Settings(BaseSettings):
         default=None, description="libpq URL of the database to back up."
     )
     staging_database_url: SecretStr | None = Field(
-        default=None, description="server for restore tests (default: the source server)."
+        default=None,
+        description="server for restore tests (the source server only with "
+        "BACKUP_RESTORE_TEST_ON_SOURCE=true).",
     )
     pg_bin_dir: Path | None = Field(
         default=None, description="folder holding pg_dump/pg_restore/psql (default: newest found)."
+    )
+
+    # --- the fleet: many databases (inventory.py) ----------------------------------------
+    backup_databases: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="libpq URLs, comma separated; a database '*' means every database there.",
+    )
+    backup_inventory: Path | None = Field(
+        default=None, description="YAML file: servers, databases and per-database overrides."
+    )
+    backup_server_concurrency: int = Field(
+        default=1, ge=1, le=64, description="dumps running against one server at once."
+    )
+    backup_fleet_concurrency: int = Field(
+        default=4, ge=1, le=256, description="dumps running at once across the fleet."
     )
 
     # --- backups --------------------------------------------------------------------------
@@ -221,6 +239,7 @@ class Settings(BaseSettings):
     # NAME_FILE (Docker/Kubernetes secrets): the secret is the file's content, trailing newline
     # dropped. Setting both NAME and NAME_FILE is an error (see _secrets_from_files).
     database_url_file: Path | None = None
+    backup_databases_file: Path | None = None
     staging_database_url_file: Path | None = None
     aws_secret_access_key_file: Path | None = None
     backup_api_token_file: Path | None = None
@@ -238,7 +257,9 @@ class Settings(BaseSettings):
             if path is None:
                 continue
             current = getattr(self, name)
-            if current is not None and current.get_secret_value():
+            if (isinstance(current, list) and current) or (
+                isinstance(current, SecretStr) and current.get_secret_value()
+            ):
                 raise ConfigError(
                     f"{name.upper()} and {name.upper()}_FILE are both set (keep one of them)"
                 )
@@ -252,10 +273,16 @@ class Settings(BaseSettings):
                 ) from None
             if not value:
                 raise ConfigError(f"{name.upper()}_FILE {path} is empty (put the secret in it)")
-            object.__setattr__(self, name, SecretStr(value))
+            if isinstance(current, list):
+                items = [i.strip() for i in value.replace("\n", ",").split(",") if i.strip()]
+                object.__setattr__(self, name, [SecretStr(item) for item in items])
+            else:
+                object.__setattr__(self, name, SecretStr(value))
         return self
 
-    @field_validator("backup_targets", "backup_api_allowed_hosts", mode="before")
+    @field_validator(
+        "backup_targets", "backup_api_allowed_hosts", "backup_databases", mode="before"
+    )
     @classmethod
     def _targets(cls, value: object) -> object:
         return _split_list(value)

@@ -145,7 +145,7 @@ def test_the_slowdown_is_per_client_and_bounded() -> None:
     """FailedTokens on a fake clock: parallel tries of one client get spaced slots; another
     client is not affected; a queue longer than a minute is 429; old failures are forgotten;
     at most `clients` addresses are remembered."""
-    from pgkeeper.api_guard import FailedTokens, GuardError
+    from pgkeeper.api.guard import FailedTokens, GuardError
 
     now = [1000.0]
     guard = FailedTokens(clock=lambda: now[0], clients=3)
