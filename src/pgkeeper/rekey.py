@@ -9,9 +9,10 @@ encryption was turned on. The procedure, in order (each step's safety reason bes
      row counts, restore tests and pin, so retention and ``latest`` treat it as the original)
   3. every object: stored bytes (sha256 checked) -> decrypt -> encrypt -> sha256 -> storage;
      the plaintext never touches disk
-  4. write the new manifest (the commit marker), verify the new copy (decrypted when the
-     identity opens it, else header and length) and copy it to each offsite target that held
-     the old one, proven by checksum    -> a new verified copy exists wherever the old one was
+  4. verify the new copy (decrypted when the identity opens it, else header and length), then
+     write its manifest (the commit marker; ``catalog.new_backup`` removes a copy that failed),
+     and copy it to each offsite target that held the old one, proven by checksum
+                                        -> a new verified copy exists wherever the old one was
   5. only then delete the old backup (manifest first) from each target holding the new copy;
      a target the copy could not reach keeps the old backup, and the result says so
 """
@@ -122,14 +123,13 @@ def rekey_backup(
         crypto.check_identity(source, old, identity)
     primary = storages[0]
     name = naming.parse_id(old.id)[0]
-    new_id, _ = catalog.reserve_id(primary, name, old.database, old.server)
-    log.info("rekey of %s from %s into %s on %s", old.id, source.url, new_id, primary.url)
-    try:
-        objects = []
-        for obj in old.objects:
-            objects.append(
-                _reencrypt(source, old, obj, primary, new_id, identity, recipients, progress)
-            )
+    with catalog.new_backup(primary, name, old.database, old.server) as reservation:
+        new_id = reservation.backup_id
+        log.info("rekey of %s from %s into %s on %s", old.id, source.url, new_id, primary.url)
+        objects = [
+            _reencrypt(source, old, obj, primary, new_id, identity, recipients, progress)
+            for obj in old.objects
+        ]
         new = old.model_copy(
             update={
                 "id": new_id,
@@ -141,8 +141,6 @@ def rekey_backup(
                 "options": {**old.options, "rekeyed_from": old.id, "rekeyed_at": str(utcnow())},
             }
         )
-        catalog.write_manifest(primary, new)
-        catalog.clear_pending(primary, new_id)
         level = "full" if settings.backup_verify != "quick" else "quick"
         checking = settings
         if identity is not None:
@@ -150,10 +148,9 @@ def rekey_backup(
                 crypto.check_identity(primary, new, identity)
             except IdentityError:
                 checking = settings.model_copy(update={"backup_encryption_identity_file": None})
-        new = verify_copy(checking, primary, new, level=level)
-    except BaseException:
-        _remove_new(primary, new_id)
-        raise
+        # Verified before its manifest exists: a bad copy is never listed, and is removed.
+        new = verify_copy(checking, primary, new, level=level, record=False)
+        reservation.commit(new)
     result = RekeyResult(old.id, new_id, recipients.fingerprints(), stored_in=[primary.url])
     holders = [s for s in storages if catalog.read_manifest(s, old.id) is not None]
     for target in holders:
@@ -164,22 +161,13 @@ def rekey_backup(
             except PgkeeperError as exc:
                 result.problems.append(
                     f"{target.url}: the new copy could not be stored ({exc}); the old backup "
-                    f"{old.id} was kept there (run 'pgkeeper rekey {old.id}' again)"
+                    f"{old.id} was kept there (copy the new one with 'pgkeeper upload {new_id}', "
+                    f"then 'pgkeeper delete {old.id}')"
                 )
                 continue
         catalog.delete_backup(target, old.id)
         result.removed_from.append(target.url)
     return result
-
-
-def _remove_new(storage: Storage, backup_id: str) -> None:
-    """Best-effort removal of a failed rekey's new copy (manifest first)."""
-    try:
-        catalog.delete_backup(storage, backup_id)
-        for info in catalog.backup_objects(storage, backup_id):
-            storage.delete(info.key)
-    except (PgkeeperError, OSError) as exc:
-        log.warning("could not remove the partial copy %s: %s", backup_id, exc)
 
 
 __all__ = ["RekeyResult", "rekey_backup"]
