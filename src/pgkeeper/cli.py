@@ -535,8 +535,9 @@ def verify(
     with progress_bar("verify", manifest.size) as progress:
         try:
             manifest = verify_copy(
-                settings, storage, manifest, level="quick" if quick else "full", progress=progress
-            )
+                settings, storage, manifest, level="quick" if quick else "full", progress=progress,
+                identity_required=True,
+            )  # fmt: skip
         except IdentityError:
             raise  # the key, not the backup: nothing was recorded
         except PgkeeperError:

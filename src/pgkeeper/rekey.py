@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 
 from pgkeeper import catalog, crypto, naming
-from pgkeeper.errors import ConfigError, IdentityError, PgkeeperError
+from pgkeeper.errors import ConfigError, PgkeeperError
 from pgkeeper.manifest import Manifest, StoredObject, utcnow
 from pgkeeper.pipeline import HashingReader, Progress
 from pgkeeper.settings import Settings
@@ -142,14 +142,9 @@ def rekey_backup(
             }
         )
         level = "full" if settings.backup_verify != "quick" else "quick"
-        checking = settings
-        if identity is not None:
-            try:  # the identity held here may be one the backup no longer is encrypted to
-                crypto.check_identity(primary, new, identity)
-            except IdentityError:
-                checking = settings.model_copy(update={"backup_encryption_identity_file": None})
-        # Verified before its manifest exists: a bad copy is never listed, and is removed.
-        new = verify_copy(checking, primary, new, level=level, record=False)
+        # Verified before its manifest exists: a bad copy is never listed, and is removed. (An
+        # identity held here that the new recipients exclude verifies it without decrypting.)
+        new = verify_copy(settings, primary, new, level=level, record=False)
         reservation.commit(new)
     result = RekeyResult(old.id, new_id, recipients.fingerprints(), stored_in=[primary.url])
     holders = [s for s in storages if catalog.read_manifest(s, old.id) is not None]

@@ -607,17 +607,27 @@ def verify_copy(
     level: str = "full",
     progress: Progress | None = None,
     record: bool = True,
+    identity_required: bool = False,
 ) -> Manifest:
     """Verify one copy, record the outcome on that copy's manifest, raise if it is bad.
 
-    An encrypted backup is decrypted when BACKUP_ENCRYPTION_IDENTITY_FILE is set (raising
-    IdentityError, recording nothing, when it does not open the backup), else checked as far
-    as that goes without the key (see the module docstring)."""
+    An encrypted backup is decrypted when BACKUP_ENCRYPTION_IDENTITY_FILE is set, else checked
+    as far as that goes without the key (see the module docstring). An identity that does not
+    open the backup (none of its keys a recipient: not the backup's fault) raises IdentityError,
+    recording nothing, when ``identity_required`` (``pgkeeper verify``); else (the verification
+    after a backup, a restore's safety backup) it is said in a warning and the check without
+    the key is done."""
     identity = crypto.configured_identity(settings) if manifest.encryption else None
     if identity is not None:
-        # Damaged or unreadable: check_backup finds it and records the failed check.
-        with contextlib.suppress(VerificationError, StorageError):
+        try:
             crypto.check_identity(storage, manifest, identity)
+        except (VerificationError, StorageError):
+            pass  # damaged or unreadable: check_backup finds it and records the failed check
+        except IdentityError as exc:
+            if identity_required:
+                raise
+            log.warning("%s: verifying without decrypting", exc)
+            identity = None
     result = check_backup(storage, manifest, level, settings.pg_bin_dir, progress, identity)
     updated = manifest.model_copy(update={"verification": result})
     if record:
