@@ -41,6 +41,7 @@ from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.errors import (
     BackupNotFoundError,
     ClientVersionError,
+    ConfigError,
     ConfirmationRequiredError,
     DatabaseMissingError,
     PgkeeperError,
@@ -743,6 +744,14 @@ def restore_backup(
             raise ConfirmationRequiredError(
                 f"database {target!r} on {conn.server} already has data; restoring replaces it "
                 f"(pass --confirm {target} to proceed; a safety backup is taken first)"
+            )
+        # The safety backup is a new backup: encrypted only if recipients are set here.
+        encrypted = manifest.encryption is not None
+        if has_data and safety_backup and encrypted and crypto.recipients_of(settings) is None:
+            raise ConfigError(
+                f"backup {backup_id!r} is encrypted but BACKUP_ENCRYPTION_RECIPIENTS is not "
+                f"set here, so the safety backup of {target!r} would be stored unencrypted "
+                "(set the same recipients where restores run, or pass --no-safety-backup)"
             )
         owner = _owner_of(admin, target) if exists else None
         last_error: PgkeeperError | None = None

@@ -527,3 +527,35 @@ def test_a_private_key_given_as_recipient_is_refused_without_echoing_it(
     line = one_line_error(proc, 2)
     assert "private key" in line and secret not in proc.stderr + proc.stdout
     assert not any((tmp_path / "backups").glob("*/manifest.json"))
+
+
+def test_the_safety_backup_of_an_encrypted_restore_is_encrypted_or_refused(
+    encrypted_backup: tuple[dict[str, str], str],
+    keys: tuple[AgeKey, AgeKey],
+    pg_cluster: PgCluster,
+    tmp_path: Path,
+) -> None:
+    """Replacing a database with an encrypted backup takes a safety backup: where restores run
+    without recipients it would be stored unencrypted, so the restore stops first (one line,
+    nothing changed); with them, the safety backup is an age file like the others."""
+    env, backup_id = encrypted_backup
+    target = f"enc_safety_{uuid.uuid4().hex[:6]}"
+    pg_cluster.create_database(target)
+    pg_cluster.execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('before')",
+                       dbname=target)  # fmt: skip
+    url = pg_cluster.url(target)
+    restore_env = {**env, "BACKUP_ENCRYPTION_IDENTITY_FILE": str(keys[0].identity)}
+    try:
+        bare = {k: v for k, v in restore_env.items() if k != "BACKUP_ENCRYPTION_RECIPIENTS"}
+        refused = run_cli("restore", backup_id, "--target-url", url, "--confirm", target,
+                          env=bare, cwd=tmp_path)  # fmt: skip
+        assert "would be stored unencrypted" in one_line_error(refused, 2)
+        assert pg_cluster.query("SELECT v FROM kept", dbname=target) == [("before",)]
+        done = run_cli("restore", backup_id, "--target-url", url, "--confirm", target, "--json",
+                       env=restore_env, cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        safety = json.loads(done.stdout)["safety_backup_id"]
+        files = stored_files(Path(env["BACKUP_DIR"]), safety)
+        assert files and all(f.read_bytes().startswith(AGE_MAGIC) for f in files)
+    finally:
+        pg_cluster.drop_database(target)
