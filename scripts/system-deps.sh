@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the OS packages pgkeeper and its tests need, when they are missing:
-# PostgreSQL client and server binaries (pg_dump, pg_restore, psql, initdb, pg_ctl) and zstd.
+# PostgreSQL client and server binaries (pg_dump, pg_restore, psql, initdb, pg_ctl), zstd, and
+# age (restoring an encrypted backup by hand, and the tests that do it).
 set -euo pipefail
 
 need=()
@@ -10,6 +11,7 @@ elif ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)
 fi
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
+command -v age >/dev/null 2>&1 || need+=(age)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -153,6 +153,15 @@ def _import_record(storage: Storage, backup_id: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def _file_sha256(manifest: Manifest) -> str | None:
+    """The sha256 of the file a backup was imported from: recorded at import (the stored bytes
+    differ when encryption is on), else its one stored object's (stored as it came)."""
+    recorded = manifest.options.get("imported_sha256")
+    if isinstance(recorded, str):
+        return recorded
+    return manifest.objects[0].sha256 if len(manifest.objects) == 1 else None
+
+
 def _already(storages: list[Storage], seed: SeedFile) -> FileOutcome | None:
     """The outcome when this file's id is, or was, a backup; None when it is new."""
     backup_id = seed.backup_id
@@ -165,7 +174,7 @@ def _already(storages: list[Storage], seed: SeedFile) -> FileOutcome | None:
         return None
     digest = _sha256(seed.path)
     if existing is not None:
-        if len(existing.objects) == 1 and existing.objects[0].sha256 == digest:
+        if _file_sha256(existing) == digest:
             return FileOutcome(seed.path.name, "already imported", f"already imported as "
                                f"{backup_id}", backup_id, existing.size)  # fmt: skip
         return FileOutcome(
@@ -195,16 +204,18 @@ def _import_one(
         if (known := _already(storages, seed)) is not None:
             return known
         size = seed.path.stat().st_size
+        digest = _sha256(seed.path)  # the file's own: encryption changes the stored bytes
         with seed.path.open("rb") as handle, progress(seed.path, size) as bar:
             manifest = import_stream(
                 settings, handle.read, name=seed.name, storage=storages[0], progress=bar,
-                at=seed.at, database=database, source=name,
+                at=seed.at, database=database,
+                source={"imported_from": name, "imported_sha256": digest},
             )  # fmt: skip
     except (NotADumpError, BackupExistsError) as exc:
         return FileOutcome(name, "failed", exc.message, seed.backup_id)
     except OSError as exc:
         return FileOutcome(name, "failed", f"cannot read it: {exc.strerror or exc}")
-    record = {"file": name, "sha256": manifest.sha256, "at": utcnow().isoformat()}
+    record = {"file": name, "sha256": digest, "at": utcnow().isoformat()}
     put_bytes(storages[0], naming.import_record_key(manifest.id), json.dumps(record).encode())
     return FileOutcome(name, "imported", f"verified, database {manifest.database}", manifest.id,
                        manifest.size)  # fmt: skip

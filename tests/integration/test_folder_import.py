@@ -169,3 +169,30 @@ def test_import_from_dir_refuses_a_file_and_a_folder_at_once_and_a_missing_folde
     assert none.returncode == 2 and "--from-dir" in none.stderr
     missing = run_cli("import", "--from-dir", str(tmp_path / "nope"), env=env, cwd=tmp_path)
     assert missing.returncode == 2 and "is not a folder" in missing.stderr
+
+
+def test_with_encryption_the_import_is_encrypted_and_a_rerun_still_imports_nothing_twice(
+    sample_db: str, pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """BACKUP_ENCRYPTION_RECIPIENTS set: the stored bytes are age files (so not the file's
+    sha256), yet a re-run knows each file by the sha256 recorded at import, and one deleted
+    since is not brought back."""
+    identity = tmp_path / "key.txt"
+    subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True)
+    recipient = subprocess.run(["age-keygen", "-y", str(identity)], check=True,
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+    folder = seed_folder(tmp_path / "seed", sample_db, pg_cluster)
+    backups = tmp_path / "backups"
+    env = cli_env(None, backups, BACKUP_ENCRYPTION_RECIPIENTS=recipient,
+                  BACKUP_ENCRYPTION_IDENTITY_FILE=str(identity))  # fmt: skip
+    first = import_dir(folder, env, tmp_path)
+    assert first["imported"] == 3
+    stored = backups / "shop_2025-10-02T02-00-00Z"
+    data = [p for p in stored.iterdir() if p.name.endswith(".age")]
+    assert data and data[0].read_bytes().startswith(b"age-encryption.org/v1\n")
+
+    again = import_dir(folder, env, tmp_path)
+    assert (again["imported"], again["alreadyImported"]) == (0, 3)
+    assert run_cli("delete", "shop_2025-10-02T02-00-00Z", env=env, cwd=tmp_path).returncode == 0
+    third = by_file(import_dir(folder, env, tmp_path))
+    assert "deleted since" in third["shop_2025-10-02T02-00-00.sql.gz"]["reason"]
