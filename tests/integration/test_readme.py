@@ -174,7 +174,7 @@ def test_http_api_schedule_examples_work_as_written(
     setup = next(b for b in blocks if b.startswith("API="))
     examples = [b for b in blocks if "/api/schedule" in b]
     assert [("-X PUT" in b) for b in examples] == [False, True]
-    link = PrefectLink(api_url=prefect_server_process, ui_url=None)
+    link = PrefectLink(api_url=prefect_server_process, ui_url=None, timeout=30)
     clear_pgkeeper(link)
     register_all(link, load_settings(_env_file=None))
     try:

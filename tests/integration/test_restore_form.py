@@ -57,7 +57,7 @@ def test_serve_start_offers_the_newest_verified_backups_in_the_restore_form(
     good = run_backup(settings, BackupOptions(name="offered"))
     verify_backup(settings, good.id)
     pending = run_backup(settings, BackupOptions(name="pending"))
-    link = PrefectLink(api_url=prefect_server_process, ui_url=None)
+    link = PrefectLink(api_url=prefect_server_process, ui_url=None, timeout=30)
     clear_pgkeeper(link)
     try:
         serve_once(link, tmp_path, DATABASE_URL=sample_db)
@@ -74,7 +74,7 @@ def restore_deployment(prefect_server: str) -> Iterator[PrefectLink]:
     """The restore deployment on the session's Prefect server, removed afterwards."""
     from deployments.serve import build_deployments
 
-    link = PrefectLink(api_url=prefect_server, ui_url=None)
+    link = PrefectLink(api_url=prefect_server, ui_url=None, timeout=30)
     (restore,) = [d for d in build_deployments(load_settings(_env_file=None))
                   if d.name == "restore"]  # fmt: skip
     deployment_id = restore.apply()

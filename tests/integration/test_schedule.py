@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 @pytest.fixture
 def link(prefect_server_process: str) -> Iterator[PrefectLink]:
-    link = PrefectLink(api_url=prefect_server_process, ui_url=None)
+    link = PrefectLink(api_url=prefect_server_process, ui_url=None, timeout=30)
     clear_pgkeeper(link)
     yield link
     clear_pgkeeper(link)

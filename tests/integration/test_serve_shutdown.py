@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from deployments.schedules import plan
-from pgkeeper.prefect_api import PrefectLink
+from pgkeeper.prefect_api import PrefectLink, PrefectUnavailableError
 from pgkeeper.settings import load_settings
 from tests.servers.postgres import PgCluster
 from tests.servers.prefect import PrefectServer
@@ -90,6 +90,21 @@ def _start_serve(api_url: str, url: str, backups: Path, cwd: Path) -> subprocess
                                 stderr=subprocess.PIPE)  # fmt: skip
 
 
+def _ask(link: PrefectLink, method: str, path: str) -> object:
+    """One call to the server, None while it does not answer (a loaded machine)."""
+    try:
+        return link.request(method, path)
+    except PrefectUnavailableError:
+        return None
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill serve if the test stopped early, and close its stderr pipe."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> tuple[float, str]:
     """SIGTERM; (seconds until it exited, its stderr)."""
     started = time.monotonic()
@@ -115,10 +130,13 @@ def test_sigterm_with_the_prefect_server_gone_stops_in_bounded_time_and_says_wha
     names = {s.name for s in plan(load_settings(_env_file=None))}
     proc = _start_serve(api_url, sample_db, tmp_path / "backups", tmp_path)
     try:
-        link = PrefectLink(api_url=api_url, ui_url=None)
+        link = PrefectLink(api_url=api_url, ui_url=None, timeout=30)
 
         def polled() -> bool:
-            found = link.request("POST", "/deployments/filter", {"limit": 200}) or []
+            try:
+                found = link.request("POST", "/deployments/filter", {"limit": 200}) or []
+            except PrefectUnavailableError:  # a loaded machine: the server is slow, ask again
+                return False
             served = {d["name"] for d in found if d.get("last_polled")}
             return names <= served
 
@@ -128,9 +146,7 @@ def test_sigterm_with_the_prefect_server_gone_stops_in_bounded_time_and_says_wha
 
         took, text = _stop(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     assert took < STOP_WITHIN_SECONDS, f"serve took {took:.1f}s to stop:\n{text[-3000:]}"
     assert proc.returncode == 0, text[-3000:]
     # Prefect logs the server's websocket dropping (with its traceback) before the signal;
@@ -152,14 +168,14 @@ def test_sigterm_mid_backup_with_the_prefect_server_gone_stops_the_run_and_clean
     api_url = doomed_prefect_server.api_url
     backups = tmp_path / "backups"
     proc = _start_serve(api_url, sample_db, backups, tmp_path)
-    link = PrefectLink(api_url=api_url, ui_url=None)
+    link = PrefectLink(api_url=api_url, ui_url=None, timeout=30)
     dbname = sample_db.rsplit("/", 1)[1].split("?")[0]
     with pg_cluster.connect(dbname) as blocker:
         blocker.execute("BEGIN")
         blocker.execute("LOCK TABLE shop.orders IN ACCESS EXCLUSIVE MODE")
         try:
             deployment = _wait(
-                lambda: link.request("GET", "/deployments/name/backup/backup-daily"), 120,
+                lambda: _ask(link, "GET", "/deployments/name/backup/backup-daily"), 120,
                 "serve to register backup-daily",
             )  # fmt: skip
             link.request("POST", f"/deployments/{deployment['id']}/create_flow_run", {})
@@ -168,9 +184,7 @@ def test_sigterm_mid_backup_with_the_prefect_server_gone_stops_the_run_and_clean
             assert _unreachable(api_url)
             took, text = _stop(proc)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _reap(proc)
             blocker.execute("ROLLBACK")
     after = text.split("SIGTERM received", 1)[-1]
     assert took < STOP_WITHIN_SECONDS, f"serve took {took:.1f}s to stop:\n{text[-3000:]}"
