@@ -102,7 +102,8 @@ def latest(
     imported) raises UsageError listing the candidates; nothing fitting raises
     BackupNotFoundError.
     """
-    manifests = [e.manifest for e in entries]
+    # Base backups (kind "base", the whole cluster) are never a database's `latest` dump.
+    manifests = [e.manifest for e in entries if e.manifest.kind != "base"]
 
     def fits(m: Manifest) -> bool:
         return not m.verification_failed if usable else m.verified

@@ -96,8 +96,19 @@ def handle_errors(func: F) -> F:
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    env_file: Annotated[
+        Path | None,
+        typer.Option("--env-file", help="Read settings from this file instead of ./.env."),
+    ] = None,
 ) -> None:
     _state["debug"] = debug
+    if env_file is not None:  # archive_command runs in the server's environment, not yours
+        from pgkeeper.settings import use_env_file
+
+        try:
+            use_env_file(env_file)
+        except PgkeeperError as exc:
+            _fail(exc.message, exc.exit_code)
     level = logging.DEBUG if debug else (logging.ERROR if quiet else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
@@ -750,6 +761,11 @@ def demo() -> None:
     from deployments.demo import main as demo_main
 
     raise typer.Exit(demo_main())
+
+
+from pgkeeper import cli_pitr  # noqa: E402 - registers on `app`, uses the helpers above
+
+cli_pitr.register(app)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -53,10 +53,31 @@ class RestoreTest(BaseModel):
     checks: list[CheckResult] = Field(default_factory=list)
 
 
+class BaseBackupInfo(BaseModel):
+    """What a base backup (``kind: base``, point-in-time recovery) needs besides its data: where
+    in the WAL it starts and stops, and which cluster it is of."""
+
+    system_identifier: int = Field(description="the cluster's pg_control system identifier")
+    timeline: int
+    start_lsn: str
+    stop_lsn: str
+    start_wal: str = Field(description="the first WAL segment a restore needs")
+    stop_wal: str = Field(description="the WAL segment that makes it consistent")
+    wal_segment_size: int = 16 * 1024 * 1024
+    checkpoint_lsn: str = ""
+    stopped_at: datetime = Field(description="the earliest moment a restore can target")
+    files: int = Field(default=0, description="files in its backup_manifest")
+    data_directory: str = Field(default="", description="the source server's data folder")
+
+
 class Manifest(BaseModel):
     """Everything known about one complete backup."""
 
     manifest_version: int = MANIFEST_VERSION
+    kind: Literal["dump", "base"] = Field(
+        default="dump",
+        description="dump: pg_dump of one database; base: pg_basebackup of the whole cluster",
+    )
     id: str
     name: str
     database: str
@@ -90,6 +111,9 @@ class Manifest(BaseModel):
         default_factory=dict, description="offsite target URL -> when a proven copy landed there"
     )
     pgkeeper_version: str = ""
+    base: BaseBackupInfo | None = Field(
+        default=None, description="for kind 'base': its WAL range, timeline and cluster"
+    )
 
     # -- derived views -------------------------------------------------------------------------
     @property

@@ -645,6 +645,11 @@ def restore_backup(
         backup_id = catalog.latest_backup(settings, storages).id
     found = copies(storages, backup_id)
     manifest = found[0][0]
+    if manifest.kind == "base":  # a whole cluster's files, not a dump: pitr restore builds it
+        raise UsageError(
+            f"backup {backup_id!r} is a base backup of a whole cluster, not a dump: restore it "
+            f"with 'pgkeeper pitr restore --base {backup_id} --to DIR (--latest|--time T)'"
+        )
     target_url = target_url or _default_target(settings, manifest)
     conn = ConnInfo.parse(target_url)
     target = conn.dbname

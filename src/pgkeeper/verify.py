@@ -205,6 +205,10 @@ def check_backup(
 
     Storage failures while reading are reported as failed checks, not raised.
     """
+    if manifest.kind == "base":  # a pg_basebackup tar: checked against its backup_manifest
+        from pgkeeper.basebackup import verify_base
+
+        return verify_base(storage, manifest, level, progress)
     checks: list[CheckResult] = []
     present = {info.key: info.size for info in catalog.backup_objects(storage, manifest.id)}
     for obj in manifest.objects:

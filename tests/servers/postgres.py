@@ -94,8 +94,16 @@ class PgCluster:
 
     host = "127.0.0.1"
 
-    def __init__(self, password: str = DEFAULT_PASSWORD, bindir: Path | str | None = None):
+    def __init__(
+        self,
+        password: str = DEFAULT_PASSWORD,
+        bindir: Path | str | None = None,
+        settings: dict[str, str] | None = None,
+        replication: bool = False,
+    ):
         self.password = password
+        self.extra_settings = dict(settings or {})
+        self.replication = replication
         self.superuser = SUPERUSER
         self.bindir = Path(bindir) if bindir is not None else pg_bindir()
         self.port = 0
@@ -162,10 +170,10 @@ class PgCluster:
         )  # fmt: skip
         pwfile.unlink()
         # Only the exact rules the tests rely on: no IPv6, no trust over TCP.
-        self._write_server_file(
-            self.data_dir / "pg_hba.conf",
-            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
-        )
+        hba = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        if self.replication:  # pg_basebackup's replication connections: "all" does not match
+            hba += "local replication all trust\nhost replication all 127.0.0.1/32 scram-sha-256\n"
+        self._write_server_file(self.data_dir / "pg_hba.conf", hba)
         last_error: RuntimeError | None = None
         for _attempt in range(3):  # the free port can be taken between probe and bind
             self.port = free_port(self.host)
@@ -298,6 +306,7 @@ class PgCluster:
             "full_page_writes": "off",
             "password_encryption": "'scram-sha-256'",
             "log_min_messages": "warning",
+            **self.extra_settings,
         }
         return "".join(f"{k} = {v}\n" for k, v in lines.items())
 

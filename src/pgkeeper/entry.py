@@ -1,0 +1,44 @@
+"""The ``pgkeeper`` console entry point: a fast path for ``archive_command``, then the CLI.
+
+``pgkeeper [--env-file F] wal-push PATH`` for a WAL file the background pusher has already
+archived (see ``pgkeeper.wal_spool``) is answered here with the standard library alone, in a
+few milliseconds more than the interpreter's start; everything else (and any wal-push this
+cannot settle) goes to the Typer application in ``pgkeeper.cli``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+FAST_WAIT = 30.0  # seconds to wait here for a running pusher before the full path takes over
+
+
+def fast_wal_push(args: list[str]) -> int | None:
+    """0 when ``args`` is a wal-push whose file the pusher acknowledged; None otherwise."""
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        if args[i] == "--env-file":
+            i += 2
+        elif args[i].startswith("--env-file=") or args[i] in ("-q", "--quiet"):
+            i += 1
+        else:
+            return None  # --debug and anything unknown: the full CLI
+    if len(args) != i + 2 or args[i] != "wal-push":
+        return None
+    from pgkeeper import wal_spool
+
+    path = Path(args[i + 1])
+    if not wal_spool.looks_like_wal(path.name):
+        return None
+    return 0 if wal_spool.wait_for_ok(path, FAST_WAIT) else None
+
+
+def main() -> None:
+    """Console entry point."""
+    code = fast_wal_push(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
+    from pgkeeper.cli import main as cli_main
+
+    cli_main()

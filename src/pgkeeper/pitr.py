@@ -1,0 +1,1079 @@
+"""Point-in-time recovery: restore a base backup plus archived WAL to a moment, and the
+archive's state (recoverable window, gaps, lag) for ``pitr status`` and the monitor.
+
+``restore_pitr``, in order (each step's safety reason beside it):
+  1. refuse a data folder that is not empty         -> never touches an existing cluster
+  2. plan: the archive's timelines (from ``.history`` files), the segments the target needs
+     from the base backup's start on, the first gap; the recoverable window (base backups'
+     ends .. the last commit archived, read with ``pg_waldump``)
+     -> a target outside the window, or behind a missing segment, is a one-line error
+        naming the window or the segment, before anything is written
+  3. choose the newest usable base backup that ends before the target (or ``--base``)
+  4. extract it from the first target holding a good copy, hashing the stored bytes
+     -> a copy failing its checksum is wiped and the next copy is tried
+  5. write the recovery settings (``restore_command`` = wal-fetch, the target,
+     ``recovery_target_action = promote``, ``archive_mode = off`` unless ``--archive``)
+     and ``recovery.signal``
+  6. with ``--start``: start the server and wait until recovery ended and it promoted;
+     a server that stops (a FATAL in its log) is reported with that line
+A scratch restore (the PITR restore test) is the same procedure into a temporary folder.
+
+When pgkeeper runs as root (PostgreSQL refuses to), the restored files are handed to
+``BACKUP_PITR_OS_USER`` and the server binaries run as that user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pgkeeper import catalog, naming, postgres, wal
+from pgkeeper.errors import (
+    ArchiveError,
+    BackupNotFoundError,
+    PgkeeperError,
+    RestoreError,
+    StorageError,
+    UsageError,
+    VerificationError,
+    WalGapError,
+)
+from pgkeeper.manifest import Manifest, utcnow
+from pgkeeper.pipeline import Decoder, HashingReader
+from pgkeeper.settings import Settings, env_file
+from pgkeeper.storage import Storage
+from pgkeeper.storage.base import CHUNK
+
+RESTORE_LOG = "pgkeeper-restore.log"
+RECOVERY_MARK = "# pgkeeper pitr restore"
+_COMMIT_RE = re.compile(r"desc: (?:COMMIT|ABORT)\S* (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+_LAST_TX_RE = re.compile(r"last completed transaction was at log time (\S+ \S+)")
+_STOP_RE = re.compile(r"recovery stopping (?:before|after) .*")
+
+
+# --- targets and timelines ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where recovery stops: a moment, a WAL position, or the end of the archive."""
+
+    time: datetime | None = None
+    lsn: str | None = None
+    latest: bool = False
+    timeline: str | None = None  # None/"latest", or a timeline number ("2", "00000002")
+
+    def describe(self) -> str:
+        if self.time is not None:
+            return f"time {self.time.astimezone(UTC).isoformat()}"
+        if self.lsn is not None:
+            return f"lsn {self.lsn}"
+        return "the end of the archive"
+
+    def timeline_number(self) -> int | None:
+        if self.timeline is None or self.timeline.strip().lower() in ("", "latest"):
+            return None
+        text = self.timeline.strip()
+        try:
+            return int(text, 16) if len(text) == 8 else int(text)
+        except ValueError:
+            raise UsageError(
+                f"--timeline {text!r} is not a timeline (e.g. 1, 2 or latest)"
+            ) from None
+
+
+@dataclass
+class ArchiveView:
+    """Every target's WAL of one system, merged (a fetch takes the first good copy)."""
+
+    system_id: int
+    archives: list[tuple[Storage, wal.Archive]]
+    segment_size: int = wal.DEFAULT_SEGMENT_SIZE
+
+    @property
+    def names(self) -> set[str]:
+        return {n for _, a in self.archives for n in a.files}
+
+    def timelines(self) -> list[int]:
+        return sorted({t for _, a in self.archives for t in a.timelines()})
+
+    def segments(self, timeline: int) -> list[str]:
+        return sorted({n for _, a in self.archives for n in a.segments(timeline)})
+
+    def history(self, timeline: int) -> list[wal.TimelineSwitch]:
+        for storage, archive in self.archives:
+            if f"{timeline:08X}.history" in archive.files:
+                return wal.read_history(storage, archive, timeline)
+        return []
+
+    def modified(self, name: str) -> datetime | None:
+        for _, archive in self.archives:
+            copies = archive.files.get(name)
+            if copies and copies[0].modified is not None:
+                return copies[0].modified
+        return None
+
+
+def load_archive(storages: Sequence[Storage], system_id: int, segment_size: int) -> ArchiveView:
+    """List every target's WAL of ``system_id`` (a target that cannot be listed is skipped)."""
+    archives = []
+    for storage in storages:
+        try:
+            archives.append((storage, wal.list_archive(storage, system_id)))
+        except StorageError:
+            continue
+    return ArchiveView(system_id, archives, segment_size)
+
+
+@dataclass(frozen=True)
+class Span:
+    """The segments one timeline contributes to a recovery: ``first`` .. ``last`` (numbers)."""
+
+    timeline: int
+    first: int
+    last: int | None  # None: up to the newest archived
+
+
+def path_to(view: ArchiveView, base_timeline: int, target_timeline: int | None) -> list[int]:
+    """The timelines recovery walks from the base backup's to the target (oldest first).
+
+    Raises UsageError when the target timeline does not descend from the base's."""
+    chosen = target_timeline or max([base_timeline, *view.timelines()])
+    if chosen == base_timeline:
+        return [base_timeline]
+    ancestors = [s.parent for s in view.history(chosen)]
+    if base_timeline not in ancestors:
+        # Latest by default: follow the newest timeline that descends from the base backup's.
+        if target_timeline is None:
+            for candidate in sorted(view.timelines(), reverse=True):
+                if candidate > base_timeline and base_timeline in [
+                    s.parent for s in view.history(candidate)
+                ]:
+                    return path_to(view, base_timeline, candidate)
+            return [base_timeline]
+        raise UsageError(
+            f"timeline {chosen} does not descend from timeline {base_timeline} of the base "
+            "backup (see 'pgkeeper pitr status'; choose --timeline or --base)"
+        )
+    index = ancestors.index(base_timeline)
+    return [*ancestors[index:], chosen]
+
+
+def spans(view: ArchiveView, timelines: list[int], start_lsn: int) -> list[Span]:
+    """The segment ranges per timeline: a timeline's segments up to the one before its child
+    begins (the child's first segment holds the parent's WAL up to the switch)."""
+    size = view.segment_size
+    result: list[Span] = []
+    first = wal.segment_of(start_lsn, size)
+    for position, timeline in enumerate(timelines):
+        if position + 1 < len(timelines):
+            child = timelines[position + 1]
+            switch = next(s.lsn for s in view.history(child) if s.parent == timeline)
+            boundary = wal.segment_of(switch, size)
+            result.append(Span(timeline, first, boundary - 1))
+            first = boundary
+        else:
+            result.append(Span(timeline, first, None))
+    return result
+
+
+@dataclass(frozen=True)
+class Reach:
+    """How far the archive reaches from a base backup along a timeline path."""
+
+    last_segment: str | None  # the newest segment reached without a gap
+    end_lsn: int  # end of that segment
+    gap: str | None  # the first missing segment, if the archive goes on after it
+
+
+def reach(view: ArchiveView, path: list[Span]) -> Reach:
+    """Walk the needed segments in order; stop at the first one that is missing."""
+    size = view.segment_size
+    names = view.names
+    last: str | None = None
+    end = 0
+    for span in path:
+        archived = view.segments(span.timeline)
+        newest = wal.segment_number(archived[-1], size) if archived else span.first - 1
+        stop = span.last if span.last is not None else newest
+        for number in range(span.first, stop + 1):
+            name = wal.segment_name(span.timeline, number, size)
+            if name not in names:
+                later = span.last is not None or number < newest
+                return Reach(last, end, name if later else None)
+            last, end = name, (number + 1) * size
+    return Reach(last, end, None)
+
+
+def last_commit(
+    view: ArchiveView, newest: str, pg_bin_dir: Path | None, look_back: int = 8
+) -> datetime | None:
+    """The newest commit (or abort) time in the archive at or before segment ``newest``,
+    read with pg_waldump from up to ``look_back`` segments; None when none has one."""
+    waldump = postgres.find_client("pg_waldump", pg_bin_dir)
+    storages = [s for s, _ in view.archives]
+    size = view.segment_size
+    number = wal.segment_number(newest, size)
+    timeline = wal.timeline_of(newest)
+    env = {**os.environ, "TZ": "UTC"}
+    with tempfile.TemporaryDirectory(prefix="pgkeeper-waldump-") as tmp:
+        for back in range(look_back):
+            name = wal.segment_name(timeline, number - back, size)
+            if name not in view.names:
+                return None
+            path = Path(tmp) / name
+            wal.fetch(storages, name, path, system_id=view.system_id)
+            out = subprocess.run(
+                [waldump.argv0, "--rmgr=Transaction", str(path)],
+                capture_output=True, text=True, env=env, timeout=120,
+            )  # fmt: skip
+            path.unlink()
+            stamps = _COMMIT_RE.findall(out.stdout)
+            if stamps:
+                return datetime.fromisoformat(stamps[-1]).replace(tzinfo=UTC)
+    return None
+
+
+# --- choosing the base backup ------------------------------------------------------------------
+
+
+def base_backups(storages: Sequence[Storage]) -> list[Manifest]:
+    """Usable base backups on any target (not known to be bad), newest first."""
+    return [
+        e.manifest
+        for e in catalog.list_all(storages)
+        if e.manifest.kind == "base" and e.manifest.base is not None
+        and not e.manifest.verification_failed
+    ]  # fmt: skip
+
+
+def _window_text(bases: list[Manifest], end_time: datetime | None, end_lsn: int) -> str:
+    oldest = min(bases, key=lambda m: _stopped(m))
+    until = f"{_fmt(end_time)} (last commit archived)" if end_time else "no archived commit"
+    return (
+        f"reachable: {_fmt(_stopped(oldest))} (end of base backup {oldest.id}) .. {until}, "
+        f"by LSN {_info(oldest).stop_lsn} .. {wal.format_lsn(end_lsn)}"
+    )
+
+
+def _fmt(when: datetime | None) -> str:
+    return when.astimezone(UTC).isoformat(sep=" ", timespec="seconds") if when else "-"
+
+
+def _info(manifest: Manifest) -> Any:
+    assert manifest.base is not None  # noqa: S101 - base_backups only returns kind base
+    return manifest.base
+
+
+def _stopped(manifest: Manifest) -> datetime:
+    return _info(manifest).stopped_at  # type: ignore[no-any-return]
+
+
+@dataclass
+class Plan:
+    """What a restore will do: the base backup, the target, and the archive that serves it."""
+
+    base: Manifest
+    target: Target
+    view: ArchiveView
+    timelines: list[int]
+    reach: Reach
+    end_time: datetime | None
+
+
+def plan(
+    settings: Settings, storages: Sequence[Storage], target: Target, base_id: str | None = None
+) -> Plan:
+    """Choose the base backup and check the archive serves the target; see the module
+    docstring. Raises UsageError (target outside the window), WalGapError (a missing segment
+    on the way), BackupNotFoundError (no base backup)."""
+    bases = base_backups(storages)
+    if base_id is not None:
+        manifest, _ = catalog.find(storages, base_id)
+        if manifest.kind != "base" or manifest.base is None:
+            raise UsageError(
+                f"backup {base_id!r} is a dump, not a base backup (see 'pgkeeper list': "
+                "base backups have format tar and database '*')"
+            )
+        bases = [m for m in bases if m.base and m.base.system_identifier
+                 == manifest.base.system_identifier] or [manifest]  # fmt: skip
+    if not bases:
+        where = ", ".join(s.url for s in storages) or "no storage target"
+        raise BackupNotFoundError(
+            f"no usable base backup in {where} (run 'pgkeeper base-backup' first)"
+        )
+    systems = sorted({_info(m).system_identifier for m in bases})
+    if len(systems) > 1:
+        servers = {s: sorted({m.server for m in bases if _info(m).system_identifier == s})
+                   for s in systems}  # fmt: skip
+        shown = ", ".join(f"{s} ({', '.join(servers[s])})" for s in systems)
+        raise UsageError(
+            f"base backups of {len(systems)} database systems are stored ({shown}): "
+            "pass --base ID to choose one"
+        )
+    newest = bases[0]
+    view = load_archive(storages, _info(newest).system_identifier, _info(newest).wal_segment_size)
+    wanted = target.timeline_number()
+
+    def reach_from(manifest: Manifest) -> tuple[list[int], Reach]:
+        timelines = path_to(view, _info(manifest).timeline, wanted)
+        return timelines, reach(
+            view, spans(view, timelines, wal.parse_lsn(_info(manifest).start_lsn))
+        )
+
+    # The window's end: from the newest base backup (the longest stretch it can reach).
+    timelines, far = reach_from(newest)
+    end_time = (
+        last_commit(view, far.last_segment, settings.pg_bin_dir) if far.last_segment else None
+    )
+    window = _window_text(bases, end_time, far.end_lsn)
+    lsn = wal.parse_lsn(target.lsn) if target.lsn is not None else None
+    if far.gap is not None and (target.latest or (lsn is not None and lsn > far.end_lsn)
+                                or (target.time is not None and end_time is not None
+                                    and target.time > end_time)):  # fmt: skip
+        raise WalGapError(
+            f"WAL segment {far.gap} is missing from the archive, so recovery cannot go past "
+            f"LSN {wal.format_lsn(far.end_lsn)}; {window}"
+        )
+    if lsn is not None and lsn > far.end_lsn:
+        raise UsageError(f"lsn {target.lsn} is past the end of the archive; {window}")
+    if target.time is not None and (end_time is None or target.time > end_time):
+        raise UsageError(f"{target.describe()} is past the end of the archive; {window}")
+
+    def fits(manifest: Manifest) -> bool:
+        info = _info(manifest)
+        if target.time is not None:
+            return bool(info.stopped_at <= target.time)
+        if lsn is not None:
+            return wal.parse_lsn(info.stop_lsn) <= lsn
+        return True
+
+    for manifest in [m for m in bases if base_id is None or m.id == base_id]:
+        if not fits(manifest):
+            continue
+        try:
+            timelines, got = reach_from(manifest)
+        except UsageError:
+            continue
+        if got.end_lsn <= wal.parse_lsn(_info(manifest).stop_lsn):
+            continue  # its own WAL is not (all) archived: it cannot become consistent
+        return Plan(manifest, target, view, timelines, got, end_time)
+    if base_id is not None:
+        raise UsageError(
+            f"base backup {base_id} ends after {target.describe()} (or its WAL is not "
+            f"archived): {window}"
+        )
+    raise UsageError(f"{target.describe()} is before the end of every usable base backup; {window}")
+
+
+# --- extracting ---------------------------------------------------------------------------------
+
+
+def _check_member(member: tarfile.TarInfo) -> str:
+    name = member.name
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or ".." in parts or not parts:
+        raise VerificationError(f"unsafe path {name!r} in the base backup", check="structure")
+    if not (member.isfile() or member.isdir()):
+        raise VerificationError(
+            f"{name!r} in the base backup is a {'link' if member.issym() else 'special file'}: "
+            "refusing to extract it",
+            check="structure",
+        )
+    return name
+
+
+class _ChunkStream:
+    """A read() over decoded chunks of the stored object (tarfile reads from it)."""
+
+    def __init__(self, reader: HashingReader, compression: str) -> None:
+        self._reader = reader
+        self._decoder = Decoder(compression)
+        self._buffer = b""
+        self._eof = False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._eof and (size < 0 or len(self._buffer) < size):
+            chunk = self._reader.read(CHUNK)
+            if not chunk:
+                self._decoder.finish()
+                self._eof = True
+                break
+            self._buffer += self._decoder.decompress(chunk)
+        if size < 0:
+            size = len(self._buffer)
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def extract(storage: Storage, manifest: Manifest, dest: Path) -> None:
+    """Extract a stored base backup into the empty folder ``dest``, checking the stored bytes'
+    sha256; raises VerificationError (and leaves ``dest`` empty) when they do not match."""
+    obj = manifest.objects[0]
+    with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
+        reader = HashingReader.of(src, obj)
+        stream = _ChunkStream(reader, manifest.compression)
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
+                for member in archive:
+                    name = _check_member(member)
+                    path = dest.joinpath(*PurePosixPath(name).parts)
+                    if member.isdir():
+                        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                        continue
+                    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    handle = archive.extractfile(member)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                    with os.fdopen(fd, "wb") as out:
+                        while handle is not None and (chunk := handle.read(CHUNK)):
+                            out.write(chunk)
+            stream.drain()
+            reader.check()
+        except (VerificationError, tarfile.TarError, OSError) as exc:
+            _empty(dest)
+            if isinstance(exc, VerificationError):
+                raise
+            reader.drain()
+            reader.check()  # damaged stored bytes explain a broken tar: say so
+            raise VerificationError(f"the base backup's tar is unreadable ({exc})",
+                                    check="structure") from exc  # fmt: skip
+
+
+def _empty(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                child.unlink()
+
+
+# --- recovery settings and the server -----------------------------------------------------------
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def pgkeeper_command(settings: Settings) -> str:
+    """The pgkeeper executable a restored server's restore_command runs."""
+    if settings.backup_pitr_pgkeeper:
+        return settings.backup_pitr_pgkeeper
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "pgkeeper" and argv0.exists():
+        return str(argv0.absolute())
+    beside = Path(sys.executable).with_name("pgkeeper")
+    return str(beside) if beside.exists() else "pgkeeper"
+
+
+def recovery_settings(
+    settings: Settings, plan_: Plan, port: int | None, keep_archiving: bool
+) -> str:
+    """The lines appended to the restored cluster's postgresql.auto.conf."""
+    command = [pgkeeper_command(settings)]
+    chosen = env_file()
+    if chosen is not None:
+        command += ["--env-file", str(chosen)]
+    command += ["wal-fetch", "--system-id", str(plan_.view.system_id), '"%f"', '"%p"']
+    quoted = " ".join(c if c.startswith('"') else _shell(c) for c in command)
+    target = plan_.target
+    lines = [
+        f"{RECOVERY_MARK}: {target.describe()}, base backup {plan_.base.id}",
+        f"restore_command = {_quote(quoted)}",
+        "recovery_target_action = 'promote'",
+    ]
+    if target.time is not None:
+        lines.append(f"recovery_target_time = {_quote(target.time.astimezone(UTC).isoformat())}")
+    if target.lsn is not None:
+        lines.append(f"recovery_target_lsn = {_quote(target.lsn)}")
+    wanted = target.timeline_number()
+    lines.append(f"recovery_target_timeline = {_quote(str(wanted) if wanted else 'latest')}")
+    if not keep_archiving:
+        lines.append("archive_mode = off  # a restored copy must not archive into the original's")
+    if port is not None:
+        lines.append(f"port = {int(port)}")
+    return "\n".join(lines) + "\n"
+
+
+def _shell(word: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_./=:@%+-]+", word):
+        return word
+    return "'" + word.replace("'", "'\"'\"'") + "'"
+
+
+def _as_owner(argv: list[str], owner: str | None) -> list[str]:
+    return ["runuser", "-u", owner, "--", *argv] if owner else argv
+
+
+def _owner(settings: Settings) -> str | None:
+    """The user to run the server as: BACKUP_PITR_OS_USER when running as root, else none."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(settings.backup_pitr_os_user)
+    except KeyError:
+        raise UsageError(
+            f"pgkeeper runs as root and BACKUP_PITR_OS_USER={settings.backup_pitr_os_user!r} "
+            "does not exist: PostgreSQL refuses to run as root (run as the postgres user)"
+        ) from None
+    return settings.backup_pitr_os_user
+
+
+def _hand_over(folder: Path, owner: str | None) -> None:
+    """Give a restored folder to the server's user (only when running as root)."""
+    if owner is None:
+        return
+    user = pwd.getpwnam(owner)
+    for root, dirs, files in os.walk(folder):
+        os.chown(root, user.pw_uid, user.pw_gid)
+        for name in files + dirs:
+            os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid, follow_symlinks=False)
+
+
+def server_env(settings: Settings) -> dict[str, str]:
+    """The environment a restored server (and so its restore_command) gets: ours, plus the
+    storage settings as variables, so wal-fetch finds the archive without an env file.
+    Secrets travel only in the environment, never in argv or a file."""
+    env = dict(os.environ)
+    values = {
+        "BACKUP_DIR": settings.backup_dir,
+        "BACKUP_TARGETS": ",".join(settings.backup_targets),
+        "AWS_S3_BUCKET": settings.aws_s3_bucket,
+        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id,
+        "AWS_SECRET_ACCESS_KEY": (
+            settings.aws_secret_access_key.get_secret_value()
+            if settings.aws_secret_access_key else None
+        ),
+        "BACKUP_S3_PREFIX": settings.backup_s3_prefix,
+        "BACKUP_S3_ENDPOINT_URL": settings.backup_s3_endpoint_url,
+        "BACKUP_S3_REGION": settings.backup_s3_region,
+        "GCS_BUCKET": settings.gcs_bucket,
+        "GCS_KEYFILE": str(settings.gcs_keyfile) if settings.gcs_keyfile else None,
+        "BACKUP_GCS_PREFIX": settings.backup_gcs_prefix,
+    }  # fmt: skip
+    for name, value in values.items():
+        if value:
+            env[name] = str(value)
+    for name in [k for k in env if k.startswith("PG") and k != "PG_BIN_DIR"]:
+        env.pop(name)  # libpq variables of ours must not redirect the server's tools
+    return env
+
+
+READY = "database system is ready to accept connections"
+
+
+def start_server(
+    settings: Settings, data_dir: Path, owner: str | None, timeout: float = 3600.0
+) -> str:
+    """Start a restored cluster and wait until recovery ended and it promoted; returns what
+    its log says it recovered to. Raises RestoreError with the log's FATAL line."""
+    from pgkeeper.pipeline import pid_alive
+
+    pg_ctl = postgres.find_client("pg_ctl", settings.pg_bin_dir)
+    log_path = data_dir / RESTORE_LOG
+    argv = _as_owner([pg_ctl.argv0, "start", "-W", "-D", str(data_dir), "-l", str(log_path)], owner)
+    done = subprocess.run(
+        argv, env=server_env(settings), cwd=data_dir, capture_output=True, text=True, timeout=60
+    )
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise RestoreError(
+            f"pg_ctl could not start the restored server: {said[-1] if said else '?'} "
+            f"(log: {log_path})"
+        )
+    deadline = time.monotonic() + timeout
+    seen_pid = False
+    while True:
+        text = _read(log_path)
+        pid = _postmaster_pid(data_dir)
+        seen_pid = seen_pid or pid is not None
+        if not (data_dir / "recovery.signal").exists() and READY in text:
+            return _recovered_to(text)
+        dead = (pid is None and (seen_pid or "FATAL" in text)) or (
+            pid is not None and not pid_alive(pid)
+        )
+        if dead:
+            raise RestoreError(f"the restored server stopped: {_fatal(text)} (log: {log_path})")
+        if time.monotonic() > deadline:
+            raise RestoreError(f"recovery did not finish within {timeout:.0f}s (log: {log_path})")
+        time.sleep(0.1)
+
+
+def _postmaster_pid(data_dir: Path) -> int | None:
+    try:
+        return int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+
+
+def stop_server(settings: Settings, data_dir: Path, owner: str | None) -> None:
+    """Fast shutdown of a restored cluster (immediate if that fails); idempotent."""
+    if not (data_dir / "postmaster.pid").exists():
+        return
+    pg_ctl = postgres.find_client("pg_ctl", settings.pg_bin_dir)
+    for mode in ("fast", "immediate"):
+        argv = _as_owner([pg_ctl.argv0, "stop", "-D", str(data_dir), "-m", mode, "-w", "-t", "60"],
+                         owner)  # fmt: skip
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            done = subprocess.run(argv, capture_output=True, timeout=70, cwd="/")
+            if done.returncode == 0 or not (data_dir / "postmaster.pid").exists():
+                return
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _fatal(text: str) -> str:
+    lines = [line for line in text.splitlines() if "FATAL" in line or "error:" in line]
+    if not lines:
+        return "no FATAL line in its log"
+    line = lines[-1]
+    return line.split("FATAL:", 1)[-1].strip() if "FATAL:" in line else line.strip()
+
+
+def _recovered_to(text: str) -> str:
+    stop = _STOP_RE.findall(text)
+    last = _LAST_TX_RE.findall(text)
+    parts = []
+    if stop:
+        parts.append(stop[-1])
+    if last:
+        parts.append(f"last transaction at {last[-1]}")
+    return "; ".join(parts) or "end of the archive"
+
+
+# --- the procedure -------------------------------------------------------------------------------
+
+
+@dataclass
+class PitrResult:
+    """What a PITR restore did."""
+
+    data_dir: str
+    base_id: str
+    target: str
+    timelines: list[int]
+    wal_until: str  # the LSN the archive serves without a gap
+    started: bool = False
+    port: int | None = None
+    recovered_to: str = ""
+    duration_seconds: float = 0.0
+    start_command: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def summary(self) -> str:
+        lines = [
+            f"restored base backup {self.base_id} into {self.data_dir} for {self.target} "
+            f"(timeline {' -> '.join(map(str, self.timelines))}, WAL archived to "
+            f"{self.wal_until})"
+        ]
+        if self.started:
+            lines.append(
+                f"the server runs on port {self.port} and recovered ({self.recovered_to}) in "
+                f"{self.duration_seconds:.1f}s; stop it with: pg_ctl -D {self.data_dir} stop"
+            )
+        else:
+            lines.append(f"start it with: {self.start_command}")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def _prepare_folder(to: Path) -> Path:
+    folder = to.absolute()
+    if folder.exists():
+        if not folder.is_dir() or folder.is_symlink():
+            raise UsageError(f"{folder} is not a folder (give a new or empty folder as --to)")
+        if any(folder.iterdir()):
+            running = (
+                " (it holds a running cluster)" if (folder / "postmaster.pid").exists() else ""
+            )
+            raise UsageError(
+                f"{folder} is not empty{running}: pitr restore only builds a new data folder "
+                "(give an empty or new folder as --to)"
+            )
+    else:
+        folder.mkdir(mode=0o700, parents=True)
+    folder.chmod(0o700)
+    return folder
+
+
+def _finish_folder(folder: Path, lines: str) -> list[str]:
+    notes = []
+    if not (folder / "postgresql.conf").exists():
+        (folder / "postgresql.conf").write_text(
+            "# written by pgkeeper pitr restore: the source kept its configuration elsewhere "
+            "(e.g. /etc/postgresql)\n"
+        )
+        notes.append("the backup had no postgresql.conf (kept elsewhere on the source): an "
+                     "empty one was written; add your settings")  # fmt: skip
+    if not (folder / "pg_hba.conf").exists():
+        (folder / "pg_hba.conf").write_text("local all all peer\n")
+        notes.append("the backup had no pg_hba.conf: one allowing local peer logins was written")
+    if not (folder / "pg_ident.conf").exists():
+        (folder / "pg_ident.conf").write_text("")
+    with (folder / "postgresql.auto.conf").open("a") as conf:
+        conf.write("\n" + lines)
+    for stale in ("standby.signal", "postmaster.pid", "postmaster.opts"):
+        with contextlib.suppress(FileNotFoundError):
+            (folder / stale).unlink()
+    (folder / "pg_wal").mkdir(mode=0o700, exist_ok=True)
+    (folder / "pg_wal" / "archive_status").mkdir(mode=0o700, exist_ok=True)
+    (folder / "recovery.signal").write_text("")
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o600)
+    return notes
+
+
+def restore_pitr(
+    settings: Settings,
+    target: Target,
+    to: Path,
+    *,
+    base_id: str | None = None,
+    port: int | None = None,
+    start: bool = False,
+    keep_archiving: bool = False,
+    storages: Sequence[Storage],
+) -> PitrResult:
+    """Build a data folder recovered to ``target``; see the module docstring.
+
+    Raises UsageError (bad folder, target outside the window), WalGapError (a missing
+    segment on the way), BackupNotFoundError, VerificationError (every copy of the base backup
+    is damaged), RestoreError (the started server stopped; its FATAL line).
+    """
+    started = time.monotonic()
+    owner = _owner(settings) if start or os.geteuid() == 0 else None
+    chosen = plan(settings, storages, target, base_id)
+    folder = _prepare_folder(to)
+    last_error: PgkeeperError | None = None
+    for copy_manifest, storage in _copies(storages, chosen.base.id):
+        try:
+            extract(storage, copy_manifest, folder)
+            last_error = None
+            break
+        except (VerificationError, StorageError) as exc:
+            last_error = exc
+    if last_error is not None:
+        raise last_error
+    notes = _finish_folder(folder, recovery_settings(settings, chosen, port, keep_archiving))
+    _hand_over(folder, owner)
+    start_argv = ["pg_ctl", "start", "-D", str(folder), "-l", str(folder / RESTORE_LOG)]
+    result = PitrResult(
+        data_dir=str(folder),
+        base_id=chosen.base.id,
+        target=target.describe(),
+        timelines=chosen.timelines,
+        wal_until=wal.format_lsn(chosen.reach.end_lsn),
+        port=port,
+        start_command=" ".join(_as_owner(start_argv, owner)),
+        notes=notes,
+    )
+    if env_file() is None and start is False:
+        result.notes.append(
+            "restore_command reads the storage settings from the server's environment (no "
+            "--env-file was given): start it where BACKUP_DIR and the credentials are set"
+        )
+    if start:
+        result.recovered_to = start_server(settings, folder, owner)
+        result.started = True
+    result.duration_seconds = time.monotonic() - started
+    return result
+
+
+def _copies(storages: Sequence[Storage], backup_id: str) -> list[tuple[Manifest, Storage]]:
+    found = []
+    for storage in storages:
+        try:
+            manifest = catalog.read_manifest(storage, backup_id)
+        except StorageError:
+            continue
+        if manifest is not None:
+            found.append((manifest, storage))
+    if not found:
+        raise BackupNotFoundError(f"base backup {backup_id!r} is on no target")
+    return found
+
+
+# --- status and health -------------------------------------------------------------------------
+
+
+@dataclass
+class TimelineStatus:
+    """One timeline of one system: its segments, gaps and recoverable window."""
+
+    system_id: int
+    timeline: int
+    segments: int
+    first: str | None
+    newest: str | None
+    newest_at: datetime | None
+    gaps: list[tuple[str, str]]
+    base_backups: int
+    recoverable_from: datetime | None  # the oldest base backup's end on this timeline
+
+    def row(self, now: datetime) -> dict[str, Any]:
+        gaps = ", ".join(a if a == b else f"{a}..{b}" for a, b in self.gaps) or "none"
+        return {
+            "system": self.system_id,
+            "timeline": self.timeline,
+            "recoverable from": _fmt(self.recoverable_from) if self.recoverable_from else "-",
+            "newest WAL": self.newest or "-",
+            "archived": _ago(now - self.newest_at) if self.newest_at else "-",
+            "segments": self.segments,
+            "gaps": gaps,
+            "base backups": self.base_backups,
+        }
+
+
+def _ago(delta: timedelta) -> str:
+    seconds = max(0, int(delta.total_seconds()))
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds // span}{unit} ago"
+    return f"{seconds}s ago"
+
+
+@dataclass
+class ServerArchiving:
+    """What the configured server says of its archiving (pg_stat_archiver and friends)."""
+
+    server: str
+    system_id: int
+    archive_mode: str
+    archive_command: str
+    current_wal: str
+    last_archived_wal: str | None
+    last_archived_at: datetime | None
+    failed_count: int
+    last_failed_wal: str | None
+    last_failed_at: datetime | None
+
+    @property
+    def failing(self) -> bool:
+        return self.last_failed_at is not None and (
+            self.last_archived_at is None or self.last_failed_at > self.last_archived_at
+        )
+
+
+@dataclass
+class StatusReport:
+    """``pitr status``: per system and timeline, plus the server's archiver and the lag."""
+
+    now: datetime
+    targets: list[str]
+    timelines: list[TimelineStatus] = field(default_factory=list)
+    server: ServerArchiving | None = None
+    conflicts: list[str] = field(default_factory=list)
+    lag_segments: int | None = None
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def verdict(self) -> str:
+        return "; ".join(self.problems)
+
+    def as_table(self) -> list[dict[str, Any]]:
+        return [t.row(self.now) for t in self.timelines]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "now": self.now.isoformat(),
+            "ok": self.ok,
+            "targets": self.targets,
+            "timelines": [
+                {**t.__dict__, "newest_at": t.newest_at.isoformat() if t.newest_at else None,
+                 "recoverable_from": t.recoverable_from.isoformat() if t.recoverable_from
+                 else None}
+                for t in self.timelines
+            ],
+            "server": (
+                {k: (v.isoformat() if isinstance(v, datetime) else v)
+                 for k, v in self.server.__dict__.items()} if self.server else None
+            ),
+            "lag_segments": self.lag_segments,
+            "conflicts": self.conflicts,
+            "problems": self.problems,
+            "notes": self.notes,
+        }  # fmt: skip
+
+
+def server_archiving(settings: Settings) -> ServerArchiving | None:
+    """pg_stat_archiver and the archiving settings of DATABASE_URL's server; None when no
+    DATABASE_URL is set. Raises the connection errors of ``postgres.connect``."""
+    if settings.database_url is None or not settings.database_url.get_secret_value():
+        return None
+    conn = postgres.ConnInfo.parse(settings.require_database_url())
+    with postgres.connect(conn) as connection:
+        row = connection.execute(
+            "SELECT (SELECT system_identifier FROM pg_control_system()),"
+            " current_setting('archive_mode'), current_setting('archive_command'),"
+            " CASE WHEN pg_is_in_recovery() THEN NULL"
+            "      ELSE pg_walfile_name(pg_current_wal_lsn()) END,"
+            " last_archived_wal, last_archived_time, failed_count, last_failed_wal,"
+            " last_failed_time FROM pg_stat_archiver"
+        ).fetchone()
+    assert row is not None  # noqa: S101 - pg_stat_archiver has one row
+    return ServerArchiving(
+        conn.server, int(row[0]), str(row[1]), str(row[2]), str(row[3] or ""),
+        row[4], row[5], int(row[6] or 0), row[7], row[8],
+    )  # fmt: skip
+
+
+def archive_status(
+    settings: Settings, storages: Sequence[Storage], now: datetime | None = None
+) -> StatusReport:
+    """The archive on the primary target, per system and timeline; see ``StatusReport``."""
+    now = now or utcnow()
+    report = StatusReport(now=now, targets=[s.url for s in storages])
+    if not storages:
+        return report
+    primary = storages[0]
+    bases = base_backups(storages)
+    try:
+        report.server = server_archiving(settings)
+    except PgkeeperError as exc:
+        report.notes.append(f"server not checked: {exc.message}")
+    systems = set(wal.list_systems(primary)) | {_info(m).system_identifier for m in bases}
+    if report.server is not None:
+        systems.add(report.server.system_id)
+    for system_id in sorted(systems):
+        archive = wal.list_archive(primary, system_id)
+        report.conflicts += [f"{system_id}/{n}" for n in archive.conflicts()]
+        mine = [m for m in bases if _info(m).system_identifier == system_id]
+        size = _info(mine[0]).wal_segment_size if mine else wal.DEFAULT_SEGMENT_SIZE
+        oldest_start = min((wal.parse_lsn(_info(m).start_lsn) for m in mine), default=None)
+        for timeline in archive.timelines() or ([_info(mine[0]).timeline] if mine else []):
+            names = archive.segments(timeline)
+            newest = archive.newest(timeline)
+            on_timeline = [m for m in mine if _info(m).timeline == timeline]
+            floor = wal.segment_of(oldest_start, size) if oldest_start is not None else -1
+            relevant = [n for n in names if wal.segment_number(n, size) >= floor]
+            holes = wal.gaps(relevant, size)
+            report.timelines.append(TimelineStatus(
+                system_id=system_id, timeline=timeline, segments=len(names),
+                first=names[0] if names else None, newest=newest.name if newest else None,
+                newest_at=newest.modified if newest else None, gaps=holes,
+                base_backups=len(on_timeline),
+                recoverable_from=min((_stopped(m) for m in on_timeline), default=None),
+            ))  # fmt: skip
+            for first, last in holes:
+                report.problems.append(
+                    f"system {system_id} timeline {timeline}: WAL {first}"
+                    + (f" .. {last}" if last != first else "")
+                    + " missing (a restore cannot pass it; take a new base backup)"
+                )
+        if not mine and archive.files:
+            report.problems.append(
+                f"system {system_id}: WAL is archived but there is no usable base backup to "
+                "restore from (run 'pgkeeper base-backup')"
+            )
+    for name in report.conflicts:
+        report.problems.append(f"{name} is archived twice with different contents")
+    server = report.server
+    if server is not None:
+        if server.archive_mode == "off":
+            report.problems.append(f"{server.server} does not archive WAL (archive_mode=off)")
+        if server.failing:
+            report.problems.append(
+                f"archive_command fails on {server.server}: {server.failed_count} failures, "
+                f"the last for {server.last_failed_wal} at {_fmt(server.last_failed_at)} "
+                "(see the server log)"
+            )
+        archived = wal.list_archive(primary, server.system_id)
+        if server.current_wal:
+            timeline = wal.timeline_of(server.current_wal)
+            latest = archived.newest(timeline)
+            current = wal.segment_number(server.current_wal)
+            done = wal.segment_number(latest.name) if latest else current - 1
+            report.lag_segments = max(0, current - 1 - done)
+            report.notes.append(
+                f"{server.server}: writing {server.current_wal}; "
+                f"{report.lag_segments} finished segment(s) not archived yet"
+            )
+    return report
+
+
+def archive_checks(
+    settings: Settings, storages: Sequence[Storage], now: datetime | None = None
+) -> list[Any]:
+    """The monitor's archive checks (``archive``, ``archive-lag``, ``archive-command``) when
+    this deployment archives WAL; an empty list when it does not."""
+    from pgkeeper.monitor import Check
+    from pgkeeper.retention import parse_duration
+
+    now = now or utcnow()
+    report = archive_status(settings, storages, now)
+    server = report.server
+    archiving = bool(report.timelines) or (
+        server is not None and server.archive_mode != "off" and "wal-push" in server.archive_command
+    )
+    if not archiving:
+        return []
+    checks = []
+    archive_problems = [p for p in report.problems if "archive_command fails" not in p
+                        and "does not archive" not in p]  # fmt: skip
+    if archive_problems:
+        checks.append(Check("archive", "failed", "; ".join(archive_problems)))
+    else:
+        windows = [
+            f"timeline {t.timeline} from {_fmt(t.recoverable_from)} to {t.newest}"
+            for t in report.timelines if t.recoverable_from
+        ]  # fmt: skip
+        checks.append(Check("archive", "ok", "; ".join(windows) or "no gaps"))
+    max_lag = parse_duration(settings.backup_archive_max_lag, "BACKUP_ARCHIVE_MAX_LAG")
+    if server is None:
+        checks.append(Check("archive-lag", "skipped", "no DATABASE_URL: the server is not checked"))
+        return checks
+    if server.failing:
+        checks.append(Check(
+            "archive-command", "failed",
+            f"archive_command fails on {server.server}: {server.failed_count} failures, the last "
+            f"for {server.last_failed_wal} at {_fmt(server.last_failed_at)} (see the server log)",
+        ))  # fmt: skip
+    else:
+        detail = f"{server.failed_count} failures, none since the last success"
+        checks.append(Check("archive-command", "ok", detail))
+    waiting = report.lag_segments or 0
+    since = now - server.last_archived_at if server.last_archived_at else None
+    if server.archive_mode == "off":
+        checks.append(Check("archive-lag", "failed", f"{server.server} has archive_mode=off"))
+    elif waiting > 0 and (since is None or since > max_lag):
+        checks.append(Check(
+            "archive-lag", "failed",
+            f"{waiting} finished WAL segment(s) not archived; the last archived "
+            f"{_ago(since) if since else 'never'} (limit {settings.backup_archive_max_lag})",
+        ))  # fmt: skip
+    else:
+        checks.append(Check("archive-lag", "ok", f"{waiting} finished segment(s) waiting"))
+    return checks
+
+
+__all__ = ["ArchiveError", "Plan", "Target", "archive_checks", "archive_status", "restore_pitr"]

@@ -1,0 +1,149 @@
+"""The spool between ``wal-push`` and the background WAL pusher; standard library only.
+
+PostgreSQL runs ``archive_command`` once per WAL file, one after the other, and a Python
+process that imports pgkeeper's settings and a cloud SDK costs 0.3-0.6 s before it has read a
+byte: slower than a busy server writes 16 MiB segments. So, as pgBackRest's asynchronous
+archive-push does, the work is split:
+
+- the background pusher (``pgkeeper.wal_async``) reads ``pg_wal/archive_status/*.ready``,
+  archives the ready files ahead of PostgreSQL's requests, several at once, and after each
+  file is durably stored on the primary target writes ``<name>.ok`` here (the file's inode,
+  size and mtime, so an acknowledgement never covers other bytes) or ``<name>.error``;
+- ``wal-push`` for a file whose ``.ok`` is here consumes it and exits 0 without importing
+  anything but this module (~25 ms), and waits here while the pusher runs.
+
+The spool is ``pg_wal/.pgkeeper/`` (0700, owned by the server's user). It holds only these
+small status files, never WAL: losing it costs a re-check, since pushing the same bytes twice
+is a success. ``pg_basebackup`` never copies it (it skips everything in ``pg_wal``), and
+PostgreSQL's WAL recycling ignores it (not a WAL file name).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import time
+from pathlib import Path
+
+SPOOL = ".pgkeeper"
+LOCK = "push.lock"
+LOG = "pusher.log"
+OK = ".ok"
+ERROR = ".error"
+_HEX = frozenset("0123456789ABCDEF")
+
+
+def spool_of(wal_path: Path) -> Path:
+    """The spool folder of the pg_wal folder holding ``wal_path``."""
+    return wal_path.parent / SPOOL
+
+
+def looks_like_wal(name: str) -> bool:
+    """A cheap check that ``name`` is a WAL file name (segment, partial, backup, history)."""
+    if len(name) == 24:
+        return set(name) <= _HEX
+    if name.endswith(".partial") and len(name) == 32:
+        return set(name[:24]) <= _HEX
+    if name.endswith(".history") and len(name) == 16:
+        return set(name[:8]) <= _HEX
+    if name.endswith(".backup") and len(name) == 40:
+        return set(name[:24] + name[25:33]) <= _HEX and name[24] == "."
+    return False
+
+
+def private_folder(path: Path) -> bool:
+    """True when ``path`` is a real folder (not a link) owned by this user."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def fingerprint(path: Path) -> str:
+    """What an acknowledgement is bound to: the file's inode, size and modification time."""
+    st = os.stat(path)
+    return f"{st.st_ino} {st.st_size} {st.st_mtime_ns}"
+
+
+def write_status(spool: Path, name: str, suffix: str, text: str) -> None:
+    """Atomically write ``<name><suffix>`` (``.ok`` or ``.error``) in the spool."""
+    final = spool / (name + suffix)
+    temp = spool / f".{name}{suffix}.{os.getpid()}"
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temp, final)
+
+
+def take_ok(wal_path: Path) -> bool:
+    """Consume the acknowledgement of ``wal_path`` if there is one for these very bytes.
+
+    An acknowledgement of other bytes under that name (a stale one) is removed and False is
+    returned, so the caller has the file archived again.
+    """
+    ok = spool_of(wal_path) / (wal_path.name + OK)
+    try:
+        recorded = ok.read_text(encoding="utf-8").split("\n", 1)[0].strip()
+    except OSError:
+        return False
+    try:
+        current = fingerprint(wal_path)
+    except OSError:
+        current = ""
+    try:
+        os.unlink(ok)
+    except FileNotFoundError:
+        return False  # another wal-push took it first: let the caller check again
+    return recorded == current
+
+
+def take_error(wal_path: Path) -> str | None:
+    """Consume the pusher's error for ``wal_path``: its one-line message, or None."""
+    error = spool_of(wal_path) / (wal_path.name + ERROR)
+    try:
+        text = error.read_text(encoding="utf-8").strip()
+        os.unlink(error)
+    except OSError:
+        return None
+    return text.splitlines()[0] if text else "the background pusher failed (no message)"
+
+
+def pusher_running(spool: Path) -> bool:
+    """Whether a pusher holds the spool's lock (checked without taking it for long)."""
+    try:
+        fd = os.open(spool / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing releases a lock we got
+    return False
+
+
+def wait_for_ok(wal_path: Path, timeout: float) -> bool | None:
+    """Wait while a pusher runs for the acknowledgement of ``wal_path``.
+
+    True: acknowledged (consumed). None: there is an error file, no pusher runs, or the
+    time is up: the caller decides. Never raises for a missing spool.
+    """
+    spool = spool_of(wal_path)
+    if not private_folder(spool):
+        return None
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while True:
+        if take_ok(wal_path):
+            return True
+        if (spool / (wal_path.name + ERROR)).exists() or not pusher_running(spool):
+            # One more look: the pusher may have finished it and exited just now.
+            return True if take_ok(wal_path) else None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
