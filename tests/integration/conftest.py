@@ -5,6 +5,8 @@ one Prefect test server for the whole session (its ~10 s start is paid once).
   foreign keys, a sequence, text/numeric/jsonb columns); dropped after the test.
 - `pgk_settings` -> `Settings` with `DATABASE_URL` = `sample_db` and `BACKUP_DIR` in tmp_path.
 - `prefect_server` -> the API URL of a session-wide `prefect_test_harness` server.
+- `server_pgkeeper` -> a `pgkeeper` the PostgreSQL server's user can run (archive_command,
+  restore_command): a venv of this checkout built once per session (~40 s; slow tests only).
 """
 
 from __future__ import annotations
@@ -101,3 +103,17 @@ def flow_env(
     monkeypatch.setenv("BACKUP_DIR", str(backups))
     monkeypatch.setenv("BACKUP_COMPRESSION_THREADS", "1")
     return backups
+
+
+@pytest.fixture(scope="session")
+def server_pgkeeper() -> Iterator[Path]:
+    """This checkout installed in a venv the `postgres` user can run; its `pgkeeper`."""
+    import shutil
+
+    from tests.support.pitr import build_server_venv, shared_dir
+
+    folder = shared_dir("pgkeeper-server-venv-")
+    try:
+        yield build_server_venv(folder / "venv")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -100,10 +100,15 @@ class PgCluster:
         bindir: Path | str | None = None,
         settings: dict[str, str] | None = None,
         replication: bool = False,
+        env: dict[str, str] | None = None,
     ):
+        """`settings`: more postgresql.auto.conf lines (e.g. `archive_mode`); `replication`:
+        pg_hba lets replication connections in (pg_basebackup); `env`: variables the server
+        (and so its archive_command) gets besides the test process's own."""
         self.password = password
         self.extra_settings = dict(settings or {})
         self.replication = replication
+        self.server_env = dict(env or {})
         self.superuser = SUPERUSER
         self.bindir = Path(bindir) if bindir is not None else pg_bindir()
         self.port = 0
@@ -317,8 +322,9 @@ class PgCluster:
 
     def _run_server_tool(self, tool: str, *args: str) -> None:
         argv = _server_argv(self.bindir / tool, args, self._as_postgres_user)
+        env = {**_clean_env(), **self.server_env}
         proc = subprocess.run(
-            argv, cwd=self.tmp_dir, env=_clean_env(), capture_output=True, text=True, timeout=120
+            argv, cwd=self.tmp_dir, env=env, capture_output=True, text=True, timeout=120
         )
         if proc.returncode != 0:
             raise RuntimeError(
@@ -354,6 +360,12 @@ def _stop_data_dir(bindir: Path, data_dir: Path, as_postgres_user: bool) -> None
             if proc.returncode == 0 or not (data_dir / "postmaster.pid").exists():
                 return
         time.sleep(0.1)
+
+
+def stop_data_dir(data_dir: Path) -> None:
+    """Stop a server running on `data_dir` that a test started some other way (a restored
+    cluster); a no-op when none runs there."""
+    _stop_data_dir(pg_bindir(), data_dir, os.geteuid() == 0)
 
 
 def sweep_stale_clusters(bindir: Path | None = None) -> None:
