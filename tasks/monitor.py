@@ -13,11 +13,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from deployments import schedules
 from pgkeeper import monitor
-from pgkeeper.monitor import Expectations, MonitorReport
+from pgkeeper.errors import PgkeeperError
+from pgkeeper.monitor import Check, Expectations, MonitorReport
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.rotate import policies_from_settings
-from pgkeeper.settings import load_settings
-from pgkeeper.storage import targets
+from pgkeeper.settings import Settings, load_settings
+from pgkeeper.storage import Storage, targets
 from tasks.retry import TRANSIENT_RETRIES
 
 
@@ -56,11 +57,22 @@ def check_health(
         server=server,
         usage_warn_bytes={url: p.usage_warn_bytes for url, p in policies.items()},
     )
+    report.checks.extend(_archive_checks(settings, storages))  # point-in-time recovery
     logger = get_run_logger()
     for check in report.checks:
         log = logger.info if check.ok else logger.error
         log("%s: %s: %s", check.name, check.status, check.detail)
     return report
+
+
+def _archive_checks(settings: Settings, storages: list[Storage]) -> list[Check]:
+    """The WAL archive's checks when this deployment archives WAL (none otherwise)."""
+    from pgkeeper.pitr_status import archive_checks
+
+    try:
+        return list(archive_checks(settings, storages))
+    except PgkeeperError as exc:
+        return [Check("archive", "failed", f"cannot check the WAL archive: {exc.message}")]
 
 
 def report_markdown(report: MonitorReport) -> str:

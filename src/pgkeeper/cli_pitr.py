@@ -238,7 +238,7 @@ def pitr_restore(
 @handle_errors
 def pitr_status(as_json: JsonOpt = False) -> None:
     """The recoverable window per timeline, gaps in the WAL sequence, and the archive lag."""
-    from pgkeeper.pitr import archive_status
+    from pgkeeper.pitr_status import archive_status
 
     settings = settings_from_env()
     report = archive_status(settings, targets(settings))

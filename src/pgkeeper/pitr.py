@@ -36,13 +36,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pgkeeper import catalog, naming, postgres, wal
 from pgkeeper.errors import (
-    ArchiveError,
     BackupNotFoundError,
     PgkeeperError,
     RestoreError,
@@ -51,7 +50,7 @@ from pgkeeper.errors import (
     VerificationError,
     WalGapError,
 )
-from pgkeeper.manifest import Manifest, utcnow
+from pgkeeper.manifest import BaseBackupInfo, Manifest
 from pgkeeper.pipeline import Decoder, HashingReader
 from pgkeeper.settings import Settings, env_file
 from pgkeeper.storage import Storage
@@ -261,25 +260,25 @@ def base_backups(storages: Sequence[Storage]) -> list[Manifest]:
 
 
 def _window_text(bases: list[Manifest], end_time: datetime | None, end_lsn: int) -> str:
-    oldest = min(bases, key=lambda m: _stopped(m))
-    until = f"{_fmt(end_time)} (last commit archived)" if end_time else "no archived commit"
+    oldest = min(bases, key=lambda m: base_end(m))
+    until = f"{fmt_time(end_time)} (last commit archived)" if end_time else "no archived commit"
     return (
-        f"reachable: {_fmt(_stopped(oldest))} (end of base backup {oldest.id}) .. {until}, "
-        f"by LSN {_info(oldest).stop_lsn} .. {wal.format_lsn(end_lsn)}"
+        f"reachable: {fmt_time(base_end(oldest))} (end of base backup {oldest.id}) .. {until}, "
+        f"by LSN {base_info(oldest).stop_lsn} .. {wal.format_lsn(end_lsn)}"
     )
 
 
-def _fmt(when: datetime | None) -> str:
+def fmt_time(when: datetime | None) -> str:
     return when.astimezone(UTC).isoformat(sep=" ", timespec="seconds") if when else "-"
 
 
-def _info(manifest: Manifest) -> Any:
+def base_info(manifest: Manifest) -> BaseBackupInfo:
     assert manifest.base is not None  # noqa: S101 - base_backups only returns kind base
     return manifest.base
 
 
-def _stopped(manifest: Manifest) -> datetime:
-    return _info(manifest).stopped_at  # type: ignore[no-any-return]
+def base_end(manifest: Manifest) -> datetime:
+    return base_info(manifest).stopped_at
 
 
 @dataclass
@@ -315,9 +314,9 @@ def plan(
         raise BackupNotFoundError(
             f"no usable base backup in {where} (run 'pgkeeper base-backup' first)"
         )
-    systems = sorted({_info(m).system_identifier for m in bases})
+    systems = sorted({base_info(m).system_identifier for m in bases})
     if len(systems) > 1:
-        servers = {s: sorted({m.server for m in bases if _info(m).system_identifier == s})
+        servers = {s: sorted({m.server for m in bases if base_info(m).system_identifier == s})
                    for s in systems}  # fmt: skip
         shown = ", ".join(f"{s} ({', '.join(servers[s])})" for s in systems)
         raise UsageError(
@@ -325,13 +324,14 @@ def plan(
             "pass --base ID to choose one"
         )
     newest = bases[0]
-    view = load_archive(storages, _info(newest).system_identifier, _info(newest).wal_segment_size)
+    info = base_info(newest)
+    view = load_archive(storages, info.system_identifier, info.wal_segment_size)
     wanted = target.timeline_number()
 
     def reach_from(manifest: Manifest) -> tuple[list[int], Reach]:
-        timelines = path_to(view, _info(manifest).timeline, wanted)
+        timelines = path_to(view, base_info(manifest).timeline, wanted)
         return timelines, reach(
-            view, spans(view, timelines, wal.parse_lsn(_info(manifest).start_lsn))
+            view, spans(view, timelines, wal.parse_lsn(base_info(manifest).start_lsn))
         )
 
     # The window's end: from the newest base backup (the longest stretch it can reach).
@@ -354,7 +354,7 @@ def plan(
         raise UsageError(f"{target.describe()} is past the end of the archive; {window}")
 
     def fits(manifest: Manifest) -> bool:
-        info = _info(manifest)
+        info = base_info(manifest)
         if target.time is not None:
             return bool(info.stopped_at <= target.time)
         if lsn is not None:
@@ -368,7 +368,7 @@ def plan(
             timelines, got = reach_from(manifest)
         except UsageError:
             continue
-        if got.end_lsn <= wal.parse_lsn(_info(manifest).stop_lsn):
+        if got.end_lsn <= wal.parse_lsn(base_info(manifest).stop_lsn):
             continue  # its own WAL is not (all) archived: it cannot become consistent
         return Plan(manifest, target, view, timelines, got, end_time)
     if base_id is not None:
@@ -522,7 +522,7 @@ def _as_owner(argv: list[str], owner: str | None) -> list[str]:
     return ["runuser", "-u", owner, "--", *argv] if owner else argv
 
 
-def _owner(settings: Settings) -> str | None:
+def server_user(settings: Settings) -> str | None:
     """The user to run the server as: BACKUP_PITR_OS_USER when running as root, else none."""
     if os.geteuid() != 0:
         return None
@@ -758,16 +758,21 @@ def restore_pitr(
     port: int | None = None,
     start: bool = False,
     keep_archiving: bool = False,
+    scratch: bool = False,
     storages: Sequence[Storage],
 ) -> PitrResult:
     """Build a data folder recovered to ``target``; see the module docstring.
+
+    ``scratch`` (restore tests) makes the copy private: no TCP listener, its socket in the
+    data folder, and local connections trusted (``pg_hba.conf`` replaced): only this user can
+    reach it, without the source's passwords.
 
     Raises UsageError (bad folder, target outside the window), WalGapError (a missing
     segment on the way), BackupNotFoundError, VerificationError (every copy of the base backup
     is damaged), RestoreError (the started server stopped; its FATAL line).
     """
     started = time.monotonic()
-    owner = _owner(settings) if start or os.geteuid() == 0 else None
+    owner = server_user(settings) if start or os.geteuid() == 0 else None
     chosen = plan(settings, storages, target, base_id)
     folder = _prepare_folder(to)
     last_error: PgkeeperError | None = None
@@ -780,7 +785,11 @@ def restore_pitr(
             last_error = exc
     if last_error is not None:
         raise last_error
-    notes = _finish_folder(folder, recovery_settings(settings, chosen, port, keep_archiving))
+    lines = recovery_settings(settings, chosen, port, keep_archiving)
+    if scratch:
+        lines += f"listen_addresses = ''\nunix_socket_directories = {_quote(str(folder))}\n"
+        (folder / "pg_hba.conf").write_text("local all all trust\n")
+    notes = _finish_folder(folder, lines)
     _hand_over(folder, owner)
     start_argv = ["pg_ctl", "start", "-D", str(folder), "-l", str(folder / RESTORE_LOG)]
     result = PitrResult(
@@ -819,261 +828,4 @@ def _copies(storages: Sequence[Storage], backup_id: str) -> list[tuple[Manifest,
     return found
 
 
-# --- status and health -------------------------------------------------------------------------
-
-
-@dataclass
-class TimelineStatus:
-    """One timeline of one system: its segments, gaps and recoverable window."""
-
-    system_id: int
-    timeline: int
-    segments: int
-    first: str | None
-    newest: str | None
-    newest_at: datetime | None
-    gaps: list[tuple[str, str]]
-    base_backups: int
-    recoverable_from: datetime | None  # the oldest base backup's end on this timeline
-
-    def row(self, now: datetime) -> dict[str, Any]:
-        gaps = ", ".join(a if a == b else f"{a}..{b}" for a, b in self.gaps) or "none"
-        return {
-            "system": self.system_id,
-            "timeline": self.timeline,
-            "recoverable from": _fmt(self.recoverable_from) if self.recoverable_from else "-",
-            "newest WAL": self.newest or "-",
-            "archived": _ago(now - self.newest_at) if self.newest_at else "-",
-            "segments": self.segments,
-            "gaps": gaps,
-            "base backups": self.base_backups,
-        }
-
-
-def _ago(delta: timedelta) -> str:
-    seconds = max(0, int(delta.total_seconds()))
-    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= span:
-            return f"{seconds // span}{unit} ago"
-    return f"{seconds}s ago"
-
-
-@dataclass
-class ServerArchiving:
-    """What the configured server says of its archiving (pg_stat_archiver and friends)."""
-
-    server: str
-    system_id: int
-    archive_mode: str
-    archive_command: str
-    current_wal: str
-    last_archived_wal: str | None
-    last_archived_at: datetime | None
-    failed_count: int
-    last_failed_wal: str | None
-    last_failed_at: datetime | None
-
-    @property
-    def failing(self) -> bool:
-        return self.last_failed_at is not None and (
-            self.last_archived_at is None or self.last_failed_at > self.last_archived_at
-        )
-
-
-@dataclass
-class StatusReport:
-    """``pitr status``: per system and timeline, plus the server's archiver and the lag."""
-
-    now: datetime
-    targets: list[str]
-    timelines: list[TimelineStatus] = field(default_factory=list)
-    server: ServerArchiving | None = None
-    conflicts: list[str] = field(default_factory=list)
-    lag_segments: int | None = None
-    notes: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def verdict(self) -> str:
-        return "; ".join(self.problems)
-
-    def as_table(self) -> list[dict[str, Any]]:
-        return [t.row(self.now) for t in self.timelines]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "now": self.now.isoformat(),
-            "ok": self.ok,
-            "targets": self.targets,
-            "timelines": [
-                {**t.__dict__, "newest_at": t.newest_at.isoformat() if t.newest_at else None,
-                 "recoverable_from": t.recoverable_from.isoformat() if t.recoverable_from
-                 else None}
-                for t in self.timelines
-            ],
-            "server": (
-                {k: (v.isoformat() if isinstance(v, datetime) else v)
-                 for k, v in self.server.__dict__.items()} if self.server else None
-            ),
-            "lag_segments": self.lag_segments,
-            "conflicts": self.conflicts,
-            "problems": self.problems,
-            "notes": self.notes,
-        }  # fmt: skip
-
-
-def server_archiving(settings: Settings) -> ServerArchiving | None:
-    """pg_stat_archiver and the archiving settings of DATABASE_URL's server; None when no
-    DATABASE_URL is set. Raises the connection errors of ``postgres.connect``."""
-    if settings.database_url is None or not settings.database_url.get_secret_value():
-        return None
-    conn = postgres.ConnInfo.parse(settings.require_database_url())
-    with postgres.connect(conn) as connection:
-        row = connection.execute(
-            "SELECT (SELECT system_identifier FROM pg_control_system()),"
-            " current_setting('archive_mode'), current_setting('archive_command'),"
-            " CASE WHEN pg_is_in_recovery() THEN NULL"
-            "      ELSE pg_walfile_name(pg_current_wal_lsn()) END,"
-            " last_archived_wal, last_archived_time, failed_count, last_failed_wal,"
-            " last_failed_time FROM pg_stat_archiver"
-        ).fetchone()
-    assert row is not None  # noqa: S101 - pg_stat_archiver has one row
-    return ServerArchiving(
-        conn.server, int(row[0]), str(row[1]), str(row[2]), str(row[3] or ""),
-        row[4], row[5], int(row[6] or 0), row[7], row[8],
-    )  # fmt: skip
-
-
-def archive_status(
-    settings: Settings, storages: Sequence[Storage], now: datetime | None = None
-) -> StatusReport:
-    """The archive on the primary target, per system and timeline; see ``StatusReport``."""
-    now = now or utcnow()
-    report = StatusReport(now=now, targets=[s.url for s in storages])
-    if not storages:
-        return report
-    primary = storages[0]
-    bases = base_backups(storages)
-    try:
-        report.server = server_archiving(settings)
-    except PgkeeperError as exc:
-        report.notes.append(f"server not checked: {exc.message}")
-    systems = set(wal.list_systems(primary)) | {_info(m).system_identifier for m in bases}
-    if report.server is not None:
-        systems.add(report.server.system_id)
-    for system_id in sorted(systems):
-        archive = wal.list_archive(primary, system_id)
-        report.conflicts += [f"{system_id}/{n}" for n in archive.conflicts()]
-        mine = [m for m in bases if _info(m).system_identifier == system_id]
-        size = _info(mine[0]).wal_segment_size if mine else wal.DEFAULT_SEGMENT_SIZE
-        oldest_start = min((wal.parse_lsn(_info(m).start_lsn) for m in mine), default=None)
-        for timeline in archive.timelines() or ([_info(mine[0]).timeline] if mine else []):
-            names = archive.segments(timeline)
-            newest = archive.newest(timeline)
-            on_timeline = [m for m in mine if _info(m).timeline == timeline]
-            floor = wal.segment_of(oldest_start, size) if oldest_start is not None else -1
-            relevant = [n for n in names if wal.segment_number(n, size) >= floor]
-            holes = wal.gaps(relevant, size)
-            report.timelines.append(TimelineStatus(
-                system_id=system_id, timeline=timeline, segments=len(names),
-                first=names[0] if names else None, newest=newest.name if newest else None,
-                newest_at=newest.modified if newest else None, gaps=holes,
-                base_backups=len(on_timeline),
-                recoverable_from=min((_stopped(m) for m in on_timeline), default=None),
-            ))  # fmt: skip
-            for first, last in holes:
-                report.problems.append(
-                    f"system {system_id} timeline {timeline}: WAL {first}"
-                    + (f" .. {last}" if last != first else "")
-                    + " missing (a restore cannot pass it; take a new base backup)"
-                )
-        if not mine and archive.files:
-            report.problems.append(
-                f"system {system_id}: WAL is archived but there is no usable base backup to "
-                "restore from (run 'pgkeeper base-backup')"
-            )
-    for name in report.conflicts:
-        report.problems.append(f"{name} is archived twice with different contents")
-    server = report.server
-    if server is not None:
-        if server.archive_mode == "off":
-            report.problems.append(f"{server.server} does not archive WAL (archive_mode=off)")
-        if server.failing:
-            report.problems.append(
-                f"archive_command fails on {server.server}: {server.failed_count} failures, "
-                f"the last for {server.last_failed_wal} at {_fmt(server.last_failed_at)} "
-                "(see the server log)"
-            )
-        archived = wal.list_archive(primary, server.system_id)
-        if server.current_wal:
-            timeline = wal.timeline_of(server.current_wal)
-            latest = archived.newest(timeline)
-            current = wal.segment_number(server.current_wal)
-            done = wal.segment_number(latest.name) if latest else current - 1
-            report.lag_segments = max(0, current - 1 - done)
-            report.notes.append(
-                f"{server.server}: writing {server.current_wal}; "
-                f"{report.lag_segments} finished segment(s) not archived yet"
-            )
-    return report
-
-
-def archive_checks(
-    settings: Settings, storages: Sequence[Storage], now: datetime | None = None
-) -> list[Any]:
-    """The monitor's archive checks (``archive``, ``archive-lag``, ``archive-command``) when
-    this deployment archives WAL; an empty list when it does not."""
-    from pgkeeper.monitor import Check
-    from pgkeeper.retention import parse_duration
-
-    now = now or utcnow()
-    report = archive_status(settings, storages, now)
-    server = report.server
-    archiving = bool(report.timelines) or (
-        server is not None and server.archive_mode != "off" and "wal-push" in server.archive_command
-    )
-    if not archiving:
-        return []
-    checks = []
-    archive_problems = [p for p in report.problems if "archive_command fails" not in p
-                        and "does not archive" not in p]  # fmt: skip
-    if archive_problems:
-        checks.append(Check("archive", "failed", "; ".join(archive_problems)))
-    else:
-        windows = [
-            f"timeline {t.timeline} from {_fmt(t.recoverable_from)} to {t.newest}"
-            for t in report.timelines if t.recoverable_from
-        ]  # fmt: skip
-        checks.append(Check("archive", "ok", "; ".join(windows) or "no gaps"))
-    max_lag = parse_duration(settings.backup_archive_max_lag, "BACKUP_ARCHIVE_MAX_LAG")
-    if server is None:
-        checks.append(Check("archive-lag", "skipped", "no DATABASE_URL: the server is not checked"))
-        return checks
-    if server.failing:
-        checks.append(Check(
-            "archive-command", "failed",
-            f"archive_command fails on {server.server}: {server.failed_count} failures, the last "
-            f"for {server.last_failed_wal} at {_fmt(server.last_failed_at)} (see the server log)",
-        ))  # fmt: skip
-    else:
-        detail = f"{server.failed_count} failures, none since the last success"
-        checks.append(Check("archive-command", "ok", detail))
-    waiting = report.lag_segments or 0
-    since = now - server.last_archived_at if server.last_archived_at else None
-    if server.archive_mode == "off":
-        checks.append(Check("archive-lag", "failed", f"{server.server} has archive_mode=off"))
-    elif waiting > 0 and (since is None or since > max_lag):
-        checks.append(Check(
-            "archive-lag", "failed",
-            f"{waiting} finished WAL segment(s) not archived; the last archived "
-            f"{_ago(since) if since else 'never'} (limit {settings.backup_archive_max_lag})",
-        ))  # fmt: skip
-    else:
-        checks.append(Check("archive-lag", "ok", f"{waiting} finished segment(s) waiting"))
-    return checks
-
-
-__all__ = ["ArchiveError", "Plan", "Target", "archive_checks", "archive_status", "restore_pitr"]
+__all__ = ["Plan", "Target", "base_backups", "plan", "restore_pitr"]

@@ -559,6 +559,29 @@ def read_history(storage: Storage, archive: Archive, timeline: int) -> list[Time
         return parse_history(dest.read_text(errors="replace"))
 
 
+def prune_plan(
+    archive: Archive, kept_starts: Iterable[int], segment_size: int = DEFAULT_SEGMENT_SIZE
+) -> list[ArchivedFile]:
+    """What WAL retention removes from one system's archive (pure): every segment, partial
+    segment and backup history file wholly before the oldest kept base backup's start LSN.
+
+    Nothing when no base backup is kept (without one the archive restores nothing, but it is
+    not for rotation to decide that the operator's own base backups do not exist), and never
+    a timeline history file: they are tiny and recovery reads them to find its way.
+    """
+    starts = list(kept_starts)
+    if not starts:
+        return []
+    floor = segment_of(min(starts), segment_size)
+    doomed: list[ArchivedFile] = []
+    for name, copies in archive.files.items():
+        if kind_of(name) == "history":
+            continue
+        if segment_number(name, segment_size) < floor:
+            doomed.extend(copies)
+    return sorted(doomed, key=lambda f: f.name)
+
+
 def remove(storage: Storage, files: Iterable[ArchivedFile]) -> int:
     """Delete archived files; returns how many. Raises the backend's StorageError."""
     count = 0
@@ -566,3 +589,41 @@ def remove(storage: Storage, files: Iterable[ArchivedFile]) -> int:
         storage.delete(item.key)
         count += 1
     return count
+
+
+@dataclass
+class UploadReport:
+    """What ``upload_missing`` copied (files per target URL) and what failed."""
+
+    copied: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def upload_missing(storages: Sequence[Storage]) -> UploadReport:
+    """Copy every archived WAL file of the primary (the first target) that an offsite target
+    lacks, proving each copy (``copy``). Per-target failures are collected, not raised, so
+    one unreachable bucket does not stop the others."""
+    report = UploadReport()
+    if len(storages) < 2:
+        return report
+    primary = storages[0]
+    try:
+        systems = list_systems(primary)
+    except StorageError as exc:
+        report.failed[primary.url] = exc.message
+        return report
+    for dest in storages[1:]:
+        count = 0
+        try:
+            for system_id in systems:
+                source = list_archive(primary, system_id)
+                there = list_archive(dest, system_id)
+                for name in sorted(source.files):
+                    have = {f.sha256 for f in there.files.get(name, [])}
+                    for item in source.files[name]:
+                        if item.sha256 not in have and copy(primary, dest, item.key):
+                            count += 1
+        except (StorageError, ArchiveError) as exc:
+            report.failed[dest.url] = exc.message
+        report.copied[dest.url] = count
+    return report
