@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
+
 from pgkeeper import postgres, wal
 from pgkeeper.errors import PgkeeperError
 from pgkeeper.manifest import utcnow
@@ -76,6 +78,7 @@ class ServerArchiving:
     failed_count: int
     last_failed_wal: str | None
     last_failed_at: datetime | None
+    ready: int | None = None  # WAL files waiting for archive_command (None: not visible)
 
     @property
     def failing(self) -> bool:
@@ -144,10 +147,19 @@ def server_archiving(settings: Settings) -> ServerArchiving | None:
             " last_archived_wal, last_archived_time, failed_count, last_failed_wal,"
             " last_failed_time FROM pg_stat_archiver"
         ).fetchone()
-    assert row is not None  # noqa: S101 - pg_stat_archiver has one row
+        assert row is not None  # noqa: S101 - pg_stat_archiver has one row
+        ready: int | None = None
+        try:  # the exact count of waiting files: superusers and pg_monitor members only
+            with connection.transaction():
+                found = connection.execute(
+                    "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'"
+                ).fetchone()
+            ready = int(found[0]) if found else None
+        except psycopg.Error:
+            ready = None
     return ServerArchiving(
         conn.server, int(row[0]), str(row[1]), str(row[2]), str(row[3] or ""),
-        row[4], row[5], int(row[6] or 0), row[7], row[8],
+        row[4], row[5], int(row[6] or 0), row[7], row[8], ready,
     )  # fmt: skip
 
 
@@ -212,12 +224,15 @@ def archive_status(
                 "(see the server log)"
             )
         archived = wal.list_archive(primary, server.system_id)
-        if server.current_wal:
+        if server.ready is not None:
+            report.lag_segments = server.ready
+        elif server.current_wal:  # estimated: finished segments newer than the newest archived
             timeline = wal.timeline_of(server.current_wal)
             latest = archived.newest(timeline)
             current = wal.segment_number(server.current_wal)
             done = wal.segment_number(latest.name) if latest else current - 1
             report.lag_segments = max(0, current - 1 - done)
+        if server.current_wal:
             report.notes.append(
                 f"{server.server}: writing {server.current_wal}; "
                 f"{report.lag_segments} finished segment(s) not archived yet"
@@ -236,9 +251,9 @@ def archive_checks(
     now = now or utcnow()
     report = archive_status(settings, storages, now)
     server = report.server
-    archiving = bool(report.timelines) or (
-        server is not None and server.archive_mode != "off" and "wal-push" in server.archive_command
-    )
+    # Checked when there is an archive of ours, or the server archives WAL (by any command:
+    # a failing archive_command is worth an alert whoever wrote it).
+    archiving = bool(report.timelines) or (server is not None and server.archive_mode != "off")
     if not archiving:
         return []
     checks = []
