@@ -86,6 +86,16 @@ def wal_fetch(
         settings = settings_from_env()
         if system_id is None:
             system_id = wal.system_id_from_control(Path.cwd())
+        if len(name) == 24 and (path.parent / "archive_status").is_dir():
+            # Recovery asks for the next segments one by one: fetch them ahead, in the
+            # background, so the next wal-fetch is one rename (see pgkeeper.wal_spool).
+            # Started first: its start-up overlaps this fetch.
+            from pgkeeper import wal_spool
+            from pgkeeper.wal_prefetch import start_prefetcher
+
+            lock = wal_spool.prefetch_of(path) / wal_spool.FETCH_LOCK
+            if not wal_spool.pusher_running_at(lock):
+                start_prefetcher(path, name, system_id)
         wal.fetch(targets(settings), name, path, system_id=system_id)
     except WalMissingError:
         raise typer.Exit(1) from None  # the end of the archive: PostgreSQL asks, never an error

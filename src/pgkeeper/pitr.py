@@ -40,6 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import zstandard
+
 from pgkeeper import catalog, naming, postgres, wal
 from pgkeeper.errors import (
     BackupNotFoundError,
@@ -51,7 +53,7 @@ from pgkeeper.errors import (
     WalGapError,
 )
 from pgkeeper.manifest import BaseBackupInfo, Manifest
-from pgkeeper.pipeline import Decoder, HashingReader
+from pgkeeper.pipeline import HashingReader
 from pgkeeper.settings import Settings, env_file
 from pgkeeper.storage import Storage
 from pgkeeper.storage.base import CHUNK
@@ -396,64 +398,49 @@ def _check_member(member: tarfile.TarInfo) -> str:
     return name
 
 
-class _ChunkStream:
-    """A read() over decoded chunks of the stored object (tarfile reads from it)."""
-
-    def __init__(self, reader: HashingReader, compression: str) -> None:
-        self._reader = reader
-        self._decoder = Decoder(compression)
-        self._buffer = b""
-        self._eof = False
-
-    def read(self, size: int = -1) -> bytes:
-        while not self._eof and (size < 0 or len(self._buffer) < size):
-            chunk = self._reader.read(CHUNK)
-            if not chunk:
-                self._decoder.finish()
-                self._eof = True
-                break
-            self._buffer += self._decoder.decompress(chunk)
-        if size < 0:
-            size = len(self._buffer)
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
-
-
 def extract(storage: Storage, manifest: Manifest, dest: Path) -> None:
     """Extract a stored base backup into the empty folder ``dest``, checking the stored bytes'
     sha256; raises VerificationError (and leaves ``dest`` empty) when they do not match."""
     obj = manifest.objects[0]
+    if manifest.compression != "zstd":
+        raise VerificationError(f"base backup {manifest.id} is not zstd-compressed")
     with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
         reader = HashingReader.of(src, obj)
-        stream = _ChunkStream(reader, manifest.compression)
+        stream = zstandard.ZstdDecompressor().stream_reader(
+            reader,  # type: ignore[arg-type]  # any object with read() will do
+            read_size=CHUNK,
+            read_across_frames=True,
+        )
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as archive:
                 for member in archive:
-                    name = _check_member(member)
-                    path = dest.joinpath(*PurePosixPath(name).parts)
-                    if member.isdir():
-                        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-                        continue
-                    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                    handle = archive.extractfile(member)
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                    with os.fdopen(fd, "wb") as out:
-                        while handle is not None and (chunk := handle.read(CHUNK)):
-                            out.write(chunk)
-            stream.drain()
+                    _extract_member(archive, member, dest)
+            while stream.read(CHUNK):  # the tar's padding, to the end of the stored object
+                pass
+            reader.drain()
             reader.check()
-        except (VerificationError, tarfile.TarError, OSError) as exc:
+        except (VerificationError, tarfile.TarError, zstandard.ZstdError, OSError) as exc:
             _empty(dest)
             if isinstance(exc, VerificationError):
                 raise
             reader.drain()
-            reader.check()  # damaged stored bytes explain a broken tar: say so
+            reader.check()  # damaged stored bytes explain a broken stream: say so
             raise VerificationError(f"the base backup's tar is unreadable ({exc})",
                                     check="structure") from exc  # fmt: skip
+
+
+def _extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    name = _check_member(member)
+    path = dest.joinpath(*PurePosixPath(name).parts)
+    if member.isdir():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handle = archive.extractfile(member)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        while handle is not None and (chunk := handle.read(CHUNK)):
+            out.write(chunk)
 
 
 def _empty(folder: Path) -> None:
@@ -808,10 +795,32 @@ def restore_pitr(
             "--env-file was given): start it where BACKUP_DIR and the credentials are set"
         )
     if start:
+        _prefetch_first(settings, folder, chosen, owner)
         result.recovered_to = start_server(settings, folder, owner)
         result.started = True
     result.duration_seconds = time.monotonic() - started
     return result
+
+
+def _prefetch_first(settings: Settings, folder: Path, chosen: Plan, owner: str | None) -> None:
+    """Start the WAL prefetcher before the server, from the base backup's first segment, with
+    the server's pgkeeper, so even the first restore_command finds its segment fetched."""
+    from pgkeeper.wal_prefetch import start_prefetcher
+
+    python = Path(pgkeeper_command(settings)).with_name("python")
+    if not python.exists():
+        return  # the server's pgkeeper is not a venv script: its first wal-fetch starts one
+    info = base_info(chosen.base)
+    first = wal.segment_number(info.start_wal, info.wal_segment_size)
+    after = wal.segment_name(info.timeline, max(first - 1, 0), info.wal_segment_size)
+    start_prefetcher(
+        folder / "pg_wal" / "RECOVERYXLOG",
+        after,
+        chosen.view.system_id,
+        python=str(python),
+        owner=owner,
+        env=server_env(settings),
+    )
 
 
 def _copies(storages: Sequence[Storage], backup_id: str) -> list[tuple[Manifest, Storage]]:

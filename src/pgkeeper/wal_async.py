@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -111,14 +110,7 @@ def start_pusher(pg_wal: Path) -> None:
         argv += ["--env-file", str(chosen)]
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
-        subprocess.Popen(
-            argv,
-            cwd=pg_wal.resolve().parent,
-            stdin=subprocess.DEVNULL,
-            stdout=fd,
-            stderr=fd,
-            start_new_session=True,  # outlives this wal-push; PostgreSQL only waits for us
-        )
+        wal_spool.spawn_detached(argv, pg_wal.resolve().parent, fd)
     finally:
         os.close(fd)
 

@@ -12,6 +12,12 @@ archive-push does, the work is split:
 - ``wal-push`` for a file whose ``.ok`` is here consumes it and exits 0 without importing
   anything but this module (~25 ms), and waits here while the pusher runs.
 
+Restores mirror it (WAL-G's prefetch, pgBackRest's archive-get async): after ``wal-fetch``
+has fetched a segment itself, a background prefetcher (``pgkeeper.wal_prefetch``) fetches the
+next segments into ``pg_wal/.pgkeeper/prefetch/``, each checked against its checksum before it
+is renamed in; ``wal-fetch`` of a prefetched segment is one rename into place, and for a
+segment the prefetcher is about to fetch it writes ``<name>.want`` there and waits.
+
 The spool is ``pg_wal/.pgkeeper/`` (0700, owned by the server's user). It holds only these
 small status files, never WAL: losing it costs a re-check, since pushing the same bytes twice
 is a success. ``pg_basebackup`` never copies it (it skips everything in ``pg_wal``), and
@@ -23,6 +29,8 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -111,8 +119,13 @@ def take_error(wal_path: Path) -> str | None:
 
 def pusher_running(spool: Path) -> bool:
     """Whether a pusher holds the spool's lock (checked without taking it for long)."""
+    return pusher_running_at(spool / LOCK)
+
+
+def pusher_running_at(lock: Path) -> bool:
+    """Whether a background process holds the lock file ``lock``."""
     try:
-        fd = os.open(spool / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
@@ -147,3 +160,82 @@ def wait_for_ok(wal_path: Path, timeout: float) -> bool | None:
             return None
         time.sleep(pause)
         pause = min(pause * 2, 0.02)
+
+
+# --- restores: the prefetch folder ---------------------------------------------------------------
+
+PREFETCH = "prefetch"
+FETCH_LOCK = "fetch.lock"
+WANT = ".want"
+MISSING = ".missing"
+
+
+def prefetch_of(dest: Path) -> Path:
+    """The prefetch folder beside ``dest`` (``pg_wal/RECOVERYXLOG`` -> pg_wal/.pgkeeper/...)."""
+    return dest.parent / SPOOL / PREFETCH
+
+
+def take_prefetched(name: str, dest: Path) -> bool:
+    """Move the prefetched ``name`` to ``dest`` (one rename); False when it is not there."""
+    try:
+        os.replace(prefetch_of(dest) / name, dest)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+MISSING_FRESH = 10.0  # seconds a prefetcher's "not in the archive" answer is trusted
+
+
+def _fresh(path: Path) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime < MISSING_FRESH
+    except OSError:
+        return False
+
+
+def wait_prefetched(name: str, dest: Path, timeout: float) -> bool | None:
+    """Ask the running prefetcher for ``name`` and wait for it. True: it is at ``dest``.
+    False: the prefetcher just found it is not in the archive (and no gap: ``wal.fetch``
+    decided). None: no prefetcher, an error, or the time is up: the full path decides."""
+    folder = prefetch_of(dest)
+    if not (private_folder(folder.parent) and private_folder(folder)):
+        return None
+    if take_prefetched(name, dest):
+        return True
+    missing = folder / (name + MISSING)
+    if _fresh(missing):
+        return False
+    if not pusher_running_at(folder / FETCH_LOCK):
+        return None
+    want = folder / (name + WANT)
+    try:
+        want.touch()
+    except OSError:
+        return None
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while True:
+        if take_prefetched(name, dest):
+            return True
+        if _fresh(missing):
+            return False
+        if (folder / (name + ERROR)).exists() or not pusher_running_at(folder / FETCH_LOCK):
+            return True if take_prefetched(name, dest) else None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+
+
+def spawn_detached(
+    argv: list[str], cwd: Path, log_fd: int, env: dict[str, str] | None = None
+) -> None:
+    """Start a background helper in its own session (it outlives the wal-push or wal-fetch
+    that starts it: PostgreSQL only waits for that one). A thread reaps it, so a long-lived
+    caller (a Prefect worker running restore tests) keeps no zombie."""
+    proc = subprocess.Popen(
+        argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+        start_new_session=True, env=env,
+    )  # fmt: skip
+    threading.Thread(target=proc.wait, daemon=True, name="pgkeeper-reap").start()

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from pgkeeper import catalog, naming, wal, wal_spool
-from pgkeeper.entry import fast_wal_push
+from pgkeeper.entry import fast_wal_fetch, fast_wal_push
 from pgkeeper.errors import (
     ArchiveError,
     UsageError,
@@ -281,3 +282,26 @@ def test_the_fast_path_imports_no_pgkeeper_settings_or_sdk(tmp_path: Path) -> No
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_wal_fetch_fast_path_takes_a_prefetched_segment_or_a_fresh_missing(
+    pg_wal: Path,
+) -> None:
+    """wal-fetch's fast path renames a prefetched (already verified) segment into place (exit
+    0) and answers 1 from a fresh 'not in the archive' marker; anything else (no prefetcher,
+    a stale marker) goes to the full CLI."""
+    folder = wal_spool.prefetch_of(pg_wal / "RECOVERYXLOG")
+    folder.mkdir(parents=True, mode=0o700)
+    folder.parent.chmod(0o700)
+    name = wal.segment_name(1, 5)
+    (folder / name).write_bytes(b"verified bytes")
+    dest = pg_wal / "RECOVERYXLOG"
+    assert fast_wal_fetch(["wal-fetch", "--system-id", "1", name, str(dest)]) == 0
+    assert dest.read_bytes() == b"verified bytes" and not (folder / name).exists()
+    history = "00000002.history"
+    wal_spool.write_status(folder, history, wal_spool.MISSING, "\n")
+    assert fast_wal_fetch(["--env-file", "x", "wal-fetch", history, str(dest)]) == 1
+    old = time.time() - 60
+    os.utime(folder / (history + wal_spool.MISSING), (old, old))
+    assert fast_wal_fetch(["wal-fetch", history, str(dest)]) is None
+    assert fast_wal_fetch(["wal-fetch", wal.segment_name(1, 6), str(dest)]) is None
