@@ -11,7 +11,10 @@ segment per 0.1 s), with archive_command =
 For each: segments written, archived when the load ended, waiting then (lag), seconds until
 none waits, segments/s over load + catch-up, and the CPU seconds archiving cost (the
 archiver's own and reaped children's, plus detached helpers: pgkeeper's pusher,
-pgBackRest's async process).
+pgBackRest's async process). The load is faster than some archivers but not all, so
+segments/s there is mostly the load's; the **drain** runs measure each archiver's capacity:
+the same load with archive_command unset (the WAL piles up), then the command is set and the
+backlog is timed until archived.
 
 Restore (`--rounds` times): one cluster archives both ways at once (`cp` to a folder, then
 `pgkeeper wal-push`); a plain `pg_basebackup` and a `pgkeeper base-backup` are taken back to
@@ -130,7 +133,7 @@ class HelperCpu:
                 stat = _stat(pid)
                 if stat is not None:
                     self.seen[pid] = (int(stat[11]) + int(stat[12])) / CLK_TCK
-            time.sleep(0.02)
+            time.sleep(0.1)  # scanning /proc costs CPU too; helpers idle before they exit
 
     def seconds(self) -> float:
         self._stop.set()
@@ -159,6 +162,15 @@ class ArchiveRun:
     waiting_at_end: int
     catch_up_s: float
     rate: float  # segments per second over load + catch-up
+    cpu_s: float
+
+
+@dataclass
+class DrainRun:
+    case: str
+    backlog: int  # segments waiting when archive_command was set
+    seconds: float  # until none waits
+    rate: float  # segments per second: the archiver's capacity
     cpu_s: float
 
 
@@ -210,6 +222,53 @@ def archive_command(case: str, work: Path, server: Path) -> str:
     return f"{server} --env-file {env_file} wal-push %p"
 
 
+def _set_command(cluster: PgCluster, command: str) -> None:
+    quoted = command.replace("'", "''")
+    cluster.execute(f"ALTER SYSTEM SET archive_command = '{quoted}'")
+    cluster.execute("SELECT pg_reload_conf()")
+
+
+def _prepare(case: str, work: Path, cluster: PgCluster) -> None:
+    if case == "pgbackrest-async":
+        conf = pgbackrest_config(work, cluster.data_dir, cluster.socket_dir, cluster.port)
+        done = subprocess.run(
+            as_server(["pgbackrest", f"--config={conf}", "--stanza=bench", "stanza-create"]),
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"pgbackrest stanza-create: {done.stdout}{done.stderr}")
+
+
+def run_drain_case(case: str, scale: int, server: Path) -> DrainRun:
+    """The archiver's capacity: the load runs with archive_command unset (WAL piles up as
+    .ready files), then the command is set and the backlog timed until it is archived."""
+    work = shared_dir("pgkeeper-bench-pitr-")
+    try:
+        cluster = PgCluster(settings={"wal_level": "replica", "archive_mode": "on",
+                                      "archive_command": "''", "max_wal_size": "4GB"})  # fmt: skip
+        cluster.start()
+        try:
+            _prepare(case, work, cluster)
+            command = archive_command(case, work, server)
+            env = {**os.environ, **cluster.libpq_env()}
+            subprocess.run([str(pg_bindir() / "pgbench"), "-i", "-s", str(scale), "-q"],
+                           env=env, check=True, capture_output=True)  # fmt: skip
+            cluster.execute("SELECT pg_switch_wal()")
+            time.sleep(0.5)
+            backlog = waiting(cluster)
+            marker = str(work) if case.startswith("pgbackrest") else str(cluster.data_dir)
+            helpers = HelperCpu(marker)
+            cpu_before = archiver_cpu(cluster)
+            _set_command(cluster, command)
+            seconds = _wait_idle(cluster, 600)
+            cpu = archiver_cpu(cluster) - cpu_before + helpers.seconds()
+            return DrainRun(case, backlog, seconds, backlog / seconds, cpu)
+        finally:
+            cluster.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run_archive_case(case: str, scale: int, server: Path) -> ArchiveRun:
     work = shared_dir("pgkeeper-bench-pitr-")
     try:
@@ -218,18 +277,8 @@ def run_archive_case(case: str, scale: int, server: Path) -> ArchiveRun:
                                       "max_wal_size": "4GB"})  # fmt: skip
         cluster.start()
         try:
-            if case == "pgbackrest-async":
-                conf = pgbackrest_config(work, cluster.data_dir, cluster.socket_dir, cluster.port)
-                done = subprocess.run(
-                    as_server(["pgbackrest", f"--config={conf}", "--stanza=bench",
-                               "stanza-create"]), capture_output=True, text=True,
-                )  # fmt: skip
-                if done.returncode != 0:
-                    raise RuntimeError(f"pgbackrest stanza-create: {done.stdout}{done.stderr}")
-            command = archive_command(case, work, server)
-            quoted = command.replace("'", "''")
-            cluster.execute(f"ALTER SYSTEM SET archive_command = '{quoted}'")
-            cluster.execute("SELECT pg_reload_conf()")
+            _prepare(case, work, cluster)
+            _set_command(cluster, archive_command(case, work, server))
             cluster.execute("SELECT pg_switch_wal()")
             _wait_idle(cluster, 60)
             marker = str(work) if case.startswith("pgbackrest") else str(cluster.data_dir)
@@ -402,6 +451,12 @@ def main() -> int:
             run = run_archive_case(case, args.scale, server)
             print(f"round {round_ + 1} {case}: {asdict(run)}", file=sys.stderr)
             runs.append(run)
+    drains: list[DrainRun] = []
+    for round_ in range(args.rounds):
+        for case in cases:
+            drain = run_drain_case(case, args.scale, server)
+            print(f"round {round_ + 1} drain {asdict(drain)}", file=sys.stderr)
+            drains.append(drain)
     restores: list[RestoreRun] = []
     if not args.no_restore:
         with restore_bench_cluster(args.scale, server) as setup:
@@ -425,6 +480,17 @@ def main() -> int:
             f"| {median([r.rate for r in mine]):.1f} "
             f"| {median([r.cpu_s for r in mine]):.2f} s |"
         )
+    print(f"\nDraining a backlog (the load ran with no archive_command; medians of "
+          f"{args.rounds}):\n")  # fmt: skip
+    print("| archive_command | backlog | archived in | segments/s | CPU |\n|---|---|---|---|---|")
+    for case in cases:
+        mine_d = [d for d in drains if d.case == case]
+        print(
+            f"| {case} | {median([d.backlog for d in mine_d]):.0f} "
+            f"| {median([d.seconds for d in mine_d]):.2f} s "
+            f"| {median([d.rate for d in mine_d]):.1f} "
+            f"| {median([d.cpu_s for d in mine_d]):.2f} s |"
+        )
     if restores:
         print(f"\nPITR restore of the same archive (medians of {args.rounds}):\n")
         print("| restore | wall | segments replayed |\n|---|---|---|")
@@ -434,7 +500,8 @@ def main() -> int:
     BENCH.mkdir(exist_ok=True)
     (BENCH / "pitr-results.json").write_text(json.dumps(
         {"scale": args.scale, "rounds": args.rounds, "archive": [asdict(r) for r in runs],
-         "restore": [asdict(r) for r in restores]}, indent=2,
+         "drain": [asdict(d) for d in drains], "restore": [asdict(r) for r in restores]},
+        indent=2,
     ))  # fmt: skip
     return 0
 

@@ -15,16 +15,27 @@ from pathlib import Path
 FAST_WAIT = 30.0  # seconds to wait here for a running pusher before the full path takes over
 
 
-def fast_wal_push(args: list[str]) -> int | None:
-    """0 when ``args`` is a wal-push whose file the pusher acknowledged; None otherwise."""
-    i = 0
+def _options(args: list[str]) -> tuple[int, str | None] | None:
+    """Skip the global options the fast paths understand; (index of the command, env file)."""
+    i, env_file = 0, None
     while i < len(args) and args[i].startswith("-"):
-        if args[i] == "--env-file":
-            i += 2
-        elif args[i].startswith("--env-file=") or args[i] in ("-q", "--quiet"):
+        if args[i] == "--env-file" and i + 1 < len(args):
+            env_file, i = args[i + 1], i + 2
+        elif args[i].startswith("--env-file="):
+            env_file, i = args[i].split("=", 1)[1], i + 1
+        elif args[i] in ("-q", "--quiet"):
             i += 1
         else:
             return None  # --debug and anything unknown: the full CLI
+    return i, env_file
+
+
+def fast_wal_push(args: list[str]) -> int | None:
+    """0 when ``args`` is a wal-push whose file the pusher acknowledged; None otherwise."""
+    parsed = _options(args)
+    if parsed is None:
+        return None
+    i, env_file = parsed
     if len(args) != i + 2 or args[i] != "wal-push":
         return None
     from pgkeeper import wal_spool
@@ -32,20 +43,16 @@ def fast_wal_push(args: list[str]) -> int | None:
     path = Path(args[i + 1])
     if not wal_spool.looks_like_wal(path.name):
         return None
-    return 0 if wal_spool.wait_for_ok(path, FAST_WAIT) else None
+    return 0 if wal_spool.push_fast(path, env_file, FAST_WAIT) else None
 
 
 def fast_wal_fetch(args: list[str]) -> int | None:
     """0 when ``args`` is a wal-fetch the prefetcher has (or is fetching), 1 when it just found
     the file is not in the archive; None otherwise."""
-    i = 0
-    while i < len(args) and args[i].startswith("-"):
-        if args[i] == "--env-file":
-            i += 2
-        elif args[i].startswith("--env-file=") or args[i] in ("-q", "--quiet"):
-            i += 1
-        else:
-            return None
+    parsed = _options(args)
+    if parsed is None:
+        return None
+    i = parsed[0]
     if i >= len(args) or args[i] != "wal-fetch":
         return None
     rest = args[i + 1 :]

@@ -146,7 +146,9 @@ class Settings(BaseSettings):
         default=120.0, gt=0, description="seconds wal-push waits for its file to be archived."
     )
     backup_wal_pusher_idle: float = Field(
-        default=10.0, ge=0, description="seconds the background pusher waits for more WAL."
+        default=120.0,
+        ge=0,
+        description="seconds the background pusher (or restore prefetcher) waits for more work.",
     )
     backup_base_schedule: str = Field(
         default="off", description="base-backup deployment: a preset, a cron, or off."

@@ -39,7 +39,6 @@ AHEAD = 16  # files in flight at most: bounds memory (one compressed spool each)
 SCAN_PAUSE = 0.02  # seconds between looks at archive_status while there is work
 IDLE_PAUSE = 0.1
 SPAWN_EVERY = 1.0  # seconds between two attempts of one wal-push to start a pusher
-LOG_LIMIT = 1024 * 1024  # the pusher's log is started afresh past this size
 
 
 def _archive_status(pg_wal: Path) -> Path:
@@ -53,9 +52,11 @@ def archive(settings: Settings, path: Path) -> wal.PushResult | None:
     did. Raises ArchiveError (with the pusher's message) or the push's own errors.
     """
     pg_wal = path.parent
-    if settings.backup_wal_async and _archive_status(pg_wal).is_dir():
-        _through_pusher(settings, path)
-        return None
+    if _archive_status(pg_wal).is_dir():
+        _mark_mode(pg_wal / wal_spool.SPOOL, settings.backup_wal_async)
+        if settings.backup_wal_async:
+            _through_pusher(settings, path)
+            return None
     primary = targets(settings)[0]
     return wal.push(
         primary,
@@ -63,6 +64,16 @@ def archive(settings: Settings, path: Path) -> wal.PushResult | None:
         system_id=_system_id_for(path),
         level=settings.backup_wal_compression_level,
     )
+
+
+def _mark_mode(spool: Path, asynchronous: bool) -> None:
+    """Keep the ``sync-mode`` marker in step with BACKUP_WAL_ASYNC (the fast path reads it)."""
+    marker = spool / wal_spool.SYNC
+    if asynchronous:
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+    elif spool.is_dir() and not marker.exists():
+        marker.touch()
 
 
 def _system_id_for(path: Path) -> int | None:
@@ -86,7 +97,8 @@ def _through_pusher(settings: Settings, path: Path) -> None:
         if error is not None:
             raise ArchiveError(f"{path.name}: {error}")
         if not wal_spool.pusher_running(spool) and time.monotonic() - last_spawn > SPAWN_EVERY:
-            start_pusher(path.parent)
+            chosen = env_file()
+            wal_spool.start_pusher(path.parent, str(chosen) if chosen else None)
             last_spawn = time.monotonic()
         if time.monotonic() > deadline:
             raise ArchiveError(
@@ -95,24 +107,6 @@ def _through_pusher(settings: Settings, path: Path) -> None:
             )
         if wal_spool.wait_for_ok(path, 5.0):
             return
-
-
-def start_pusher(pg_wal: Path) -> None:
-    """Start a detached pusher for ``pg_wal`` (it exits at once if one already runs)."""
-    spool = pg_wal / wal_spool.SPOOL
-    log_path = spool / wal_spool.LOG
-    with contextlib.suppress(OSError):
-        if log_path.stat().st_size > LOG_LIMIT:
-            log_path.unlink()
-    argv = [sys.executable, "-m", "pgkeeper.wal_async", "--pg-wal", str(pg_wal.resolve())]
-    chosen = env_file()
-    if chosen is not None:
-        argv += ["--env-file", str(chosen)]
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    try:
-        wal_spool.spawn_detached(argv, pg_wal.resolve().parent, fd)
-    finally:
-        os.close(fd)
 
 
 class Pusher:
@@ -271,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.env_file is not None:
             use_env_file(args.env_file)
         settings = load_settings()
+        _mark_mode(spool, settings.backup_wal_async)
+        if not settings.backup_wal_async:
+            return 0  # synchronous: each wal-push archives its own file (the marker says so)
         pusher = Pusher(settings, args.pg_wal, targets(settings))
         log.info("pusher started for %s -> %s", args.pg_wal, pusher.primary.url)
         pusher.run()

@@ -34,6 +34,7 @@ from pgkeeper.storage import Storage, targets
 log = logging.getLogger("pgkeeper.wal_prefetch")
 
 AHEAD = 8  # segments fetched ahead of recovery (128 MiB of disk at 16 MiB segments)
+IDLE = 10.0  # at most this long after the last request: a finished recovery asks no more
 PAUSE = 0.01
 
 
@@ -150,7 +151,7 @@ class Prefetcher:
             self._ahead(cursor)
             if self.in_flight:
                 idle_since = time.monotonic()
-            elif time.monotonic() - idle_since >= self.settings.backup_wal_pusher_idle:
+            elif time.monotonic() - idle_since >= min(IDLE, self.settings.backup_wal_pusher_idle):
                 break
             time.sleep(PAUSE)
         self.pool.shutdown(wait=True)

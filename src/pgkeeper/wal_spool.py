@@ -36,6 +36,7 @@ from pathlib import Path
 
 SPOOL = ".pgkeeper"
 LOCK = "push.lock"
+SYNC = "sync-mode"  # written while BACKUP_WAL_ASYNC is off: the fast path then starts nothing
 LOG = "pusher.log"
 OK = ".ok"
 ERROR = ".error"
@@ -139,27 +140,81 @@ def pusher_running_at(lock: Path) -> bool:
     return False
 
 
-def wait_for_ok(wal_path: Path, timeout: float) -> bool | None:
+def wait_for_ok(wal_path: Path, timeout: float, grace: float = 0.0) -> bool | None:
     """Wait while a pusher runs for the acknowledgement of ``wal_path``.
 
-    True: acknowledged (consumed). None: there is an error file, no pusher runs, or the
-    time is up: the caller decides. Never raises for a missing spool.
+    True: acknowledged (consumed). None: there is an error file, no pusher runs (after
+    ``grace`` seconds, the time a just started one needs to take its lock), or the time is
+    up: the caller decides. Never raises for a missing spool.
     """
     spool = spool_of(wal_path)
     if not private_folder(spool):
         return None
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     pause = 0.002
     while True:
         if take_ok(wal_path):
             return True
-        if (spool / (wal_path.name + ERROR)).exists() or not pusher_running(spool):
+        stopped = not pusher_running(spool) and time.monotonic() - started >= grace
+        if (spool / (wal_path.name + ERROR)).exists() or stopped:
             # One more look: the pusher may have finished it and exited just now.
             return True if take_ok(wal_path) else None
         if time.monotonic() >= deadline:
             return None
         time.sleep(pause)
         pause = min(pause * 2, 0.02)
+
+
+SPAWN_GRACE = 5.0  # seconds a just started pusher has to take its lock (its imports)
+
+
+def push_fast(wal_path: Path, env_file: str | None, timeout: float) -> bool | None:
+    """wal-push's fast path: True when the pusher acknowledged ``wal_path`` (consumed).
+
+    Starts a pusher when none runs (it loads the settings itself, and exits at once, leaving
+    the ``sync-mode`` marker, when BACKUP_WAL_ASYNC is off). None whenever this cannot settle
+    it: not a pg_wal folder, synchronous mode, an error to report, the time is up.
+    """
+    if not (wal_path.parent / "archive_status").is_dir():
+        return None
+    spool = spool_of(wal_path)
+    try:
+        spool.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    if not private_folder(spool):
+        return None
+    if take_ok(wal_path):
+        return True
+    if (spool / SYNC).exists():
+        return None
+    grace = 0.0
+    if not pusher_running(spool) and not (spool / (wal_path.name + ERROR)).exists():
+        start_pusher(wal_path.parent, env_file)
+        grace = SPAWN_GRACE
+    return wait_for_ok(wal_path, timeout, grace)
+
+
+def start_pusher(pg_wal: Path, env_file: str | None) -> None:
+    """Start a detached pusher for ``pg_wal`` (it exits at once if one already runs)."""
+    import sys
+
+    spool = pg_wal / SPOOL
+    log_path = spool / LOG
+    try:
+        if log_path.stat().st_size > 1024 * 1024:
+            log_path.unlink()
+    except OSError:
+        pass
+    argv = [sys.executable, "-m", "pgkeeper.wal_async", "--pg-wal", str(pg_wal.absolute())]
+    if env_file is not None:
+        argv += ["--env-file", str(Path(env_file).absolute())]
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        spawn_detached(argv, pg_wal.absolute().parent, fd)
+    finally:
+        os.close(fd)
 
 
 # --- restores: the prefetch folder ---------------------------------------------------------------

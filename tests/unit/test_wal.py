@@ -250,13 +250,15 @@ def test_an_acknowledgement_is_bound_to_the_bytes_it_covers(pg_wal: Path) -> Non
     """wal-push's fast path consumes the pusher's .ok for these very bytes (exit 0) and
     nothing else: a stale .ok (the file changed since) is removed and does not count."""
     path = write_segment(pg_wal, 2)
+    (pg_wal / "archive_status").mkdir()
     spool = wal_spool.spool_of(path)
     spool.mkdir(mode=0o700)
+    (spool / wal_spool.SYNC).touch()  # synchronous mode: the fast path starts no pusher
     wal_spool.write_status(spool, path.name, wal_spool.OK, wal_spool.fingerprint(path) + "\n")
     assert fast_wal_push(["--env-file", "/nonexistent", "wal-push", str(path)]) == 0
     assert not (spool / (path.name + wal_spool.OK)).exists()
     wal_spool.write_status(spool, path.name, wal_spool.OK, "1 2 3\n")
-    assert fast_wal_push(["wal-push", str(path)]) is None  # no pusher runs: the full CLI
+    assert fast_wal_push(["wal-push", str(path)]) is None  # a stale .ok: the full CLI
     assert not (spool / (path.name + wal_spool.OK)).exists()
 
 
