@@ -93,7 +93,7 @@ def wal_fetch(
             from pgkeeper import wal_spool
             from pgkeeper.wal_prefetch import start_prefetcher
 
-            lock = wal_spool.prefetch_of(path) / wal_spool.FETCH_LOCK
+            lock = Path(wal_spool.prefetch_of(path)) / wal_spool.FETCH_LOCK
             if not wal_spool.pusher_running_at(lock):
                 start_prefetcher(path, name, system_id)
         wal.fetch(targets(settings), name, path, system_id=system_id)

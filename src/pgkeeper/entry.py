@@ -9,8 +9,8 @@ settle) goes to the Typer application in ``pgkeeper.cli``.
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
 FAST_WAIT = 30.0  # seconds to wait here for a running pusher before the full path takes over
 
@@ -40,8 +40,8 @@ def fast_wal_push(args: list[str]) -> int | None:
         return None
     from pgkeeper import wal_spool
 
-    path = Path(args[i + 1])
-    if not wal_spool.looks_like_wal(path.name):
+    path = args[i + 1]
+    if not wal_spool.looks_like_wal(os.path.basename(path)):
         return None
     return 0 if wal_spool.push_fast(path, env_file, FAST_WAIT) else None
 
@@ -62,7 +62,7 @@ def fast_wal_fetch(args: list[str]) -> int | None:
         return None
     from pgkeeper import wal_spool
 
-    name, dest = rest[0], Path(rest[1])
+    name, dest = rest[0], rest[1]
     if not wal_spool.looks_like_wal(name) or len(name) not in (24, 16):  # segments, histories
         return None
     found = wal_spool.wait_prefetched(name, dest, FAST_WAIT)

@@ -84,7 +84,7 @@ def _system_id_for(path: Path) -> int | None:
 
 
 def _through_pusher(settings: Settings, path: Path) -> None:
-    spool = wal_spool.spool_of(path)
+    spool = Path(wal_spool.spool_of(path))
     spool.mkdir(mode=0o700, exist_ok=True)
     if not wal_spool.private_folder(spool):
         raise ArchiveError(f"{spool} is not a folder of this user: remove it (it holds no WAL)")

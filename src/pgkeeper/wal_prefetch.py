@@ -50,7 +50,7 @@ def start_prefetcher(
     """Start a detached prefetcher for the pg_wal folder holding ``dest`` (it exits at once
     when one already runs there). ``owner``: run it as that user (``pitr restore`` as root
     starts it for the server's user before the server asks for its first segment)."""
-    folder = wal_spool.prefetch_of(dest)
+    folder = Path(wal_spool.prefetch_of(dest))
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     log_path = folder.parent / "prefetch.log"
     if owner is not None:

@@ -251,7 +251,7 @@ def test_an_acknowledgement_is_bound_to_the_bytes_it_covers(pg_wal: Path) -> Non
     nothing else: a stale .ok (the file changed since) is removed and does not count."""
     path = write_segment(pg_wal, 2)
     (pg_wal / "archive_status").mkdir()
-    spool = wal_spool.spool_of(path)
+    spool = Path(wal_spool.spool_of(path))
     spool.mkdir(mode=0o700)
     (spool / wal_spool.SYNC).touch()  # synchronous mode: the fast path starts no pusher
     wal_spool.write_status(spool, path.name, wal_spool.OK, wal_spool.fingerprint(path) + "\n")
@@ -292,7 +292,7 @@ def test_wal_fetch_fast_path_takes_a_prefetched_segment_or_a_fresh_missing(
     """wal-fetch's fast path renames a prefetched (already verified) segment into place (exit
     0) and answers 1 from a fresh 'not in the archive' marker; anything else (no prefetcher,
     a stale marker) goes to the full CLI."""
-    folder = wal_spool.prefetch_of(pg_wal / "RECOVERYXLOG")
+    folder = Path(wal_spool.prefetch_of(pg_wal / "RECOVERYXLOG"))
     folder.mkdir(parents=True, mode=0o700)
     folder.parent.chmod(0o700)
     name = wal.segment_name(1, 5)
