@@ -307,3 +307,24 @@ def test_wal_fetch_fast_path_takes_a_prefetched_segment_or_a_fresh_missing(
     os.utime(folder / (history + wal_spool.MISSING), (old, old))
     assert fast_wal_fetch(["wal-fetch", history, str(dest)]) is None
     assert fast_wal_fetch(["wal-fetch", wal.segment_name(1, 6), str(dest)]) is None
+
+
+def test_synchronous_mode_archives_in_the_wal_push_process(
+    tmp_path: Path, pg_wal: Path
+) -> None:
+    """BACKUP_WAL_ASYNC=false: wal-push's full path archives the file itself (no pusher) and
+    leaves the sync-mode marker, so later fast paths start no pusher for nothing."""
+    from pgkeeper import wal_async
+    from pgkeeper.settings import load_settings
+
+    (pg_wal / "archive_status").mkdir()
+    (pg_wal / wal_spool.SPOOL).mkdir(mode=0o700)
+    path = write_segment(pg_wal, 6)
+    settings = load_settings(_env_file=None, backup_dir=str(tmp_path / "backups"),
+                             backup_wal_async=False)  # fmt: skip
+    result = wal_async.archive(settings, path)
+    assert result is not None and not result.already
+    assert (pg_wal / wal_spool.SPOOL / wal_spool.SYNC).exists()
+    assert fast_wal_push(["wal-push", str(path)]) is None
+    stored = wal.archived_copies(LocalStorage(tmp_path / "backups"), SYSTEM, path.name)
+    assert list(stored) == [result.sha256]
