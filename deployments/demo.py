@@ -5,10 +5,12 @@ In order:
      on ``PREFECT_PORT`` (default 4200) with the UI told where its API is
   2. when ``DATABASE_URL`` is unset, a throwaway PostgreSQL with a sample shop database
      (customers, products, orders, order lines, payments: ~100k rows)
-  3. ``python -m deployments.serve``: every deployment, scheduled
-  4. a first ``backup`` and ``restore-test`` run through their deployments, so the UI has runs
+  3. alerts: unless ``BACKUP_NOTIFY_URLS`` is set, a local webhook receiver that prints every
+     alert in this console; ``pgkeeper alerts install`` (the block and automations)
+  4. ``python -m deployments.serve``: every deployment, scheduled
+  5. a first ``backup`` and ``restore-test`` run through their deployments, so the UI has runs
      and artifacts to show
-  5. where to look; then it waits. Ctrl-C or SIGTERM stops everything, in reverse order:
+  6. where to look; then it waits. Ctrl-C or SIGTERM stops everything, in reverse order:
      serve (in-flight runs cancelled and cleaned up), the Prefect server, the sample database.
 Backups go to ``.demo/backups`` unless ``BACKUP_DIR`` is set.
 """
@@ -16,16 +18,20 @@ Backups go to ``.demo/backups`` unless ``BACKUP_DIR`` is set.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / ".demo"
@@ -156,6 +162,44 @@ def sample_database() -> Iterator[str]:
         yield cluster.url("shop")
 
 
+class _AlertPrinter(BaseHTTPRequestHandler):
+    """The demo's alert channel: Apprise ``json://`` posts land here and are printed."""
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            alert: dict[str, Any] = json.loads(raw)
+        except ValueError:
+            alert = {"title": "(not JSON)", "message": raw.decode(errors="replace")}
+        lines = [f"[alert] {alert.get('title', '')}"]
+        lines += [f"[alert]   {line}" for line in str(alert.get("message", "")).splitlines()]
+        print("\n".join(lines), flush=True)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+def alert_printer() -> tuple[ThreadingHTTPServer, str]:
+    """Start the printing receiver on a free port; its Apprise URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AlertPrinter)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"json://127.0.0.1:{server.server_address[1]}/demo-alerts"
+
+
+def _install_alerts() -> None:
+    from deployments.alerts import install
+    from pgkeeper.settings import load_settings
+
+    report = install(load_settings())
+    for line in report.lines:
+        _say(f"alerts: {line}")
+    if not report.ok:
+        _say(f"alerts: {report.problem}")
+
+
 def _run_deployment(name: str) -> str:
     """Start a run of a deployment through the API and wait for its final state."""
     from prefect.client.orchestration import get_client
@@ -207,6 +251,12 @@ def _banner(port: int, backup_dir: str, results: dict[str, str], names: list[str
         "  .venv/bin/prefect deployment run 'restore/restore'          # into a NEW database",
         "  .venv/bin/prefect deployment run 'restore-test/restore-test'",
         "",
+        "alerts print here as [alert] lines. Break something to see one:",
+        "  .venv/bin/prefect deployment run 'backup/backup-daily' -p name='bad name!'",
+        "  then a good backup tells it resolved:",
+        "  .venv/bin/prefect deployment run 'backup/backup-daily'",
+        f"  automations: {ui}/automations",
+        "",
         "Ctrl-C stops everything (serve, Prefect server, sample database). Logs: .demo/*.log",
         "=" * 78,
     ]
@@ -239,6 +289,14 @@ def main() -> int:
                 _say("DATABASE_URL is unset: starting a sample PostgreSQL with a shop database...")
                 env["DATABASE_URL"] = stack.enter_context(sample_database())
             env.setdefault("BACKUP_DIR", str(DEMO / "backups"))
+
+            if not env.get("BACKUP_NOTIFY_URLS"):
+                printer, url = alert_printer()
+                stack.callback(printer.shutdown)
+                env["BACKUP_NOTIFY_URLS"] = url
+                _say("alerts go to a local receiver that prints them here ([alert] lines)")
+            os.environ.update({k: env[k] for k in ("BACKUP_NOTIFY_URLS", "BACKUP_DIR")})
+            _install_alerts()
 
             _say("serving every deployment (log: .demo/serve.log)...")
             serve_log = stack.enter_context((DEMO / "serve.log").open("ab"))

@@ -65,6 +65,7 @@ ENTRYPOINTS: dict[str, str] = {
     "upload": "flows/upload.py:upload",
     "rotate": "flows/rotate.py:rotate",
     "monitor": "flows/monitor.py:monitor",
+    "backup-server": "flows/backup_server.py:backup_server",
     "base-backup": "flows/base_backup.py:base_backup",
     "pitr-restore-test": "flows/pitr_restore_test.py:pitr_restore_test_flow",
 }
@@ -158,6 +159,27 @@ def parse_backup_schedule(value: str) -> tuple[list[str], str | None]:
     return [], validate_cron(text)
 
 
+def fleet_schedules(settings: Settings) -> tuple[list[str], list[str]]:
+    """The presets and the custom crons some database uses: BACKUP_SCHEDULE's, and with an
+    inventory (BACKUP_DATABASES / BACKUP_INVENTORY) every database's and '*' server's own.
+
+    Raises ConfigError like ``parse_backup_schedule`` (naming the bad value).
+    """
+    presets, custom = parse_backup_schedule(settings.backup_schedule)
+    customs = [custom] if custom else []
+    if settings.backup_inventory or settings.backup_databases:
+        from pgkeeper.inventory import load_inventory  # no server is asked
+
+        inventory = load_inventory(settings, expand=False)
+        own = [d.settings for d in inventory.enabled] + list(inventory.templates.values())
+        for database_settings in own:
+            more, cron = parse_backup_schedule(database_settings.backup_schedule)
+            presets += [p for p in more if p not in presets]
+            if cron and cron not in customs:
+                customs.append(cron)
+    return presets, customs
+
+
 def fire_times(cron: str, timezone: str, start: datetime, count: int) -> list[datetime]:
     """The next ``count`` fire times of a cron after ``start``, in ``timezone``."""
     # Prefect's vendored croniter is what its scheduler uses, so the two agree on every edge
@@ -218,7 +240,8 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
     Raises ConfigError for a malformed BACKUP_SCHEDULE or BACKUP_TIMEZONE.
     """
     timezone = validate_timezone(settings.backup_timezone)
-    presets, custom = parse_backup_schedule(settings.backup_schedule)
+    presets, customs = fleet_schedules(settings)
+    custom = customs[0] if customs else None
     enabled = settings.backup_enabled
     verify_cron = flow_cron(settings.backup_verify_schedule, "BACKUP_VERIFY_SCHEDULE")
     rotate_cron = flow_cron(settings.backup_rotate_schedule, "BACKUP_ROTATE_SCHEDULE")
@@ -239,7 +262,9 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
                 flow="backup",
                 name=f"backup-{preset}",
                 description=f"{preset.capitalize()} backup ({cron}, {timezone}).",
-                schedule=_schedule(cron, timezone, enabled and preset in presets),
+                schedule=_schedule(
+                    cron, timezone, enabled and preset in presets, schedule=preset
+                ),
                 cancel_new_when_busy=True,
             )
         )
@@ -252,10 +277,20 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
                 if custom
                 else "Backup on a custom cron: set BACKUP_SCHEDULE to a cron expression."
             ),
-            schedule=_schedule(custom, timezone, enabled) if custom else None,
+            schedule=_schedule(custom, timezone, enabled, schedule=custom) if custom else None,
             cancel_new_when_busy=True,
         )
     )
+    for index, cron in enumerate(customs[1:], 2):  # more crons, from the inventory
+        specs.append(
+            DeploymentSpec(
+                flow="backup",
+                name=f"backup-custom-{index}",
+                description=f"Backup of the inventory's databases on {cron} ({timezone}).",
+                schedule=_schedule(cron, timezone, enabled, schedule=cron),
+                cancel_new_when_busy=True,
+            )
+        )
     specs.append(
         DeploymentSpec(
             flow="verify",
@@ -321,6 +356,16 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
             ),
             schedule=scheduled(monitor_cron),
             cancel_new_when_busy=True,
+        )
+    )
+    specs.append(
+        DeploymentSpec(
+            flow="backup-server",
+            name="backup-server",
+            description=(
+                "One server's share of a fleet backup run (started by the backup runs, one "
+                "task run per database): not scheduled."
+            ),
         )
     )
     specs.append(

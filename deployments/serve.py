@@ -42,6 +42,7 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
     from prefect.schedules import Cron
 
     from flows.backup import backup
+    from flows.backup_server import backup_server
     from flows.base_backup import base_backup
     from flows.monitor import monitor
     from flows.pitr_restore_test import pitr_restore_test_flow
@@ -59,6 +60,7 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
         "restore": restore,
         "restore-test": restore_test,
         "monitor": monitor,
+        "backup-server": backup_server,
         "base-backup": base_backup,
         "pitr-restore-test": pitr_restore_test_flow,
     }
@@ -89,11 +91,32 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
     return deployments
 
 
+def install_alerts(settings: Settings) -> None:
+    """``pgkeeper alerts install`` on start (idempotent); a problem is a warning, not a stop:
+    without the automations pgkeeper's processes deliver alerts themselves."""
+    if settings.backup_notify_urls is None:
+        return
+    from deployments.alerts import install
+
+    try:
+        report = install(settings)
+    except PgkeeperError:
+        raise  # a malformed BACKUP_NOTIFY_URLS: one line at start, like a bad schedule
+    except Exception as exc:
+        print(f"warning: alert automations not installed: {type(exc).__name__}", file=sys.stderr)
+        return
+    for line in report.lines:
+        print(f"alerts: {line}", file=sys.stderr)
+    if not report.ok:
+        print(f"warning: {report.problem}", file=sys.stderr)
+
+
 def serve_all(settings: Settings) -> None:
     """Register every deployment and run their scheduled and manual runs until stopped."""
     from prefect import serve
 
     deployments = build_deployments(settings)
+    install_alerts(settings)
     serve(*deployments, pause_on_shutdown=True)
 
 

@@ -7,6 +7,7 @@ from prefect.states import State
 from pydantic import Field
 
 from pgkeeper.manifest import RestoreTest
+from tasks.alerts import outcome_hooks
 from tasks.inventory import publish_inventory
 from tasks.restore_test import (
     choose_backup,
@@ -19,7 +20,7 @@ from tasks.schedule import missed_run
 TIMEOUT_SECONDS = 12 * 3600
 
 
-@flow(name="restore-test", timeout_seconds=TIMEOUT_SECONDS)
+@flow(name="restore-test", **outcome_hooks("restore-test"), timeout_seconds=TIMEOUT_SECONDS)
 def restore_test(
     backup_id: str | None = Field(
         default=None, description="The backup to test (default: the newest)."

@@ -7,6 +7,7 @@ from prefect.states import State
 from pydantic import Field
 
 from pgkeeper.rotate import RotationReport
+from tasks.alerts import outcome_hooks
 from tasks.inventory import publish_inventory
 from tasks.rotate import fail_on_rotation_errors, publish_usage, rotate_backups
 from tasks.schedule import missed_run
@@ -14,7 +15,7 @@ from tasks.schedule import missed_run
 TIMEOUT_SECONDS = 2 * 3600
 
 
-@flow(name="rotate", timeout_seconds=TIMEOUT_SECONDS)
+@flow(name="rotate", **outcome_hooks("rotate"), timeout_seconds=TIMEOUT_SECONDS)
 def rotate(
     dry_run: bool = Field(
         default=False, description="Only plan: publish what would be deleted, change nothing."

@@ -6,6 +6,7 @@ from prefect import flow
 from pydantic import Field
 
 from pgkeeper.upload import UploadReport
+from tasks.alerts import outcome_hooks
 from tasks.inventory import publish_inventory
 from tasks.pitr import upload_wal
 from tasks.upload import (
@@ -18,7 +19,7 @@ from tasks.upload import (
 TIMEOUT_SECONDS = 6 * 3600
 
 
-@flow(name="upload", timeout_seconds=TIMEOUT_SECONDS)
+@flow(name="upload", **outcome_hooks("upload"), timeout_seconds=TIMEOUT_SECONDS)
 def upload(
     backup_id: str | None = Field(
         default=None,

@@ -10,6 +10,7 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
+from tasks.alerts import outcome_hooks
 from tasks.inventory import publish_inventory
 from tasks.schedule import missed_run
 from tasks.verify import backups_to_verify, verify_backup
@@ -18,6 +19,7 @@ TIMEOUT_SECONDS = 6 * 3600
 
 
 @flow(
+    **outcome_hooks("verify"),
     name="verify",
     timeout_seconds=TIMEOUT_SECONDS,
     task_runner=ThreadPoolTaskRunner(max_workers=2),  # reading storage: two at a time

@@ -9,8 +9,9 @@ from prefect.artifacts import create_table_artifact
 
 from pgkeeper import catalog
 from pgkeeper.catalog import Entry
+from pgkeeper.inventory import load_inventory
 from pgkeeper.manifest import utcnow
-from pgkeeper.settings import load_settings
+from pgkeeper.settings import Settings, load_settings
 from pgkeeper.storage import targets
 from tasks.progress import human_size
 from tasks.retry import TRANSIENT_RETRIES
@@ -48,6 +49,15 @@ def inventory_rows(entries: list[Entry], now: datetime) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def settings_for(database: str | None) -> Settings:
+    """The settings a task works with: the process's, or a fleet database's own (its URL and
+    overrides from the inventory) when the run names one (``database``: name[@host:port])."""
+    settings = load_settings()
+    if database is None:
+        return settings
+    return load_inventory(settings, expand=False).lookup(database).settings
 
 
 @task(name="inventory", **TRANSIENT_RETRIES)

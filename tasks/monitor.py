@@ -6,19 +6,23 @@ monitor expects backups exactly as often as they are scheduled.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
 from deployments import schedules
-from pgkeeper import monitor
+from pgkeeper import alerts, monitor
 from pgkeeper.errors import PgkeeperError
-from pgkeeper.monitor import Check, Expectations, MonitorReport
+from pgkeeper.manifest import utcnow
+from pgkeeper.monitor import Check, MonitorReport
 from pgkeeper.postgres import ConnInfo
+from pgkeeper.retention import parse_duration
 from pgkeeper.rotate import policies_from_settings
 from pgkeeper.settings import Settings, load_settings
 from pgkeeper.storage import Storage, targets
+from tasks.alerts import prefect_link
 from tasks.retry import TRANSIENT_RETRIES
 
 
@@ -33,8 +37,9 @@ def backup_interval() -> timedelta | None:
 @task(name="monitor", **TRANSIENT_RETRIES)
 def check_health(
     interval: timedelta | None, grace_minutes: int, restore_test_max_age_days: int
-) -> MonitorReport:
-    """Check freshness, verification, restore tests, offsite copies, usage and listing."""
+) -> list[MonitorReport]:
+    """Check freshness, verification, size, restore tests, offsite copies, usage, quota, disk,
+    listing and the scheduler: one report per database, one for the targets and scheduler."""
     settings = load_settings()
     storages = targets(settings)
     database = server = None
@@ -42,68 +47,110 @@ def check_health(
         source = ConnInfo.parse(settings.require_database_url())
         database, server = source.dbname, source.server
     policies = policies_from_settings(settings, storages)  # per-target usage thresholds
-    expect = Expectations(
-        backup_interval=interval,
+    expect = monitor.expectations(
+        settings,
+        interval,
         grace=timedelta(minutes=grace_minutes),
         restore_test_max_age=(
             timedelta(days=restore_test_max_age_days) if restore_test_max_age_days > 0 else None
         ),
-        verification=settings.backup_verify != "off",
     )
-    report = monitor.monitor(
+    link = prefect_link()
+    silence = parse_duration(settings.backup_scheduler_max_silence, "BACKUP_SCHEDULER_MAX_SILENCE")
+    scheduler = (
+        link.scheduler_check(silence.total_seconds()) if settings.backup_enabled else None
+    )
+    def expect_of(own: Settings) -> monitor.Expectations:  # a fleet database's own schedule
+        own_interval = None if own.backup_max_age else schedules.backup_interval(own)
+        return replace(
+            monitor.expectations(own, own_interval),
+            grace=expect.grace, restore_test_max_age=expect.restore_test_max_age,
+        )  # fmt: skip
+
+    fleet, unreachable = monitor.fleet_scope(settings, expect_of)
+    reports = monitor.monitor_each(
         storages,
         expect,
         database=database,
         server=server,
         usage_warn_bytes={url: p.usage_warn_bytes for url, p in policies.items()},
+        scheduler=scheduler,
+        fleet=fleet,
+        unreachable=unreachable,
     )
-    report.checks.extend(_archive_checks(settings, storages))  # point-in-time recovery
+    archive = _archive_report(settings, storages)  # point-in-time recovery, when archiving
+    if archive is not None:
+        reports.append(archive)
     logger = get_run_logger()
-    for check in report.checks:
-        log = logger.info if check.ok else logger.error
-        log("%s: %s: %s", check.name, check.status, check.detail)
-    return report
+    for report in reports:
+        for check in report.checks:
+            log = logger.info if check.ok else logger.error
+            log("%s: %s: %s: %s", report.subject, check.name, check.status, check.detail)
+    return reports
 
 
-def _archive_checks(settings: Settings, storages: list[Storage]) -> list[Check]:
-    """The WAL archive's checks when this deployment archives WAL (none otherwise)."""
+def _archive_report(settings: Settings, storages: list[Storage]) -> MonitorReport | None:
+    """The WAL archive's checks as their own report, when this deployment archives WAL."""
     from pgkeeper.pitr_status import archive_checks
 
     try:
-        return list(archive_checks(settings, storages))
+        checks = list(archive_checks(settings, storages))
     except PgkeeperError as exc:
-        return [Check("archive", "failed", f"cannot check the WAL archive: {exc.message}")]
+        checks = [Check("archive", "failed", f"cannot check the WAL archive: {exc.message}")]
+    if not checks:
+        return None
+    return MonitorReport(now=utcnow(), subject="the WAL archive (PITR)", checks=checks)
 
 
-def report_markdown(report: MonitorReport) -> str:
-    """The status page: a verdict line, then every check with its detail."""
-    verdict = "OK" if report.ok else f"FAILING ({len(report.failed)} of {len(report.checks)})"
+@task(name="alerts")
+def tell_health(reports: list[MonitorReport]) -> None:
+    """Tell new problems and resolved ones, once each (pgkeeper.alerts.report_health)."""
+    settings = load_settings()
+    link = prefect_link()
+    alerts.report_health(
+        settings,
+        targets(settings)[0],
+        reports,
+        link=link.run_url(str(runtime.flow_run.id)),
+        route=alerts.Route.of(settings, link),
+    )
+
+
+def report_markdown(reports: list[MonitorReport]) -> str:
+    """The status page: a verdict line, then every check of every subject with its detail."""
+    failed = sum(len(r.failed) for r in reports)
+    checks = sum(len(r.checks) for r in reports)
+    verdict = "OK" if not failed else f"FAILING ({failed} of {checks})"
+    now = reports[0].now.isoformat(timespec="seconds") if reports else ""
     lines = [
         f"# Backup health: {verdict}",
         "",
-        f"{report.subject}, checked at {report.now.isoformat(timespec='seconds')}",
+        f"checked at {now}",
         "",
-        "| check | status | detail |",
-        "|---|---|---|",
+        "| subject | check | status | detail |",
+        "|---|---|---|---|",
     ]
-    for check in report.checks:
-        status = check.status if check.ok else "**FAILED**"
-        detail = check.detail.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {check.name} | {status} | {detail} |")
+    for report in reports:
+        for check in report.checks:
+            status = check.status if check.ok else "**FAILED**"
+            detail = check.detail.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {report.subject} | {check.name} | {status} | {detail} |")
     return "\n".join(lines)
 
 
 @task(name="monitor-report")
-def report_health(report: MonitorReport) -> None:
+def report_health(reports: list[MonitorReport]) -> None:
     """Publish the health of the backups, check by check, as a markdown artifact."""
+    failed = [r.summary() for r in reports if not r.ok]
     create_markdown_artifact(
         key="monitor-report",
-        markdown=report_markdown(report),
-        description=report.summary(),
+        markdown=report_markdown(reports),
+        description="; ".join(failed) or "all checks passed",
     )
 
 
 @task(name="monitor-verdict")
-def fail_on_alarm(report: MonitorReport) -> None:
-    """Fail the run when any check failed, so a Prefect automation can notify someone."""
-    monitor.raise_for_failure(report)
+def fail_on_alarm(reports: list[MonitorReport]) -> None:
+    """Fail the run when any check failed, so the UI shows it (alerts were told already)."""
+    for report in reports:
+        monitor.raise_for_failure(report)

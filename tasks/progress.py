@@ -56,9 +56,16 @@ class ProgressArtifact:
         self.total = total
         self.done = 0
         self._last = 0.0
+        self._final: str | None = None
         self._id = create_progress_artifact(progress=0.0, key=key, description=self._text())
 
+    def finish(self, description: str) -> None:
+        """The text the bar ends with at 100% (the final figures, not the last estimate)."""
+        self._final = description
+
     def _text(self) -> str:
+        if self._final is not None:
+            return self._final
         about = f" of about {human_size(self.total)}" if self.total else ""
         return f"{self.what}: {human_size(self.done)}{about}"
 
@@ -90,4 +97,9 @@ class ProgressArtifact:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is None:
+            if self._final is None:
+                self._final = f"{self.what}: {human_size(self.done)}, done"
             self._update(100.0)
+        else:
+            self._final = f"{self.what}: {human_size(self.done)}, then it failed"
+            self._update(self._percent())

@@ -7,19 +7,29 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from pgkeeper.errors import StorageError
+from pgkeeper.fleet import group_policy
+from pgkeeper.inventory import configured
 from pgkeeper.retention import format_size
 from pgkeeper.rotate import RotationReport, policies_from_settings, rotate, usage_report
 from pgkeeper.settings import load_settings
 from pgkeeper.storage import targets
+from tasks.inventory import settings_for
 from tasks.retry import TRANSIENT_RETRIES
 
 
 @task(name="rotate", **TRANSIENT_RETRIES)
-def rotate_backups(dry_run: bool = False) -> RotationReport:
-    """Apply retention on every target (dry run: only plan) and publish the plan as a table."""
-    settings = load_settings()
+def rotate_backups(
+    dry_run: bool = False, only: str | None = None, database: str | None = None
+) -> RotationReport:
+    """Apply retention on every target (dry run: only plan) and publish the plan as a table;
+    ``only`` (database@server): that database alone, as after its backup."""
+    settings = settings_for(database)
     storages = targets(settings)
-    report = rotate(storages, policies_from_settings(settings, storages), dry_run=dry_run)
+    inventory = configured(settings) if only is None else None
+    report = rotate(
+        storages, policies_from_settings(settings, storages), dry_run=dry_run, only=only,
+        group_policy=group_policy(inventory, storages) if inventory is not None else None,
+    )  # fmt: skip
     logger = get_run_logger()
     for line in report.summary().splitlines():
         logger.info("rotation%s: %s", " (dry run)" if dry_run else "", line)

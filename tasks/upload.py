@@ -17,6 +17,7 @@ from pgkeeper.settings import load_settings
 from pgkeeper.storage import targets
 from pgkeeper.upload import UploadReport, clean_offsite, upload_missing
 from pgkeeper.upload import upload_backup as copy_offsite
+from tasks.inventory import settings_for
 from tasks.progress import ProgressArtifact
 from tasks.retry import TRANSIENT_RETRIES
 
@@ -43,10 +44,10 @@ def _log(reports: list[UploadReport]) -> None:
 
 
 @task(name="upload", **TRANSIENT_RETRIES)
-def upload_backup(backup_id: str) -> list[str]:
+def upload_backup(backup_id: str, database: str | None = None) -> list[str]:
     """Copy the backup to every offsite target that lacks it, proven by checksum; progress
     (bytes sent to all targets) shows as the ``upload-progress`` artifact."""
-    settings = load_settings()
+    settings = settings_for(database)
     storages = targets(settings)
     offsite = len(storages) - 1
     if offsite < 1:  # nothing to copy to: no progress bar either

@@ -11,16 +11,19 @@ from pgkeeper.manifest import Manifest, utcnow
 from pgkeeper.settings import load_settings
 from pgkeeper.storage import targets
 from pgkeeper.verify import verify_backup as verify_stored
+from tasks.inventory import settings_for
 from tasks.retry import TRANSIENT_RETRIES
 
 
 @task(name="verify", **TRANSIENT_RETRIES)
-def verify_backup(backup_id: str, level: str = "full") -> Manifest | None:
+def verify_backup(
+    backup_id: str, level: str = "full", database: str | None = None
+) -> Manifest | None:
     """Check a stored backup's objects, checksum, compression and dump structure."""
     if level == "off":
         get_run_logger().info("verification of %s is off (BACKUP_VERIFY=off)", backup_id)
         return None
-    manifest = verify_stored(load_settings(), backup_id, level=level)
+    manifest = verify_stored(settings_for(database), backup_id, level=level)
     get_run_logger().info("backup %s passed %s verification", backup_id, level)
     return manifest
 
@@ -45,6 +48,6 @@ def backups_to_verify(backup_id: str | None, older_than_hours: int) -> list[str]
 
 
 @task(name="verify-level")
-def default_verify_level(level: str | None) -> str:
+def default_verify_level(level: str | None, database: str | None = None) -> str:
     """The verification level to use: the one asked for, else BACKUP_VERIFY."""
-    return level or load_settings().backup_verify
+    return level or settings_for(database).backup_verify

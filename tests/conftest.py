@@ -12,6 +12,8 @@ Fixtures (servers start on first use, once per session, and stop at session end)
 - `pg_cluster` -> `tests.servers.postgres.PgCluster`
 - `s3_server` -> `tests.servers.s3.S3Server`; `s3_bucket` -> a fresh bucket name per test
 - `gcs_server` -> `tests.servers.gcs.GcsServer`; `gcs_bucket` -> a fresh bucket name per test
+- `smtp_server` / `webhook_receiver` -> `tests.servers.receivers` (alert deliveries land
+  there); `inboxes` empties both before a test
 Per-suite fixtures belong in `tests/unit/conftest.py` / `tests/integration/conftest.py`.
 """
 
@@ -34,6 +36,7 @@ if str(_ROOT) not in sys.path:  # `tests.servers` is importable however pytest w
 
 from tests.servers.gcs import GcsServer  # noqa: E402 - needs the sys.path line above
 from tests.servers.postgres import PgCluster  # noqa: E402
+from tests.servers.receivers import SmtpServer, WebhookReceiver  # noqa: E402
 from tests.servers.s3 import S3Server  # noqa: E402
 
 _LEAKY_NAMES = {
@@ -118,3 +121,26 @@ def gcs_bucket(gcs_server: GcsServer) -> Iterator[str]:
 # Shared fixtures used by both tests/unit and tests/integration may be appended below.
 # Keep them small; suite-specific fixtures go in that suite's own conftest.py.
 # =============================================================================================
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[SmtpServer]:
+    """A real SMTP server (aiosmtpd) recording every mail, for the whole session."""
+    with SmtpServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    """An HTTP server recording every webhook call (and heartbeat ping), for the session."""
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def inboxes(smtp_server: SmtpServer, webhook_receiver: WebhookReceiver) -> Iterator[None]:
+    """Both receivers emptied before the test (and answering 200 again)."""
+    smtp_server.clear()
+    webhook_receiver.clear()
+    webhook_receiver.status = 200
+    yield

@@ -135,9 +135,9 @@ def run_backup(
         server = postgres.server_info(lock_conn)
         postgres.check_client(pg_dump, server.major, server.version)
         catalog.clean_incomplete(primary, conn.dbname, conn.server)
-        backup_id, started = catalog.reserve_id(primary, name, conn.dbname, conn.server)
-        log.info("backup %s of %s to %s started", backup_id, conn.display(), primary.url)
-        try:
+        with catalog.new_backup(primary, name, conn.dbname, conn.server) as reservation:
+            backup_id, started = reservation.backup_id, reservation.started
+            log.info("backup %s of %s to %s started", backup_id, conn.display(), primary.url)
             snapshot = postgres.begin_snapshot(lock_conn)
             counts: dict[str, int] | None = None
             counter: threading.Thread | None = None
@@ -219,27 +219,9 @@ def run_backup(
                 keep_until=options.keep_until,
                 pgkeeper_version=__version__,
             )
-            catalog.write_manifest(primary, manifest)
-        except BaseException:
-            _discard(primary, backup_id)
-            raise
-        catalog.clear_pending(primary, backup_id)
+            reservation.commit(manifest)
     log.info("backup %s finished: %d bytes", backup_id, manifest.size)
     return manifest
-
-
-def _discard(storage: Storage, backup_id: str) -> None:
-    """Best-effort removal of a failed backup's objects (the next run finishes the job)."""
-    try:
-        for info in catalog.backup_objects(storage, backup_id):
-            if info.key != naming.pending_key(backup_id):
-                storage.delete(info.key)
-        local = storage.local_path(naming.backup_prefix(backup_id))
-        if local is not None and local.is_dir():
-            shutil.rmtree(local, ignore_errors=True)
-        storage.delete(naming.pending_key(backup_id))
-    except (PgkeeperError, OSError) as exc:
-        log.warning("could not remove the partial backup %s: %s", backup_id, exc)
 
 
 def _dump_failed(proc: ClientProcess) -> PgkeeperError:

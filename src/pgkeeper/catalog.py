@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import shutil
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from pgkeeper import naming
-from pgkeeper.errors import BackupNotFoundError, StorageError, UsageError
+from pgkeeper.errors import BackupNotFoundError, PgkeeperError, StorageError, UsageError
 from pgkeeper.manifest import Manifest, utcnow
 from pgkeeper.storage.base import ObjectInfo, Storage, get_bytes, put_bytes
 
@@ -221,22 +223,6 @@ def write_pending(storage: Storage, backup_id: str, database: str, server: str) 
     put_bytes(storage, naming.pending_key(backup_id), json.dumps(body).encode())
 
 
-def _claim(storage: Storage, key: str, data: bytes) -> bool:
-    """Create ``key`` only if it does not exist; True when this caller created it.
-
-    Backends with an atomic create-if-absent expose ``create_exclusive``; elsewhere the data
-    carries a random token and is read back, so of two racing writers at most the last one
-    proceeds (a rare loser fails cleanly on its next step instead of sharing the id).
-    """
-    create = getattr(storage, "create_exclusive", None)
-    if create is not None:
-        return bool(create(key, data))
-    if storage.stat(key) is not None:
-        return False
-    put_bytes(storage, key, data)
-    return get_bytes(storage, key) == data
-
-
 def reserve_id(
     storage: Storage, name: str, database: str, server: str, attempts: int = 20
 ) -> tuple[str, datetime]:
@@ -257,10 +243,61 @@ def reserve_id(
             "since": started.isoformat(),
             "token": secrets.token_hex(8),
         }
-        if _claim(storage, naming.pending_key(backup_id), json.dumps(body).encode()):
+        if storage.create_exclusive(naming.pending_key(backup_id), json.dumps(body).encode()):
             return backup_id, started
         time.sleep(0.002)
     raise StorageError(f"could not claim a new backup id for {name!r} in {storage.url} (retry)")
+
+
+@dataclass
+class Reservation:
+    """A backup id claimed on a target (its ``pending.json`` written), being written."""
+
+    storage: Storage
+    backup_id: str
+    started: datetime
+    manifest: Manifest | None = None
+
+    def commit(self, manifest: Manifest) -> None:
+        """Write the manifest, the commit marker: only now is the backup listed."""
+        if manifest.id != self.backup_id:
+            raise StorageError(f"manifest of {manifest.id!r} committed as {self.backup_id!r}")
+        write_manifest(self.storage, manifest)
+        self.manifest = manifest
+
+
+@contextmanager
+def new_backup(storage: Storage, name: str, database: str, server: str) -> Iterator[Reservation]:
+    """The one way a backup comes to exist (pgkeeper's own dumps and imports alike): reserve
+    an id (``reserve_id``), let the block write the objects under it and ``commit`` the
+    manifest last, then drop ``pending.json``. On any exception, or a block that never
+    committed, everything written under the id is removed before the error propagates (best
+    effort: what a crash leaves is cleaned by the next backup, see ``clean_incomplete``)."""
+    backup_id, started = reserve_id(storage, name, database, server)
+    reservation = Reservation(storage, backup_id, started)
+    try:
+        yield reservation
+        if reservation.manifest is None:
+            raise StorageError(f"backup {backup_id} was written but never committed (a bug)")
+    except BaseException:
+        discard(storage, backup_id)
+        raise
+    clear_pending(storage, backup_id)
+
+
+def discard(storage: Storage, backup_id: str) -> None:
+    """Best-effort removal of a failed backup's objects, ``pending.json`` last (until then the
+    folder says whose it was; the next backup finishes the job if this fails)."""
+    try:
+        for info in backup_objects(storage, backup_id):
+            if info.key != naming.pending_key(backup_id):
+                storage.delete(info.key)
+        local = storage.local_path(naming.backup_prefix(backup_id))
+        if local is not None and local.is_dir():
+            shutil.rmtree(local, ignore_errors=True)  # what pg_dump -Fd left under a temp name
+        storage.delete(naming.pending_key(backup_id))
+    except (PgkeeperError, OSError) as exc:
+        log.warning("could not remove the partial backup %s: %s", backup_id, exc)
 
 
 def clear_pending(storage: Storage, backup_id: str) -> None:

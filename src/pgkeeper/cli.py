@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -149,10 +149,16 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         table.add_column(column, no_wrap=True, overflow="fold")
     for row in rows:
         table.add_row(*(str(row.get(c, "")) for c in columns))
-    # Piped output keeps whole ids: a pipe has no width to fit.
-    console = Console() if sys.stdout.isatty() else Console(width=400, no_color=True)
-    console.on_broken_pipe = _broken_pipe  # type: ignore[method-assign]  # rich would exit 1
-    console.print(table)
+    if sys.stdout.isatty():
+        console = Console()
+        console.on_broken_pipe = _broken_pipe  # type: ignore[method-assign]  # rich would exit 1
+        console.print(table)
+        return
+    # Piped output keeps whole ids (a pipe has no width to fit) and no trailing padding.
+    console = Console(width=400, no_color=True)
+    with console.capture() as captured:
+        console.print(table)
+    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def _broken_pipe() -> None:
@@ -239,6 +245,32 @@ DatabaseOpt = Annotated[
 ]
 
 
+def _interval(settings: Settings) -> timedelta | None:
+    """The longest gap of the backup schedules (None with BACKUP_MAX_AGE set or nothing
+    scheduled): computed by the schedules' own arithmetic only when needed (it costs ~1 s)."""
+    if settings.backup_max_age or not settings.backup_enabled:
+        return None
+    from deployments.schedules import backup_interval
+
+    return backup_interval(settings)
+
+
+def max_age_of(settings: Settings) -> timedelta | None:
+    """A database's RPO: BACKUP_MAX_AGE, else its backup schedule's longest gap + 1 h."""
+    from pgkeeper.monitor import expectations
+
+    return expectations(settings, _interval(settings)).max_age
+
+
+def _database_settings(settings: Settings, database: str | None) -> Settings:
+    """The settings of ``--database NAME`` from the inventory (its URL and overrides)."""
+    if database is None:
+        return settings
+    from pgkeeper.inventory import load_inventory
+
+    return load_inventory(settings, expand=False).lookup(database).settings
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 
@@ -271,13 +303,36 @@ def backup(
     no_upload: Annotated[
         bool, typer.Option("--no-upload", help="Do not copy to offsite targets.")
     ] = False,
+    no_rotate: Annotated[
+        bool, typer.Option("--no-rotate", help="Do not apply retention afterwards.")
+    ] = False,
+    all_databases: Annotated[
+        bool,
+        typer.Option("--all", help="Every database of the inventory, and its servers' globals."),
+    ] = False,
+    database: Annotated[
+        str | None,
+        typer.Option("--database", "-d", help="An inventory database (name or name@host:port)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Back up the database now: dump, verify, and copy to offsite targets."""
-    from pgkeeper.backup import BackupOptions, run_backup
-    from pgkeeper.verify import verify_backup
+    """Back up the database now: dump, verify, copy offsite, rotate (pgkeeper.procedure)."""
+    from pgkeeper.backup import BackupOptions
+    from pgkeeper.procedure import take_backup
 
     settings = settings_from_env()
+    if all_databases:
+        chosen = [name, database_url, format, compression, level, table, exclude_table, jobs]
+        if database is not None or any(v is not None for v in chosen) or schema_only or data_only:
+            raise UsageError(
+                "--all backs up each database as the inventory says: set format, compression "
+                "and filters per database in BACKUP_INVENTORY, or back up one with --database"
+            )
+        _backup_fleet(settings, no_verify, no_upload, no_rotate, as_json)
+        return
+    if database is not None and database_url is not None:
+        raise UsageError("give --database (from the inventory) or --database-url, not both")
+    settings = _database_settings(settings, database)
     options = BackupOptions(
         name=name,
         database_url=database_url,
@@ -291,39 +346,60 @@ def backup(
         jobs=jobs,
         trigger="cli",
     )
-    storages = targets(settings)  # built once: a cloud target builds an SDK client
-    primary = storages[0]
-    with progress_bar("backup") as progress:
-        manifest = run_backup(settings, options, storage=primary, progress=progress)
-    if not no_verify and settings.backup_verify != "off":
-        with progress_bar("verify", manifest.size) as progress:
-            manifest = verify_backup(
-                settings,
-                manifest.id,
-                storages=[primary],
-                level=settings.backup_verify,
-                progress=progress,
-            )
-    locations = [primary.url]
-    failed: dict[str, str] = {}
-    if not no_upload and len(storages) > 1:
-        from pgkeeper.upload import upload_backup
-
-        with progress_bar("upload", manifest.size) as progress:
-            report = upload_backup(settings, manifest.id, storages=storages, progress=progress)
-        locations += report.copied_to + report.already_there
-        failed = report.failed
+    run = take_backup(
+        settings,
+        options,
+        storages=targets(settings),  # built once: a cloud target builds an SDK client
+        verify_level="off" if no_verify else None,
+        upload_offsite=not no_upload,
+        rotate_after=not no_rotate,
+        progress_for=progress_bar,
+    )
     if as_json:
-        print_json({**manifest.to_public(), "locations": locations})
+        print_json({**run.manifest.to_public(), "locations": run.locations})
     else:
-        _print_manifest(manifest, locations)
-    if failed:
-        where = ", ".join(f"{url}: {why}" for url, why in failed.items())
-        _fail(
-            f"backup {manifest.id} made, but the upload failed ({where}); "
-            f"retry with 'pgkeeper upload {manifest.id}'",
-            1,
-        )
+        _print_manifest(run.manifest, run.locations)
+    run.raise_for_problems()
+
+
+def _backup_fleet(
+    settings: Settings, no_verify: bool, no_upload: bool, no_rotate: bool, as_json: bool
+) -> None:
+    """``pgkeeper backup --all``: the fleet within its concurrency limits (pgkeeper.fleet)."""
+    from pgkeeper import fleet
+    from pgkeeper.inventory import load_inventory
+
+    inventory = load_inventory(settings)
+    total = len(inventory.enabled) + len(inventory.servers)
+
+    def done(outcome: fleet.Outcome) -> None:
+        if as_json:
+            return
+        if outcome.ok and outcome.manifest is not None:
+            m = outcome.manifest
+            typer.echo(f"ok      {outcome.key}  {m.id}  {human_size(m.size)}  "
+                       f"{outcome.seconds:.1f}s")  # fmt: skip
+        else:
+            why = outcome.error or "the upload failed"
+            typer.echo(f"FAILED  {outcome.key}  {why}")
+
+    if not as_json:
+        typer.echo(f"backing up {total} databases and server globals from {inventory.source}")
+    run = fleet.backup_all(
+        settings, inventory, verify_level="off" if no_verify else None,
+        upload=not no_upload, rotate_after=not no_rotate, on_done=done,
+    )  # fmt: skip
+    if as_json:
+        print_json([
+            {"key": o.key, "database": o.database, "server": o.server, "ok": o.ok,
+             "error": o.error, "backup": o.manifest.to_public() if o.manifest else None,
+             "seconds": round(o.seconds, 3)}
+            for o in run.outcomes
+        ])  # fmt: skip
+    else:
+        ok = len(run.outcomes) - len(run.failed)
+        typer.echo(f"{ok} of {len(run.outcomes)} backed up")
+    run.raise_for_problems()
 
 
 @app.command()
@@ -558,7 +634,7 @@ def download(
     database: DatabaseOpt = None,
 ) -> None:
     """Write a backup's stored file (verified against its checksum) to a local file."""
-    from pgkeeper.download import write_backup
+    from pgkeeper.download import download_name, write_backup
 
     settings = settings_from_env()
     storages = targets(settings)
@@ -583,16 +659,6 @@ def download(
     finally:
         partial.unlink(missing_ok=True)
     typer.echo(f"wrote {path}")
-
-
-def download_name(manifest: Manifest, decompress: bool) -> str:
-    if manifest.format == "directory":
-        return f"{manifest.id}.dir.tar"
-    name = manifest.filename
-    if decompress:
-        for suffix in (".zst", ".gz"):
-            name = name.removesuffix(suffix)
-    return name
 
 
 @app.command("import")
@@ -664,15 +730,37 @@ def rotate(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
     ] = False,
+    database: Annotated[
+        str | None,
+        typer.Option("--database", "-d", help="Only this database (name or name@host:port)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Apply the retention policy on every target (or show its plan with --dry-run)."""
+    """Apply the retention policy on every target (or show its plan with --dry-run); each
+    database of the inventory by its own retention settings."""
+    from pgkeeper.fleet import group_policy
+    from pgkeeper.inventory import configured
     from pgkeeper.rotate import policies_from_settings
     from pgkeeper.rotate import rotate as run_rotate
 
     settings = settings_from_env()
     storages = targets(settings)
-    report = run_rotate(storages, policies_from_settings(settings, storages), dry_run=dry_run)
+    inventory = configured(settings)
+    only = None
+    if database is not None:
+        if inventory is not None:
+            only = inventory.lookup(database).key
+        elif "@" in database:
+            only = database
+        else:
+            raise UsageError(
+                f"--database {database}: no inventory to find its server in (name it as "
+                "name@host:port, or set DATABASE_URL / BACKUP_DATABASES / BACKUP_INVENTORY)"
+            )
+    report = run_rotate(
+        storages, policies_from_settings(settings, storages), dry_run=dry_run,
+        group_policy=group_policy(inventory, storages) if inventory else None, only=only,
+    )  # fmt: skip
     if as_json:
         typer.echo(report.to_json())
     else:
@@ -688,6 +776,48 @@ def rotate(
         typer.echo(report.summary())
     if not report.ok:
         _fail("rotation failed on some target (see above); nothing listed was lost", 1)
+
+
+@app.command("inventory")
+@handle_errors
+def inventory_(as_json: JsonOpt = False) -> None:
+    """Every database of the inventory: schedule, newest verified backup and its age, size,
+    newest restore test, and whether it is within its RPO (the max age)."""
+    from pgkeeper.fleet import status
+    from pgkeeper.inventory import load_inventory
+
+    settings = settings_from_env()
+    inventory = load_inventory(settings)
+    manifests = [e.manifest for e in catalog.list_all(targets(settings))]
+    rows = status(inventory, manifests, max_age_of)
+    now = datetime.now(UTC)
+    if as_json:
+        print_json({"source": inventory.source, "databases": [r.to_public(now) for r in rows],
+                    "unreachable": inventory.errors})  # fmt: skip
+    else:
+        table = [
+            {
+                "database": r.database,
+                "server": r.server,
+                "schedule": r.schedule if r.enabled else "disabled",
+                "newest verified": r.newest_verified or "-",
+                "age": human_age(r.verified_at, now) if r.verified_at else "-",
+                "size": human_size(r.size) if r.size is not None else "-",
+                "restore test": (
+                    f"{r.restore_test} {human_age(r.restore_tested_at, now)}"
+                    if r.restore_tested_at
+                    else "-"
+                ),
+                "within RPO": {True: "yes", False: "NO", None: "-"}[r.within_rpo(now)],
+            }
+            for r in rows
+        ]
+        if table:
+            print_table(table, list(table[0]))
+        for server, why in inventory.errors.items():
+            typer.echo(f"cannot list the databases of {server}: {why}", err=True)
+    if any(r.within_rpo(now) is False for r in rows) or inventory.errors:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -730,6 +860,121 @@ def usage(as_json: JsonOpt = False) -> None:
         return
     rows = report.as_table()
     print_table(rows, list(rows[0]))
+
+
+@app.command()
+@handle_errors
+def monitor(as_json: JsonOpt = False) -> None:
+    """Run every health check, print them, tell new and resolved problems; exit 1 on a problem."""
+    from pgkeeper import monitor as health
+    from pgkeeper.alerts import Route, report_health
+    from pgkeeper.postgres import ConnInfo
+    from pgkeeper.prefect_api import PrefectLink
+    from pgkeeper.retention import parse_duration
+    from pgkeeper.rotate import policies_from_settings
+
+    settings = settings_from_env()
+    route = Route.of(settings)  # a malformed BACKUP_NOTIFY_URLS fails now, in one line
+    storages = targets(settings)
+    expect = health.expectations(settings, _interval(settings))
+    database = server = None
+    if settings.database_url is not None and settings.database_url.get_secret_value():
+        source = ConnInfo.parse(settings.require_database_url())
+        database, server = source.dbname, source.server
+    link = route.prefect if route.prefect.api_url else PrefectLink.from_environment()
+    scheduler = None
+    if link.api_url and settings.backup_enabled:
+        silence = parse_duration(
+            settings.backup_scheduler_max_silence, "BACKUP_SCHEDULER_MAX_SILENCE"
+        )
+        scheduler = link.scheduler_check(silence.total_seconds())
+    policies = policies_from_settings(settings, storages)
+    fleet, unreachable = health.fleet_scope(
+        settings, lambda own: health.expectations(own, _interval(own))
+    )
+    reports = health.monitor_each(
+        storages,
+        expect,
+        database=database,
+        server=server,
+        usage_warn_bytes={url: p.usage_warn_bytes for url, p in policies.items()},
+        scheduler=scheduler,
+        fleet=fleet,
+        unreachable=unreachable,
+    )
+    report_health(settings, storages[0], reports, route=route)
+    failed = [r for r in reports if not r.ok]
+    if as_json:
+        print_json({"ok": not failed, "reports": [r.to_dict() for r in reports]})
+    else:
+        rows = [{"subject": r.subject, **row} for r in reports for row in r.as_table()]
+        print_table(rows, ["subject", "check", "status", "detail"])
+    if failed:
+        count = sum(len(r.failed) for r in failed)
+        _fail(f"{count} check(s) failed: " + "; ".join(r.summary() for r in failed), 1)
+
+
+@app.command()
+@handle_errors
+def metrics(
+    textfile: Annotated[
+        Path | None,
+        typer.Option(help="Write pgkeeper.prom into this node_exporter textfile directory."),
+    ] = None,
+) -> None:
+    """Prometheus metrics of every database and target (stdout, or a textfile for node_exporter)."""
+    from pgkeeper.metrics import render, write_textfile
+    from pgkeeper.redaction import secrets_of
+
+    settings = settings_from_env()
+    storages = targets(settings)
+    if textfile is None:
+        sys.stdout.buffer.write(render(storages, secrets_of(settings)))
+        return
+    if not textfile.is_dir():
+        raise UsageError(f"{textfile} is not a directory (give node_exporter's textfile folder)")
+    typer.echo(f"wrote {write_textfile(storages, textfile, secrets_of(settings))}")
+
+
+alerts_app = typer.Typer(help="Alert channels and the Prefect automations that deliver them.")
+app.add_typer(alerts_app, name="alerts")
+
+
+@alerts_app.command("install")
+@handle_errors
+def alerts_install() -> None:
+    """Create (or update) the notification block and automations on the Prefect server."""
+    from deployments.alerts import install
+
+    report = install(settings_from_env())
+    for line in report.lines:
+        typer.echo(line)
+    if not report.ok:
+        _fail(report.problem, 1)
+
+
+@alerts_app.command("test")
+@handle_errors
+def alerts_test() -> None:
+    """Send a test alert through the configured route (the Prefect server, or directly)."""
+    from pgkeeper.alerts import Route
+    from pgkeeper.notify import Message
+
+    settings = settings_from_env()
+    route = Route.of(settings)
+    if not route.channels and not route.via_prefect:
+        raise UsageError("BACKUP_NOTIFY_URLS is not set (set it to one or more Apprise URLs)")
+    message = Message(
+        "pgkeeper: test alert",
+        "This is a test of pgkeeper's alerts: if you read it, failures will reach you here.",
+        "warning",
+    )
+    where = "the Prefect server's pgkeeper-alerts automation" if route.via_prefect else (
+        ", ".join(route.channels.shown)
+    )
+    if not route.deliver(message):
+        _fail(f"the test alert was not delivered to {where} (see the warning above)", 1)
+    typer.echo(f"test alert sent to {where}")
 
 
 @app.command()

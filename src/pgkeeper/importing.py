@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from pgkeeper import __version__, catalog, naming
-from pgkeeper.errors import NotADumpError, PgkeeperError, StorageError, VerificationError
+from pgkeeper import __version__, catalog, naming, plainsql
+from pgkeeper.errors import NotADumpError, StorageError, VerificationError
 from pgkeeper.manifest import Manifest, StoredObject, utcnow
 from pgkeeper.pipeline import GZIP_MAGIC, ZSTD_MAGIC, Decoder, Progress
 from pgkeeper.settings import Settings
@@ -31,7 +31,7 @@ from pgkeeper.verify import check_backup, failed_check
 
 log = logging.getLogger(__name__)
 
-PLAIN_MARKERS = (b"-- PostgreSQL database dump",)
+PLAIN_MARKERS = (plainsql.HEADER,)
 # pg_dumpall output creates roles and databases and \connects between them: it cannot be
 # restored into one database, so it is refused rather than stored as an unrestorable backup.
 CLUSTER_MARKER = b"-- PostgreSQL database cluster dump"
@@ -211,9 +211,9 @@ def import_stream(
     if not head:
         raise NotADumpError("not a PostgreSQL dump: the file is empty")
     kind = detect(head)
-    backup_id, started = catalog.reserve_id(primary, name, kind.database, "import")
     stream = _Head(head, _limited(read, max_bytes))
-    try:
+    with catalog.new_backup(primary, name, kind.database, "import") as reservation:
+        backup_id, started = reservation.backup_id, reservation.started
         if kind.format == "directory":
             objects = _store_directory_tar(primary, backup_id, stream, kind, progress)
         else:
@@ -242,15 +242,7 @@ def import_stream(
                 f"not a usable PostgreSQL dump: it failed the {bad.name} check ({bad.detail})"
             )
         manifest = manifest.model_copy(update={"verification": result})
-        catalog.write_manifest(primary, manifest)
-    except BaseException:
-        for info in catalog.backup_objects(primary, backup_id):
-            try:
-                primary.delete(info.key)
-            except PgkeeperError:
-                log.warning("could not remove %s after a failed import", info.key)
-        raise
-    catalog.clear_pending(primary, backup_id)
+        reservation.commit(manifest)
     return manifest
 
 

@@ -74,16 +74,18 @@ class Manifest(BaseModel):
     """Everything known about one complete backup."""
 
     manifest_version: int = MANIFEST_VERSION
-    kind: Literal["dump", "base"] = Field(
-        default="dump",
-        description="dump: pg_dump of one database; base: pg_basebackup of the whole cluster",
-    )
     id: str
     name: str
     database: str
     server: str = Field(description="host:port of the source server, never credentials")
     server_version: str = ""
     pg_dump_version: str = ""
+    kind: Literal["dump", "globals", "base"] = Field(
+        default="dump",
+        description="dump: one database (pg_dump); globals: a server's roles, memberships, "
+        "role settings and tablespaces (pg_dumpall --globals-only), database '*'; base: "
+        "pg_basebackup of the whole cluster for point-in-time recovery, database '*'",
+    )
     format: Literal["custom", "plain", "directory", "tar"]
     compression: Literal["zstd", "gzip", "none"]
     compression_level: int | None = None

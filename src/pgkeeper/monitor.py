@@ -10,9 +10,21 @@ The checks, for the configured database (``database``/``server`` as manifests re
                 (before the first one, the limit counts from the oldest backup)
   offsite       every offsite target holds the newest backup that is not known to be corrupt
                 (or it finished within the grace period: the upload may still be running)
+  size          the newest backup is not empty, nor smaller than BACKUP_SIZE_DROP_PERCENT below
+                the median of the 7 verified backups before it (a truncated table shows here)
   usage         no target holds more than its warning threshold (BACKUP_USAGE_WARN_BYTES or
                 a per-target override)
+  quota         no target holds more than BACKUP_USAGE_WARN_PERCENT of BACKUP_STORAGE_QUOTA
+  disk          every local target's filesystem has room for the next backup (the largest
+                of the last 7)
   storage       every target could be listed
+  scheduler     something (serve, a worker) polled the backup deployments recently; only
+                with a Prefect server (the caller asks it: ``prefect_api.PrefectLink``)
+
+``monitor`` checks one database; ``monitor_each`` checks every database the targets hold, one
+report per database (freshness, verified, size, restore-test, offsite) plus one for what they
+share (usage, quota, disk, storage, scheduler), so that 200 databases are 200 subjects of
+per-database alerts, and one storage outage is one alert.
 
 The checks themselves are pure functions of what the targets hold and the time (``check_*``
 and ``evaluate``), so they are unit-tested without storage; ``monitor`` lists the targets and
@@ -26,7 +38,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -34,8 +47,9 @@ from typing import Any, Literal
 from pgkeeper import catalog
 from pgkeeper.errors import PgkeeperError, StorageError
 from pgkeeper.manifest import Manifest, RestoreTest, utcnow
-from pgkeeper.retention import aware, format_size, recorded_at
+from pgkeeper.retention import aware, format_size, parse_duration, parse_size, recorded_at
 from pgkeeper.rotate import UsageReport, usage_report
+from pgkeeper.settings import Settings
 from pgkeeper.storage.base import Storage
 
 __all__ = [
@@ -43,11 +57,14 @@ __all__ = [
     "Expectations",
     "Holdings",
     "MonitorReport",
+    "SystemFacts",
     "evaluate",
     "holdings",
     "measure_usage",
     "monitor",
+    "monitor_each",
     "raise_for_failure",
+    "subject_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,10 +104,16 @@ class Expectations:
     factor: float = DEFAULT_FACTOR
     restore_test_max_age: timedelta | None = DEFAULT_RESTORE_TEST_MAX_AGE
     verification: bool = True
+    max_age: timedelta | None = None  # BACKUP_MAX_AGE, or interval + 1 h: wins when set
+    size_drop_percent: int = 0  # 0: the size check only looks for empty backups
+    quota_bytes: int | None = None
+    usage_warn_percent: int = 80
 
     @property
     def max_backup_age(self) -> timedelta | None:
         """The age past which the newest backup is stale."""
+        if self.max_age is not None:
+            return self.max_age
         if self.backup_interval is None:
             return None
         return self.backup_interval * self.factor + self.grace
@@ -154,6 +177,44 @@ class MonitorReport:
         return json.dumps(self.to_dict(), indent=2)
 
 
+MAX_AGE_SLACK = timedelta(hours=1)  # default BACKUP_MAX_AGE: the schedule's longest gap + 1 h
+
+
+def expectations(
+    settings: Settings,
+    backup_interval: timedelta | None,
+    grace: timedelta = DEFAULT_GRACE,
+    restore_test_max_age: timedelta | Literal["settings"] | None = "settings",
+) -> Expectations:
+    """Expectations from the settings: BACKUP_MAX_AGE (default: ``backup_interval`` + 1 h,
+    25 h for daily), BACKUP_SIZE_DROP_PERCENT, BACKUP_STORAGE_QUOTA and
+    BACKUP_USAGE_WARN_PERCENT, BACKUP_RESTORE_TEST_MAX_AGE (``off``: None), BACKUP_VERIFY.
+
+    Raises ConfigError for a malformed duration or size.
+    """
+    if settings.backup_max_age:
+        max_age: timedelta | None = parse_duration(settings.backup_max_age, "BACKUP_MAX_AGE")
+    else:
+        max_age = backup_interval + MAX_AGE_SLACK if backup_interval is not None else None
+    if restore_test_max_age == "settings":
+        text = (settings.backup_restore_test_max_age or "off").strip().lower()
+        off = text in ("off", "0", "")
+        restore_test_max_age = (
+            None if off else parse_duration(text, "BACKUP_RESTORE_TEST_MAX_AGE")
+        )
+    quota = settings.backup_storage_quota
+    return Expectations(
+        backup_interval=backup_interval,
+        grace=grace,
+        restore_test_max_age=restore_test_max_age,
+        verification=settings.backup_verify != "off",
+        max_age=max_age,
+        size_drop_percent=settings.backup_size_drop_percent,
+        quota_bytes=parse_size(quota, "BACKUP_STORAGE_QUOTA") if quota else None,
+        usage_warn_percent=settings.backup_usage_warn_percent,
+    )
+
+
 # -- the checks (pure) --------------------------------------------------------------------------
 
 
@@ -172,6 +233,16 @@ def _stamp(when: datetime) -> str:
     return aware(when).isoformat(timespec="minutes")
 
 
+def _counts_as_fresh(backup: Manifest, expect: Expectations, now: datetime) -> bool:
+    """Verified, or (verification on) still within the grace to be verified, or (off) any
+    backup not known to be corrupt."""
+    if backup.verified:
+        return True
+    if backup.verification_failed:
+        return False
+    return not expect.verification or aware(now) - aware(backup.finished_at) <= expect.grace
+
+
 def check_freshness(backups: Sequence[Manifest], expect: Expectations, now: datetime) -> Check:
     """The newest backup is younger than the schedule's interval x factor + grace."""
     limit = expect.max_backup_age
@@ -183,7 +254,15 @@ def check_freshness(backups: Sequence[Manifest], expect: Expectations, now: date
         )
     if not backups:
         return Check("freshness", "failed", "no complete backup found (run 'pgkeeper backup')")
-    newest = backups[0]
+    good = [b for b in backups if _counts_as_fresh(b, expect, now)]
+    if not good:
+        return Check(
+            "freshness",
+            "failed",
+            f"no verified backup among the {len(backups)} complete ones: check the backup "
+            "runs and verification",
+        )
+    newest = good[0]
     age = aware(now) - recorded_at(newest)
     if age > limit:
         return Check(
@@ -351,6 +430,101 @@ def check_offsite(held: Holdings, expect: Expectations, now: datetime) -> Check:
     )
 
 
+SIZE_HISTORY = 7  # the median of this many verified backups before the newest is "usual"
+
+
+def _size(backup: Manifest) -> int:
+    return backup.raw_size if backup.raw_size is not None else backup.size
+
+
+def check_size(backups: Sequence[Manifest], expect: Expectations) -> Check:
+    """The newest backup is not empty, nor much smaller than the usual size."""
+    usable = [m for m in backups if not m.verification_failed]
+    if not usable:
+        return Check("size", "skipped", "no backup to check")
+    newest = usable[0]
+    if newest.size == 0 or newest.raw_size == 0:
+        return Check(
+            "size",
+            "failed",
+            f"the newest backup {newest.id} is empty (0 bytes): check the database and the "
+            "backup's table filters, then back up again",
+        )
+    history = [_size(m) for m in usable[1:] if m.verified][:SIZE_HISTORY]
+    if expect.size_drop_percent <= 0 or not history:
+        return Check("size", "ok", f"newest backup {newest.id} is {format_size(newest.size)}")
+    ordered = sorted(history)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    floor = median * (100 - expect.size_drop_percent) / 100
+    if _size(newest) < floor:
+        return Check(
+            "size",
+            "failed",
+            f"the newest backup {newest.id} is {format_size(_size(newest))}, more than "
+            f"{expect.size_drop_percent}% below the usual {format_size(int(median))} (median of "
+            f"the last {len(history)}): was data lost or a table left out? check the database, "
+            "then back up again",
+        )
+    return Check(
+        "size",
+        "ok",
+        f"newest backup {newest.id} is {format_size(_size(newest))} "
+        f"(usual {format_size(int(median))})",
+    )
+
+
+def check_quota(usage: UsageReport, expect: Expectations) -> Check:
+    """No target holds more than the warning percentage of its quota."""
+    if expect.quota_bytes is None:
+        return Check("quota", "skipped", "no storage quota is set (BACKUP_STORAGE_QUOTA)")
+    limit = expect.quota_bytes * expect.usage_warn_percent / 100
+    over = [t for t in usage.targets if t.bytes > limit]
+    if over:
+        text = "; ".join(
+            f"{t.url} holds {format_size(t.bytes)}, {t.bytes * 100 / expect.quota_bytes:.0f}% of "
+            f"its {format_size(expect.quota_bytes)} quota" for t in over
+        )
+        return Check(
+            "quota",
+            "failed",
+            f"{text} (over {expect.usage_warn_percent}%: tighten retention or raise the quota)",
+        )
+    return Check(
+        "quota",
+        "ok",
+        f"every target below {expect.usage_warn_percent}% of {format_size(expect.quota_bytes)}",
+    )
+
+
+def check_disk(free: Mapping[str, int], held: Holdings) -> Check:
+    """Every local target's filesystem (``free``: URL -> free bytes) has room for the next
+    backup: the largest of the last 7."""
+    if not free:
+        return Check("disk", "skipped", "no local target")
+    need = max((m.size for m in held.backups[:SIZE_HISTORY]), default=0)
+    short = [(url, room) for url, room in free.items() if room < need]
+    if short:
+        text = "; ".join(
+            f"{url} has {format_size(room)} free, the next backup needs about {format_size(need)}"
+            for url, room in short
+        )
+        return Check("disk", "failed", f"{text} (free space, or tighten retention)")
+    return Check(
+        "disk",
+        "ok",
+        ", ".join(f"{url} {format_size(room)} free" for url, room in free.items()),
+    )
+
+
+def check_scheduler(status: tuple[bool, str] | None) -> Check:
+    """Something polled the backup deployments recently (None: no Prefect server to ask)."""
+    if status is None:
+        return Check("scheduler", "skipped", "no Prefect server is configured (PREFECT_API_URL)")
+    running, detail = status
+    return Check("scheduler", "ok" if running else "failed", detail)
+
+
 def check_usage(usage: UsageReport) -> Check:
     """No target is over its warning threshold, and every target could be measured."""
     problems = [*usage.warnings, *(f"cannot measure {u}: {e}" for u, e in usage.errors.items())]
@@ -368,20 +542,53 @@ def check_storage(held: Holdings) -> Check:
     return Check("storage", "ok", f"{len(held.targets)} target(s) listed")
 
 
+def database_checks(held: Holdings, expect: Expectations, now: datetime) -> list[Check]:
+    """The checks of one database's backups; pure."""
+    return [
+        check_freshness(held.backups, expect, now),
+        check_verified(held.backups, expect, now),
+        check_size(held.backups, expect),
+        check_restore_test(held.backups, expect, now),
+        check_offsite(held, expect, now),
+    ]
+
+
+@dataclass(frozen=True)
+class SystemFacts:
+    """What the shared checks need beyond the listings: local free space, the scheduler."""
+
+    free: Mapping[str, int] = field(default_factory=dict)
+    scheduler: tuple[bool, str] | None = None
+
+
+def system_checks(
+    held: Holdings, usage: UsageReport, expect: Expectations, facts: SystemFacts
+) -> list[Check]:
+    """The checks of what every database shares (targets, scheduler); pure."""
+    return [
+        check_usage(usage),
+        check_quota(usage, expect),
+        check_disk(facts.free, held),
+        check_storage(held),
+        check_scheduler(facts.scheduler),
+    ]
+
+
 def evaluate(
-    held: Holdings, usage: UsageReport, expect: Expectations, now: datetime, subject: str = ""
+    held: Holdings,
+    usage: UsageReport,
+    expect: Expectations,
+    now: datetime,
+    subject: str = "",
+    facts: SystemFacts | None = None,
 ) -> MonitorReport:
     """Run every check on what the targets hold; pure (no I/O)."""
     return MonitorReport(
         now=now,
         subject=subject or "pgkeeper",
         checks=[
-            check_freshness(held.backups, expect, now),
-            check_verified(held.backups, expect, now),
-            check_restore_test(held.backups, expect, now),
-            check_offsite(held, expect, now),
-            check_usage(usage),
-            check_storage(held),
+            *database_checks(held, expect, now),
+            *system_checks(held, usage, expect, facts or SystemFacts()),
         ],
     )
 
@@ -451,6 +658,105 @@ def monitor(
     for check in report.failed:
         log.warning("monitor: %s failed: %s", check.name, check.detail)
     return report
+
+
+SYSTEM_SUBJECT = "storage and scheduler"
+
+
+def free_space(storages: Sequence[Storage]) -> dict[str, int]:
+    """Free bytes of each local target's filesystem (URL -> bytes); cloud targets have none."""
+    free: dict[str, int] = {}
+    for storage in storages:
+        path = storage.local_path("")
+        if path is None:
+            continue
+        probe = path
+        while not probe.exists() and probe != probe.parent:  # a folder not made yet
+            probe = probe.parent
+        try:
+            free[storage.url] = shutil.disk_usage(probe).free
+        except OSError:
+            continue
+    return free
+
+
+def _split(held: Holdings) -> dict[tuple[str, str], Holdings]:
+    """One Holdings per database@server, in a stable order."""
+    groups: dict[tuple[str, str], Holdings] = {}
+    for manifest in held.backups:
+        key = (manifest.database, manifest.server)
+        group = groups.setdefault(key, Holdings(targets=held.targets, errors=held.errors))
+        group.backups.append(manifest)
+        group.locations[manifest.id] = held.locations.get(manifest.id, [])
+    return dict(sorted(groups.items()))
+
+
+def subject_of(database: str, server: str) -> str:
+    """How alerts, reports and events name a database: ``shop on db.internal:5432``."""
+    return f"{database} on {server}"
+
+
+def monitor_each(
+    storages: Sequence[Storage],
+    expect: Expectations,
+    *,
+    database: str | None = None,
+    server: str | None = None,
+    usage_warn_bytes: Mapping[str, int | None] | None = None,
+    scheduler: tuple[bool, str] | None = None,
+    now: datetime | None = None,
+    fleet: Mapping[tuple[str, str], Expectations] | None = None,
+    unreachable: Mapping[str, str] | None = None,
+) -> list[MonitorReport]:
+    """One report per database the targets hold (only ``database`` on ``server`` when given;
+    it gets a report even when it has no backup at all), then one for what they share.
+
+    ``fleet``: the inventory's databases (``(database, server)``) with each one's own
+    expectations (its schedule, its max age): each gets a report, backed up or not, and
+    databases outside it are not checked; ``unreachable``: '*' servers that could not be asked
+    for their databases, each a failed ``inventory`` check. Raises nothing for storage failures
+    (they are failed checks).
+    """
+    now = aware(now or utcnow())
+    held = holdings(storages, database, server)
+    groups = _split(held)
+    if database is not None and server is not None and not groups:
+        groups[(database, server)] = Holdings(targets=held.targets, errors=held.errors)
+    own = {key: expect for key in groups} if fleet is None else dict(fleet)
+    reports = [
+        MonitorReport(now, subject_of(db, srv), database_checks(
+            groups.get((db, srv)) or Holdings(targets=held.targets, errors=held.errors),
+            own[(db, srv)], now,
+        ))
+        for (db, srv) in sorted(own)
+    ]  # fmt: skip
+    for srv, why in sorted((unreachable or {}).items()):
+        check = Check("inventory", "failed", f"cannot list the databases of {srv}: {why}")
+        reports.append(MonitorReport(now, f"databases on {srv}", [check]))
+    usage = measure_usage(storages, usage_warn_bytes)
+    facts = SystemFacts(free=free_space(storages), scheduler=scheduler)
+    reports.append(MonitorReport(now, SYSTEM_SUBJECT, system_checks(held, usage, expect, facts)))
+    for report in reports:
+        for check in report.failed:
+            log.warning("monitor: %s: %s failed: %s", report.subject, check.name, check.detail)
+    return reports
+
+
+def fleet_scope(
+    settings: Settings, expect_of: Callable[[Settings], Expectations]
+) -> tuple[dict[tuple[str, str], Expectations] | None, dict[str, str] | None]:
+    """For ``monitor_each``: each enabled database of the inventory with its own expectations
+    (``expect_of`` its settings; '*' servers are asked, so a new database is checked too) and
+    the servers that could not be asked; (None, None) for a fleet of one (DATABASE_URL, or
+    nothing configured: every database the targets hold, as before)."""
+    from pgkeeper.inventory import configured, load_inventory
+
+    known = configured(settings)
+    if known is None or known.source == "DATABASE_URL":
+        return None, None
+    inventory = load_inventory(settings)
+    found = {(d.name, d.server): expect_of(d.settings) for d in inventory.enabled}
+    return found, inventory.errors
 
 
 def raise_for_failure(report: MonitorReport) -> None:

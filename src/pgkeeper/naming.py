@@ -51,8 +51,9 @@ _EXT = {
 def validate_name(name: str) -> str:
     """Return ``name`` if it can start a backup id; raise UsageError otherwise."""
     if not NAME_RE.match(name):
+        shown = name if len(name) <= 80 else name[:77] + "..."
         raise UsageError(
-            f"backup name {name!r} is not allowed "
+            f"backup name {shown!r} is not allowed "
             "(use 1-63 letters, digits, '_' or '-', starting with a letter or digit)"
         )
     return name

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -32,10 +33,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgkeeper import catalog, loader, naming, postgres
+from pgkeeper import catalog, loader, naming, plainsql, postgres
 from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.errors import (
     BackupNotFoundError,
+    ClientVersionError,
     ConfirmationRequiredError,
     DatabaseMissingError,
     PgkeeperError,
@@ -194,7 +196,15 @@ def _load(
     """
     env = conn.with_dbname(dbname).env()
     if manifest.format == "plain":
+        # psql runs any backslash command of its input: a plain dump is replayed in psql's
+        # restricted mode under a key of ours (plainsql.py), whoever made the dump.
         psql = postgres.find_client("psql", settings.pg_bin_dir)
+        if not plainsql.psql_can_restrict(psql.version):
+            raise ClientVersionError(
+                f"psql {psql.version} cannot refuse the psql meta-commands a plain dump may hold "
+                "(\\restrict came in 13.22, 14.19, 15.14, 16.10, 17.6 and 18): install a newer "
+                "postgresql-client and set PG_BIN_DIR"
+            )
         argv = [
             psql.argv0,
             "--no-password",
@@ -204,8 +214,9 @@ def _load(
             "ON_ERROR_STOP=1",
             "--single-transaction",
             f"--dbname={dbname}",
+            "--file=-",  # errors then name the input line: psql:<stdin>:N
         ]
-        _pipe_into(argv, env, settings, manifest, storage, progress)
+        _pipe_into(argv, env, settings, manifest, storage, progress, plainsql.Replay())
         return
     pg_restore = postgres.find_client("pg_restore", settings.pg_bin_dir)
     _check_archive_version(pg_restore, manifest)
@@ -393,6 +404,12 @@ def _run(argv: list[str], env: dict[str, str]) -> None:
             raise _restore_failed(proc)
 
 
+# psql's words for a meta-command refused in restricted mode (N counts our \restrict line).
+_REFUSED = re.compile(
+    r"psql:<stdin>:(\d+): error: (?:backslash commands are restricted|\\unrestrict)"
+)
+
+
 def _pipe_into(
     argv: list[str],
     env: dict[str, str],
@@ -400,22 +417,52 @@ def _pipe_into(
     manifest: Manifest,
     storage: Storage,
     progress: Progress | None,
+    replay: plainsql.Replay | None = None,
 ) -> None:
+    """Stream the stored dump into the stdin of ``argv`` (pg_restore, or psql for a plain dump,
+    which goes through ``replay``: the first foreign meta-command ends the restore)."""
     with ClientProcess(argv, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as proc:
         stdin = proc.proc.stdin
         assert stdin is not None  # noqa: S101 - stdin=PIPE
 
-        def sink(data: bytes) -> None:
+        def failed() -> RestoreError:
+            if replay is None:
+                return _restore_failed(proc)
+            proc.wait()  # psql is gone or going: let its last words arrive
+            refused = _REFUSED.match(proc.last_error())
+            if refused is None:
+                return _restore_failed(proc)
+            return RestoreError(
+                f"backup {manifest.id!r} was not restored (the target is as it was): its plain "
+                f"dump holds a psql meta-command at line {int(refused.group(1)) - 1}, which "
+                "pgkeeper never runs: a plain dump must hold SQL only"
+            )
+
+        def write(data: bytes) -> None:
             try:
                 stdin.write(data)
             except BrokenPipeError:
-                raise _restore_failed(proc) from None
+                raise failed() from None
+
+        def refuse_what_replay_found() -> None:
+            if replay is not None and replay.found is not None:
+                raise RestoreError(
+                    f"backup {manifest.id!r} was not restored (the target is as it was): its "
+                    f"plain dump holds {replay.found}"
+                )
+
+        def sink(data: bytes) -> None:
+            write(data if replay is None else replay.feed(data))
+            refuse_what_replay_found()
 
         _stream_object(storage, manifest, manifest.objects[0], sink, progress)
+        if replay is not None:
+            write(replay.finish())
+            refuse_what_replay_found()
         with suppress(BrokenPipeError):
             stdin.close()
         if proc.wait() != 0:
-            raise _restore_failed(proc)
+            raise failed()
 
 
 # --- databases --------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ Which backups count
 
 Groups
     Backups are planned per *group*: one database on one server (``database``, ``server`` of
-    the manifest), so a target that holds two databases keeps N of each. The size limit is
-    the exception: it is about the target's disk, so it spans every group.
+    the manifest), so a target that holds two databases keeps N of each. A server's base
+    backups (point-in-time recovery) are a group of their own. The size limit is the
+    exception: it is about the target's disk, so it spans every group.
 
 The rules, per group, over the good backups ordered newest first by their own recorded start
 time (``Manifest.started_at``; never a name or a storage timestamp; ties broken by finish time,
@@ -491,8 +492,12 @@ def _sort_key(m: Manifest) -> tuple[datetime, datetime, str]:
     return (recorded_at(m), aware(m.finished_at), m.id)
 
 
-def _group(m: Manifest) -> str:
-    return f"{m.database}@{m.server}" if m.server else m.database
+def group_of(m: Manifest) -> str:
+    """Backups of one database on one server; base backups (database '*') are a group of their
+    own beside a server's globals dumps (database '*' too): neither may satisfy the other's
+    rules."""
+    group = f"{m.database}@{m.server}" if m.server else m.database
+    return f"base {group}" if m.kind == "base" else group
 
 
 _BUCKETS: dict[str, Callable[[datetime], tuple[int, ...]]] = {
@@ -532,17 +537,20 @@ def plan(
     policy: Policy,
     now: datetime,
     hold: Mapping[str, str] | None = None,
+    group_policy: Callable[[str], Policy | None] | None = None,
 ) -> Plan:
     """Decide, for every backup of one target, whether to keep it and why (see module docstring).
 
     ``hold`` maps ids the caller needs kept to the reason (rotation holds backups of the primary
     target not yet uploaded offsite). Like every keep rule it applies to good backups only and
-    yields to the size limit. Pure: reads nothing but its arguments. Raises nothing for any list
-    of manifests (an empty list gives an empty plan).
+    yields to the size limit. ``group_policy`` gives a group (``database@server``) a policy of
+    its own (a fleet database's overrides; None: ``policy``) for every rule but the size limit,
+    which is about the target's disk and stays ``policy``'s. Pure: reads nothing but its
+    arguments. Raises nothing for any list of manifests (an empty list gives an empty plan).
     """
     hold = hold or {}
     now = aware(now)
-    tz = policy.tz
+    target_policy = policy
     ordered = sorted(backups, key=_sort_key, reverse=True)
     reasons: dict[int, list[str]] = {i: [] for i in range(len(ordered))}
     deletes: dict[int, str] = {}
@@ -552,9 +560,11 @@ def plan(
 
     groups: dict[str, list[int]] = {}
     for index, manifest in enumerate(ordered):
-        groups.setdefault(_group(manifest), []).append(index)
+        groups.setdefault(group_of(manifest), []).append(index)
 
     for group, members in groups.items():
+        policy = (group_policy(group) if group_policy else None) or target_policy
+        tz = policy.tz
         good = [i for i in members if _is_good(ordered[i], policy)]
         good_set = set(good)
         good_manifests = [ordered[i] for i in good]
@@ -639,8 +649,10 @@ def plan(
             "in the future (clock skew on the machine that made it?): it sorts as the newest"
         )
 
-    if policy.max_total_size is not None:
-        _apply_size_limit(ordered, good_kept, protected, reasons, deletes, policy, warnings)
+    if target_policy.max_total_size is not None:
+        _apply_size_limit(
+            ordered, good_kept, protected, reasons, deletes, target_policy, warnings
+        )
 
     decisions = [
         Decision(
@@ -651,11 +663,11 @@ def plan(
             size=m.size,
             state=m.state,
             pinned=m.pinned,
-            group=_group(m),
+            group=group_of(m),
         )
         for i, m in enumerate(ordered)
     ]
-    return Plan(decisions=decisions, policy=policy, now=now, warnings=warnings)
+    return Plan(decisions=decisions, policy=target_policy, now=now, warnings=warnings)
 
 
 def _apply_size_limit(

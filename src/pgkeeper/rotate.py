@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from pgkeeper import catalog, naming
@@ -39,6 +40,7 @@ from pgkeeper.retention import (
     Policy,
     aware,
     format_size,
+    group_of,
     overrides_from_settings,
     plan,
     policy_for_target,
@@ -484,13 +486,20 @@ def rotate(
     policy: Policy | Mapping[str, Policy],
     now: datetime | None = None,
     dry_run: bool = False,
+    *,
+    group_policy: Callable[[str, str], Policy | None] | None = None,
+    only: str | None = None,
 ) -> RotationReport:
     """Apply retention to every target (the first is the primary); see the module docstring.
 
-    ``policy`` is one policy for all targets or one per target URL. With ``dry_run`` nothing is
-    changed (every target is viewed read-only) and the report says what would be deleted.
-    Raises ConfigError when a target has no policy; storage failures never raise: they are
-    in each target's ``errors`` (``report.ok`` is False), and the other targets still rotate.
+    ``policy`` is one policy for all targets or one per target URL; ``group_policy(url,
+    group)`` gives a fleet database (``database@server``) its own rules on a target (None:
+    the target's).
+    ``only`` (a ``database@server`` group) plans and deletes that database's backups alone
+    (the size limit then counts only them). With ``dry_run`` nothing is changed (every target
+    is viewed read-only) and the report says what would be deleted. Raises ConfigError when a
+    target has no policy; storage failures never raise: they are in each target's ``errors``
+    (``report.ok`` is False), and the other targets still rotate.
     """
     now = aware(now or utcnow())
     report = RotationReport(now=now, dry_run=dry_run)
@@ -505,8 +514,11 @@ def rotate(
         except StorageError as exc:
             target.errors.append(f"cannot list {storage.url}: {exc.message}")
             continue
+        if only is not None:
+            backups = [m for m in backups if group_of(m) == only]
         holds = _upload_holds(backups, views[1:], target) if position == 0 else {}
-        result = plan(backups, target_policy, now, hold=holds)
+        own = partial(group_policy, storage.url) if group_policy is not None else None
+        result = plan(backups, target_policy, now, hold=holds, group_policy=own)
         target.decisions = result.decisions
         target.warnings.extend(result.warnings)
 
@@ -523,7 +535,8 @@ def rotate(
             target.errors.append(f"removing old WAL from {storage.url} failed: {exc.message}")
         try:
             grace = max(target_policy.failed_grace, MIN_INCOMPLETE_AGE)
-            _remove_incomplete(storage, grace, now, dry_run, target)
+            if only is None:  # an incomplete folder's database is not always known
+                _remove_incomplete(storage, grace, now, dry_run, target)
             target.usage_after = _usage_after(storage, target, dry_run)
         except StorageError as exc:
             target.errors.append(f"cleaning up {storage.url} failed: {exc.message}")

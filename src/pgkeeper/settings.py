@@ -45,6 +45,21 @@ class Settings(BaseSettings):
         default=None, description="folder holding pg_dump/pg_restore/psql (default: newest found)."
     )
 
+    # --- the fleet: many databases (inventory.py) ----------------------------------------
+    backup_databases: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="libpq URLs, comma separated; a database '*' means every database there.",
+    )
+    backup_inventory: Path | None = Field(
+        default=None, description="YAML file: servers, databases and per-database overrides."
+    )
+    backup_server_concurrency: int = Field(
+        default=1, ge=1, le=64, description="dumps running against one server at once."
+    )
+    backup_fleet_concurrency: int = Field(
+        default=4, ge=1, le=256, description="dumps running at once across the fleet."
+    )
+
     # --- backups --------------------------------------------------------------------------
     backup_enabled: bool = True
     backup_schedule: str = "daily"
@@ -106,6 +121,51 @@ class Settings(BaseSettings):
     backup_safety_keep: str = Field(
         default="7d",
         description="how long rotation keeps the safety backup a restore takes ('7d', '36h').",
+    )
+
+    # --- alerts, metrics, error tracking ---------------------------------------------------
+    backup_notify_urls: SecretStr | None = Field(
+        default=None,
+        description="Apprise URLs, comma separated (mailto://, slack://, json://...); "
+        "they hold tokens and passwords, so the value is a secret.",
+    )
+    backup_notify_on: Literal["failure", "success", "all"] = Field(
+        default="failure",
+        description="failure: problems and their resolution; success/all: also every "
+        "verified backup.",
+    )
+    backup_max_age: str | None = Field(
+        default=None,
+        description="no verified backup for this long is an alert (default: the backup "
+        "schedule's longest gap + 1h, 25h for daily), e.g. '25h'.",
+    )
+    backup_size_drop_percent: int = Field(
+        default=50,
+        ge=0,
+        le=100,
+        description="alert when the newest backup is smaller than this percent of the median "
+        "of the last 7 verified ones (0: off).",
+    )
+    backup_usage_warn_percent: int = Field(
+        default=80, ge=1, le=100, description="alert above this percent of the storage quota."
+    )
+    backup_storage_quota: str | None = Field(
+        default=None, description="the storage budget of each target, e.g. '10GB'."
+    )
+    backup_scheduler_max_silence: str = Field(
+        default="10min",
+        description="alert when no serve process or worker polled the backup deployments "
+        "for this long (only with a Prefect server).",
+    )
+    backup_restore_test_max_age: str | None = Field(
+        default="14d", description="alert when no restore test passed this recently (off: never)."
+    )
+    backup_heartbeat_url: SecretStr | None = Field(
+        default=None,
+        description="dead-man service URL: <url>/start, <url> on success, <url>/fail.",
+    )
+    sentry_dsn: SecretStr | None = Field(
+        default=None, description="Sentry DSN: failures are captured, secrets scrubbed."
     )
 
     # --- offsite storage ------------------------------------------------------------------
@@ -186,7 +246,9 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("backup_targets", "backup_api_allowed_hosts", mode="before")
+    @field_validator(
+        "backup_targets", "backup_api_allowed_hosts", "backup_databases", mode="before"
+    )
     @classmethod
     def _targets(cls, value: object) -> object:
         return _split_list(value)

@@ -48,11 +48,7 @@ class UploadReport:
 
 
 def _remote_sha256(storage: Storage, key: str) -> str | None:
-    probe = getattr(storage, "remote_sha256", None)
-    if probe is None:
-        return None
-    value = probe(key)
-    return str(value) if value else None
+    return storage.remote_sha256(key) if storage.stored_checksums else None
 
 
 def copy_is_complete(storage: Storage, manifest: Manifest) -> bool:
@@ -236,10 +232,10 @@ def clean_offsite(settings: Settings, *, storages: Sequence[Storage] | None = No
     storages = list(storages) if storages is not None else targets(settings)
     aborted: list[str] = []
     for storage in storages:
-        abort = getattr(storage, "abort_orphan_uploads", None)
-        if abort is not None:
-            try:
-                aborted.extend(str(k) for k in abort(""))
-            except PgkeeperError as exc:
-                log.warning("could not clean orphan uploads in %s: %s", storage.url, exc)
+        if not storage.orphan_uploads:
+            continue
+        try:
+            aborted.extend(storage.abort_orphan_uploads(""))
+        except PgkeeperError as exc:
+            log.warning("could not clean orphan uploads in %s: %s", storage.url, exc)
     return aborted

@@ -4,9 +4,14 @@ Checks, in order, each named in results and errors:
   ``objects``      every object of the manifest exists with the recorded size
   ``checksum``     the stored bytes hash to the manifest's sha256 (re-read, never cached)
   ``compression``  the zstd/gzip stream decodes end to end (zstd frames carry their own checksum)
-  ``structure``    custom/tar/directory: ``pg_restore --list`` reads the archive's table of
-                   contents; plain: the dump's header and its "dump complete" trailer are there
-A ``quick`` verification skips decoding beyond what the structure check needs.
+  ``structure``    custom/tar/directory: ``pg_restore --file=/dev/null`` reads the whole archive,
+                   every data block to its end (a cut-off dump fails here; the checksum of an
+                   import only proves the bytes are the ones that came), and a tar is followed
+                   header by header to its end-of-archive block; plain: the dump's header and its
+                   "dump complete" trailer are there and it holds no psql meta-command outside
+                   COPY data (plainsql.py; pg_dump's own \\restrict lines aside)
+A ``quick`` verification skips decoding beyond what the structure check needs: the archive's
+table of contents (``pg_restore --list``), or a plain dump's first chunk.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from pgkeeper import catalog, naming, postgres
+from pgkeeper import catalog, naming, plainsql, postgres
 from pgkeeper.errors import PgkeeperError, StorageError, VerificationError
 from pgkeeper.manifest import CheckResult, Manifest, StoredObject, Verification, utcnow
 from pgkeeper.pipeline import ClientProcess, Decoder, HashingReader, Progress
@@ -30,29 +35,96 @@ from pgkeeper.storage.base import CHUNK
 
 log = logging.getLogger(__name__)
 
-PLAIN_HEADER = b"-- PostgreSQL database dump"
-PLAIN_TRAILER = b"-- PostgreSQL database dump complete"
+# pg_restore reading a stream needs no more than the pipe's last MiB once its input ended; one
+# that runs on has met a truncated tar, on which pg_restore 15 spins forever (measured).
+_PG_RESTORE_GRACE = 60.0
+_TAR_BLOCK = 512
 
 
 def _fail(checks: list[CheckResult], name: str, detail: str) -> None:
     checks.append(CheckResult(name=name, ok=False, detail=detail))
 
 
-class _StructureSink:
-    """Receives the decoded dump stream and judges its structure."""
+class _TarWalk:
+    """Follows a tar stream's 512-byte headers to tell a whole archive from a cut one:
+    pg_restore reading a tar from a pipe takes a member cut short for a short member (and
+    exits 0), or spins at the cut. Whole means: every member to its end, then the
+    end-of-archive block of zeros pg_dump writes."""
 
-    def __init__(self, fmt: str, pg_restore: postgres.Client | None) -> None:
+    def __init__(self) -> None:
+        self._skip = 0  # bytes of member data and padding still to pass
+        self._header = bytearray()
+        self.member = ""
+        self.ended = False
+        self.error = ""
+
+    def feed(self, data: bytes) -> None:
+        pos = 0
+        while pos < len(data) and not (self.ended or self.error):
+            if self._skip:
+                step = min(self._skip, len(data) - pos)
+                self._skip -= step
+                pos += step
+                continue
+            take = min(_TAR_BLOCK - len(self._header), len(data) - pos)
+            self._header += data[pos : pos + take]
+            pos += take
+            if len(self._header) == _TAR_BLOCK:
+                self._read_header(bytes(self._header))
+                self._header.clear()
+
+    def _read_header(self, block: bytes) -> None:
+        if block == bytes(_TAR_BLOCK):
+            self.ended = True
+            return
+        stored = block[148:156].split(b"\0", 1)[0].strip()
+        checksum = sum(block[:148]) + 8 * ord(" ") + sum(block[156:])  # its own field as blanks
+        if not stored.isdigit() or int(stored, 8) != checksum:
+            self.error = f"a damaged tar header after {self.member or 'the start'}"
+            return
+        self.member = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        field = block[124:136]
+        if field[0] & 0x80:  # base-256, for members of 8 GiB and more
+            size = int.from_bytes(field[1:], "big")
+        else:
+            size = int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+        self._skip = -(-size // _TAR_BLOCK) * _TAR_BLOCK
+
+    def problem(self) -> str:
+        """What is wrong with the archive read so far as a whole one, or ''."""
+        if self.error:
+            return self.error
+        if self.ended:
+            return ""
+        if self._skip or self._header:
+            return f"the tar archive is truncated (it ends inside {self.member or 'a header'})"
+        return "the tar archive is truncated (no end-of-archive block)"
+
+
+class _StructureSink:
+    """Receives the decoded dump stream and judges its structure.
+
+    custom/tar: full verification feeds ``pg_restore --file=/dev/null``, which reads every data
+    block to its end (``--list`` only reads the table of contents, so a cut-off dump passed);
+    quick feeds ``pg_restore --list``. plain: the header and trailer, and no psql meta-command
+    (plainsql.Scanner) in what is read."""
+
+    def __init__(self, fmt: str, pg_restore: postgres.Client | None, full: bool) -> None:
         self.fmt = fmt
+        self.full = full
         self.head = b""
         self.tail = b""
         self.proc: ClientProcess | None = None
         self.listing = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        self.tar = _TarWalk() if fmt == "tar" and full else None
+        self.scanner = plainsql.Scanner() if fmt == "plain" else None
         if fmt in ("custom", "tar") and pg_restore is not None:
+            argv = [pg_restore.argv0, "--file=/dev/null" if full else "--list"]
             self.proc = ClientProcess(
-                [pg_restore.argv0, "--list"],
+                argv,
                 dict(os.environ),
                 stdin=subprocess.PIPE,
-                stdout=self.listing,
+                stdout=subprocess.DEVNULL if full else self.listing,
             )
 
     @property
@@ -60,42 +132,74 @@ class _StructureSink:
         """True once the structure check needs no more bytes (for quick verification)."""
         if self.proc is not None:
             return self.proc.proc.poll() is not None
-        return len(self.head) >= len(PLAIN_HEADER) + 16
+        return len(self.head) >= len(plainsql.HEADER) + 16
 
     def feed(self, data: bytes) -> None:
         if len(self.head) < 4096:
             self.head += data[: 4096 - len(self.head)]
         self.tail = (self.tail + data[-4096:])[-4096:]
+        if self.tar is not None:
+            self.tar.feed(data)
+        if self.scanner is not None and self.scanner.found is None:
+            self.scanner.feed(data)
         proc = self.proc
         if proc is not None and proc.proc.poll() is None and proc.proc.stdin is not None:
-            # pg_restore --list stops reading after the table of contents: a closed pipe is fine.
+            # pg_restore --list stops reading after the table of contents, and a pg_restore
+            # that met damage stops at it: a closed pipe is fine (its exit code tells).
             with contextlib.suppress(BrokenPipeError, OSError):
                 proc.proc.stdin.write(data)
 
-    def result(self, complete: bool) -> CheckResult:
+    def result(self) -> CheckResult:
         if self.proc is not None:
-            if self.proc.proc.stdin is not None:
-                with contextlib.suppress(OSError):
-                    self.proc.proc.stdin.close()
-            code = self.proc.wait()
-            self.listing.seek(0)
-            entries = sum(1 for line in self.listing if line[:1] not in (b";", b"\n"))
-            if code != 0:
-                return CheckResult(
-                    name="structure",
-                    ok=False,
-                    detail=f"pg_restore --list: {self.proc.last_error()}",
-                )
-            return CheckResult(name="structure", ok=True, detail=f"{entries} archive entries")
+            return self._archive_result(self.proc)
         if self.fmt == "plain":
-            if PLAIN_HEADER not in self.head:
-                return CheckResult(name="structure", ok=False, detail="plain dump header missing")
-            if complete and PLAIN_TRAILER not in self.tail:
+            return self._plain_result()
+        return CheckResult(name="structure", ok=True, detail="not checked")
+
+    def _archive_result(self, proc: ClientProcess) -> CheckResult:
+        if proc.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.proc.stdin.close()
+        cut = self.tar.problem() if self.tar is not None else ""
+        if cut:
+            proc.kill()
+            return CheckResult(name="structure", ok=False, detail=cut)
+        try:
+            code = proc.proc.wait(timeout=_PG_RESTORE_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return CheckResult(
+                name="structure",
+                ok=False,
+                detail="pg_restore did not finish reading the archive (it spins on a cut one)",
+            )
+        proc.wait()  # lets the stderr reader finish
+        if code != 0:
+            what = "pg_restore could not read the archive to its end"
+            if not self.full:
+                what = "pg_restore --list"
+            return CheckResult(name="structure", ok=False, detail=f"{what}: {proc.last_error()}")
+        if self.full:
+            return CheckResult(name="structure", ok=True, detail="pg_restore read every entry")
+        self.listing.seek(0)
+        entries = sum(1 for line in self.listing if line[:1] not in (b";", b"\n"))
+        return CheckResult(name="structure", ok=True, detail=f"{entries} archive entries")
+
+    def _plain_result(self) -> CheckResult:
+        scanner = self.scanner
+        assert scanner is not None  # noqa: S101 - made for the plain format
+        if plainsql.HEADER not in self.head:
+            return CheckResult(name="structure", ok=False, detail="plain dump header missing")
+        if self.full:
+            if plainsql.TRAILER not in self.tail:
                 return CheckResult(
                     name="structure", ok=False, detail="plain dump is truncated (no trailer)"
                 )
-            return CheckResult(name="structure", ok=True, detail="header and trailer present")
-        return CheckResult(name="structure", ok=True, detail="not checked")
+            scanner.finish()
+        if scanner.found is not None:
+            return CheckResult(name="structure", ok=False, detail=str(scanner.found))
+        detail = "header, trailer, SQL only" if self.full else "header, SQL only so far"
+        return CheckResult(name="structure", ok=True, detail=detail)
 
     def close(self) -> None:
         if self.proc is not None:
@@ -163,6 +267,7 @@ def _check_object(
     sink: _StructureSink | None,
     decode: bool,
     progress: Progress | None,
+    copy_to: Path | None = None,
 ) -> None:
     key = naming.object_key(manifest.id, obj.name)
     decoding = (
@@ -171,11 +276,18 @@ def _check_object(
     broken: VerificationError | None = None
     reader: HashingReader | None = None
     try:
-        with storage.open_read(key) as src:
+        with contextlib.ExitStack() as stack:
+            copy = None
+            if copy_to is not None:
+                copy_to.parent.mkdir(parents=True, exist_ok=True)
+                copy = stack.enter_context(open(copy_to, "wb"))
+            src = stack.enter_context(storage.open_read(key))
             reader = HashingReader.of(src, obj, progress)
             while chunk := reader.read(CHUNK):
                 if decoding is not None and decoding.wanted:
                     decoding.put(chunk)
+                if copy is not None:
+                    copy.write(chunk)
         if decoding is not None:
             broken = decoding.finish()
     except StorageError as exc:
@@ -209,6 +321,7 @@ def check_backup(
         from pgkeeper.basebackup import verify_base
 
         return verify_base(storage, manifest, level, progress)
+    full = level == "full"
     checks: list[CheckResult] = []
     present = {info.key: info.size for info in catalog.backup_objects(storage, manifest.id)}
     for obj in manifest.objects:
@@ -223,55 +336,86 @@ def check_backup(
         if manifest.format in ("custom", "tar", "directory"):
             pg_restore = postgres.find_client("pg_restore", pg_bin_dir)
         if manifest.format == "directory":
-            for obj in manifest.objects:
-                _check_object(storage, manifest, obj, checks, None, False, progress)
-            if not any(not c.ok for c in checks):
-                checks.append(_directory_structure(storage, manifest, pg_restore))
+            _check_directory(storage, manifest, checks, pg_restore, full, progress)
         else:
-            sink = _StructureSink(manifest.format, pg_restore)
+            sink = _StructureSink(manifest.format, pg_restore, full)
             try:
-                _check_object(
-                    storage, manifest, manifest.objects[0], checks, sink, level == "full", progress
-                )
+                _check_object(storage, manifest, manifest.objects[0], checks, sink, full, progress)
                 failed = any(not c.ok for c in checks)
                 if not failed:
                     checks.append(CheckResult(name="checksum", ok=True, detail=manifest.sha256))
                     if manifest.compression != "none":
-                        detail = "decoded end to end" if level == "full" else "header decoded"
+                        detail = "decoded end to end" if full else "header decoded"
                         checks.append(CheckResult(name="compression", ok=True, detail=detail))
-                    checks.append(sink.result(complete=level == "full"))
+                    checks.append(sink.result())
             finally:
                 sink.close()
-        if manifest.format == "directory" and all(c.ok for c in checks):
-            checks.insert(1, CheckResult(name="checksum", ok=True, detail="every object"))
     ok = all(c.ok for c in checks)
-    return Verification(
-        ok=ok, at=utcnow(), level="full" if level == "full" else "quick", checks=checks
-    )
+    return Verification(ok=ok, at=utcnow(), level="full" if full else "quick", checks=checks)
 
 
-def _directory_structure(
-    storage: Storage, manifest: Manifest, pg_restore: postgres.Client | None
-) -> CheckResult:
-    if pg_restore is None:
-        return CheckResult(name="structure", ok=True, detail="not checked")
+def _check_directory(
+    storage: Storage,
+    manifest: Manifest,
+    checks: list[CheckResult],
+    pg_restore: postgres.Client | None,
+    full: bool,
+    progress: Progress | None,
+) -> None:
+    """Hash every file of a directory-format backup, then judge the archive: quick reads its
+    table of contents; full has ``pg_restore --file=/dev/null`` read every data file to its end,
+    in the local backup folder itself or, from a remote target, from a copy staged while the
+    files are hashed (one read of each)."""
     folder = naming.data_name(manifest.id, manifest.format, manifest.compression)
+    local = storage.local_path(naming.object_key(manifest.id, folder))
     with tempfile.TemporaryDirectory(prefix="pgkeeper-verify-") as tmp:
-        toc = Path(tmp) / "toc.dat"
-        try:
-            with storage.open_read(naming.object_key(manifest.id, f"{folder}/toc.dat")) as src:
-                toc.write_bytes(src.read())
-        except StorageError as exc:
-            return CheckResult(name="structure", ok=False, detail=f"toc.dat unreadable: {exc}")
-        out = subprocess.run(
-            [pg_restore.argv0, "--list", tmp], capture_output=True, text=True, timeout=300
-        )
-        if out.returncode != 0:
+        stage = Path(tmp) if full and (local is None or not local.is_dir()) else None
+        for obj in manifest.objects:
+            copy_to = stage / obj.name if stage is not None else None
+            _check_object(storage, manifest, obj, checks, None, False, progress, copy_to)
+        if any(not c.ok for c in checks):
+            return
+        checks.append(CheckResult(name="checksum", ok=True, detail="every object"))
+        if pg_restore is None:
+            checks.append(CheckResult(name="structure", ok=True, detail="not checked"))
+        elif full:
+            source = stage / folder if stage is not None else local
+            assert source is not None  # noqa: S101 - staged when not local
+            checks.append(_read_directory(pg_restore, source))
+        else:
+            checks.append(_directory_listing(storage, manifest, pg_restore, folder, Path(tmp)))
+
+
+def _read_directory(pg_restore: postgres.Client, source: Path) -> CheckResult:
+    argv = [pg_restore.argv0, "--file=/dev/null", str(source)]
+    with ClientProcess(argv, dict(os.environ), stdout=subprocess.DEVNULL) as proc:
+        if proc.wait() != 0:
             return CheckResult(
-                name="structure", ok=False, detail=f"pg_restore --list: {out.stderr.strip()}"
+                name="structure",
+                ok=False,
+                detail=f"pg_restore could not read the archive to its end: {proc.last_error()}",
             )
-        entries = sum(1 for line in out.stdout.splitlines() if line and not line.startswith(";"))
-        return CheckResult(name="structure", ok=True, detail=f"{entries} archive entries")
+    return CheckResult(name="structure", ok=True, detail="pg_restore read every entry")
+
+
+def _directory_listing(
+    storage: Storage, manifest: Manifest, pg_restore: postgres.Client, folder: str, tmp: Path
+) -> CheckResult:
+    toc = tmp / "toc.dat"
+    try:
+        with storage.open_read(naming.object_key(manifest.id, f"{folder}/toc.dat")) as src:
+            toc.write_bytes(src.read())
+    except StorageError as exc:
+        return CheckResult(name="structure", ok=False, detail=f"toc.dat unreadable: {exc}")
+    out = subprocess.run(
+        [pg_restore.argv0, "--list", str(tmp)], capture_output=True, text=True, timeout=300
+    )
+    if out.returncode != 0:
+        return CheckResult(
+            name="structure", ok=False, detail=f"pg_restore --list: {out.stderr.strip()}"
+        )
+    entries = sum(1 for line in out.stdout.splitlines() if line and not line.startswith(";"))
+    return CheckResult(name="structure", ok=True, detail=f"{entries} archive entries")
 
 
 def damaged(

@@ -5,6 +5,8 @@ one Prefect test server for the whole session (its ~10 s start is paid once).
   foreign keys, a sequence, text/numeric/jsonb columns); dropped after the test.
 - `pgk_settings` -> `Settings` with `DATABASE_URL` = `sample_db` and `BACKUP_DIR` in tmp_path.
 - `prefect_server` -> the API URL of a session-wide `prefect_test_harness` server.
+- `prefect_server_process` -> the API URL of a real `prefect server start` (with services:
+  proactive automations run there, not in the harness); started by the tests that need it.
 - `server_pgkeeper` -> a `pgkeeper` the PostgreSQL server's user can run (archive_command,
   restore_command): a venv of this checkout built once per session (~40 s; slow tests only).
 """
@@ -103,6 +105,28 @@ def flow_env(
     monkeypatch.setenv("BACKUP_DIR", str(backups))
     monkeypatch.setenv("BACKUP_COMPRESSION_THREADS", "1")
     return backups
+
+
+@pytest.fixture(scope="session")
+def prefect_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `prefect server start` (services on: proactive automations are evaluated) for
+    the session; its API URL. Its database lives in a folder of its own."""
+    import os
+
+    from tests.servers.prefect import PrefectServer
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    saved = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(home)  # inherited by the server process only
+    try:
+        server = PrefectServer().start()
+    finally:
+        if saved is not None:
+            os.environ["PREFECT_HOME"] = saved
+    try:
+        yield server.api_url
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

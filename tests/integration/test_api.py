@@ -160,7 +160,7 @@ def test_openapi_docs_list_every_endpoint(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) == {
         "/api/health", "/api/backups", "/api/backups/restore", "/api/backups/download",
-        "/api/backups/import", "/api/backups/{backup_id}", "/api/runs/{run_id}",
+        "/api/backups/import", "/api/backups/{backup_id}", "/api/runs/{run_id}", "/metrics",
     }  # fmt: skip
     assert set(schema["paths"]["/api/backups"]) == {"get", "post", "delete"}
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

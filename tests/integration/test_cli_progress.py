@@ -71,7 +71,7 @@ def test_backup_on_a_terminal_draws_a_progress_bar(database: str, tmp_path: Path
 def test_backup_piped_prints_no_progress(database: str, tmp_path: Path) -> None:
     """With stderr piped (scripts, cron, CI), nothing but the record is printed."""
     proc = subprocess.run(
-        [str(PGKEEPER), "backup", "--no-verify", "--json"],
+        [str(PGKEEPER), "backup", "--json"],
         capture_output=True,
         text=True,
         env=_env(database, tmp_path),

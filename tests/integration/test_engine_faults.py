@@ -543,17 +543,17 @@ def test_same_name_backups_of_two_databases_get_two_ids(
 ) -> None:
     """Two databases backed up at the same moment under one name both end up listed."""
     both_chose = threading.Barrier(2, timeout=30)
-    claim = catalog._claim
+    claim = LocalStorage.create_exclusive
     first_claims: set[int] = set()
 
-    def in_step(*args: object, **kwargs: object) -> bool:
+    def in_step(self: LocalStorage, key: str, data: bytes) -> bool:
         if threading.get_ident() not in first_claims:
             first_claims.add(threading.get_ident())
             both_chose.wait()  # each has picked the same id; neither has claimed it yet
-        return claim(*args, **kwargs)  # type: ignore[arg-type]
+        return claim(self, key, data)
 
     moment = datetime(2025, 10, 2, 10, 0, 0, tzinfo=UTC)  # the same second for both
-    monkeypatch.setattr(catalog, "_claim", in_step)
+    monkeypatch.setattr(LocalStorage, "create_exclusive", in_step)
     monkeypatch.setattr(catalog, "utcnow", lambda: moment)
     names = [make_db(pg_cluster)[0] for _ in range(2)]
     results: dict[str, str] = {}

@@ -48,6 +48,8 @@ def test_backup_then_restore_test_pass_with_theirartifacts(
     assert all(r.state is not None and r.state.is_completed() for r in runs.values())
     published = artifacts(state)
     assert published["backup-progress"].data == 100.0
+    final = published["backup-progress"].description  # the final figures, not "of about"
+    assert final.startswith(f"{backup_id}: ") and final.endswith("stored, done"), final
     inventory = published["backup-inventory"].data
     assert backup_id in str(inventory) and "yes" in str(inventory)  # verified
 

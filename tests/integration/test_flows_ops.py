@@ -84,8 +84,9 @@ def test_a_dry_run_changes_nothing_and_shows_what_it_would_delete(
 def test_the_backup_flow_rotates_after_backing_up_unless_told_not_to(
     flow_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A backup run applies retention after the upload step (with its plan artifact); with
-    rotate=False it leaves old backups alone."""
+    """A backup run applies its database's retention after the upload step (with its plan
+    artifact), leaving other databases' backups to their own runs; with rotate=False it
+    leaves old backups alone."""
     from flows.backup import backup
 
     monkeypatch.setenv("BACKUP_MAX_BACKUPS", "1")
@@ -100,9 +101,9 @@ def test_the_backup_flow_rotates_after_backing_up_unless_told_not_to(
     rotated = backup(return_state=True)
 
     assert rotated.is_completed(), rotated.message
-    # Of the real database only the newest verified backup remains; of the other one, too.
-    assert set(_ids(primary)) == {rotated.result(), ids[0]}
-    assert {"rotate", "inventory", "rotation-verdict"} <= set(task_runs(rotated))
+    # Of the real database only the newest verified backup remains; the other's are untouched.
+    assert set(_ids(primary)) == {rotated.result(), *ids}
+    assert {"rotate", "inventory", "backup-verdict"} <= set(task_runs(rotated))
     actions = {row["backup"]: row["action"] for row in artifact_data(rotated)["rotation-plan"]}
     assert actions[kept.result()] == "deleted" and actions[rotated.result()] == "keep"
 
@@ -196,7 +197,7 @@ def _statuses(state: State) -> dict[str, str]:
         for line in report.splitlines()
         if line.startswith("| ") and "---" not in line
     ]
-    return {cells[0].lstrip("| "): cells[1] for cells in rows[1:]}
+    return {cells[1]: cells[2] for cells in rows[1:]}  # | subject | check | status | detail |
 
 
 def test_monitor_passes_when_fresh_verified_and_restore_tested_and_fails_when_stale(
@@ -215,8 +216,9 @@ def test_monitor_passes_when_fresh_verified_and_restore_tested_and_fails_when_st
 
     assert healthy.is_completed(), healthy.message
     assert _statuses(healthy) == {
-        "freshness": "ok", "verified": "ok", "restore-test": "ok", "offsite": "skipped",
-        "usage": "ok", "storage": "ok",
+        "freshness": "ok", "verified": "ok", "size": "ok", "restore-test": "ok",
+        "offsite": "skipped", "usage": "ok", "quota": "skipped", "disk": "ok", "storage": "ok",
+        "scheduler": "skipped",
     }  # fmt: skip
     assert "Backup health: OK" in artifact_data(healthy)["monitor-report"]
 
@@ -235,7 +237,7 @@ def test_monitor_passes_when_fresh_verified_and_restore_tested_and_fails_when_st
     stale = monitor(return_state=True)
 
     assert stale.is_failed()
-    assert "1 of 6 checks failed: freshness" in (stale.message or "")
+    assert "1 of 5 checks failed: freshness" in (stale.message or "")
     assert f"the newest backup {backup_id} started 3d ago" in (stale.message or "")
     assert _statuses(stale)["freshness"] == "**FAILED**"
     assert task_runs(stale)["monitor-verdict"].run_count == 1

@@ -140,6 +140,29 @@ def test_every_backend_is_a_storage(storage: Storage) -> None:
     assert "testing" not in storage.url  # the moto secret/key must never reach a URL
 
 
+def test_declared_abilities_match_what_the_backend_does(storage: Storage) -> None:
+    """Each backend declares atomic_create, stored_checksums and orphan_uploads, and its
+    create_exclusive / remote_sha256 / abort_orphan_uploads behave as declared."""
+    assert isinstance(storage.atomic_create, bool)
+    assert storage.create_exclusive("b/pending.json", b"first") is True
+    assert storage.create_exclusive("b/pending.json", b"second") is False
+    assert read_all(storage, "b/pending.json") == b"first"
+    data = payload(1000)
+    with storage.open_write("b/data", metadata={"sha256": hashlib.sha256(data).hexdigest()}) as out:
+        out.write(data)
+    stored = storage.remote_sha256("b/data")
+    if storage.stored_checksums:
+        assert stored in (None, hashlib.sha256(data).hexdigest())
+    else:
+        assert stored is None
+    with pytest.raises(StorageError):
+        storage.remote_sha256("b/missing")
+    aborted = storage.abort_orphan_uploads("")
+    assert isinstance(aborted, list)
+    if not storage.orphan_uploads:
+        assert aborted == []
+
+
 def test_open_storage_builds_cloud_backends_from_urls(
     s3_server: S3Server,
     s3_bucket: str,

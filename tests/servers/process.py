@@ -63,6 +63,7 @@ class ServerProcess:
     host = "127.0.0.1"
     name = "server"  # for messages and the log folder's name
     ready_path = "/"
+    start_timeout = 30.0  # seconds until it must answer
 
     def __init__(self) -> None:
         self.port = 0
@@ -94,7 +95,7 @@ class ServerProcess:
                     stderr=subprocess.STDOUT,
                 )
             try:
-                wait_http(f"{self.base_url}{self.ready_path}", self._proc, log)
+                wait_http(f"{self.base_url}{self.ready_path}", self._proc, log, self.start_timeout)
                 return self
             except RuntimeError as exc:
                 last_error = exc

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pgkeeper.api import ERROR_CHARS, clip
-from pgkeeper.api_guard import (
+from pgkeeper.api.guard import (
     allowed_hosts,
     is_loopback,
     is_own_origin,

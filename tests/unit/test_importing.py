@@ -2,12 +2,13 @@
 
 The dumps in `tests/unit/data/` are real `pg_dump` outputs of a two-table database named
 `sample` (regenerate them with `python -m tests.unit.data.generate`); the compressed variants
-are made here. Importing runs `pg_restore --list` (a client binary, no server).
+are made here. Importing runs `pg_restore` (a client binary, no server) over the whole archive.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import tarfile
@@ -18,10 +19,12 @@ import pytest
 import zstandard
 
 from pgkeeper import catalog
-from pgkeeper.errors import NotADumpError
+from pgkeeper.errors import NotADumpError, VerificationError
 from pgkeeper.importing import detect, import_file, import_stream, parse_archive_header
+from pgkeeper.manifest import Manifest, StoredObject
 from pgkeeper.settings import Settings, load_settings
 from pgkeeper.storage import LocalStorage
+from pgkeeper.verify import verify_backup
 
 DATA = Path(__file__).parent / "data"
 SAMPLES = {
@@ -226,3 +229,184 @@ def test_import_of_an_empty_file_is_refused(settings: Settings, tmp_path: Path) 
     empty.write_bytes(b"")
     with pytest.raises(NotADumpError, match="empty"):
         import_file(settings, empty)
+
+
+# --- issue 10: hostile plain dumps and cut-off archives are refused --------------------------
+
+
+def _with_line(line: bytes) -> bytes:
+    """The sample plain dump (header, \\restrict, ..., trailer) with ``line`` after its first
+    SET: line 11 of the file."""
+    plain = _sample("plain")
+    anchor = b"SET statement_timeout = 0;\n"
+    assert plain.count(anchor) == 1
+    return plain.replace(anchor, anchor + line)
+
+
+def _own_key() -> bytes:
+    return _sample("plain").split(b"\\restrict ", 1)[1].split(b"\n", 1)[0]
+
+
+HOSTILE_LINES = {
+    "shell": (b"\\! touch /tmp/pgkeeper-marker\n", "\\!"),
+    "output file": (b"\\o /tmp/pgkeeper-out\n", "\\o"),
+    "copy to program": (b"\\copy item to program 'touch /tmp/pgkeeper-marker'\n", "\\copy"),
+    "include": (b"\\i /tmp/pgkeeper-other.sql\n", "\\i"),
+    "after a statement": (b"SELECT 1; \\! touch /tmp/pgkeeper-marker\n", "\\!"),
+    "pg_dump's key undone": (
+        b"\\unrestrict " + _own_key() + b"\n\\! touch /tmp/pgkeeper-marker\n",
+        "\\!",
+    ),
+    "connect": (b"\\connect postgres\n", "\\connect"),
+}
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+@pytest.mark.parametrize("case", sorted(HOSTILE_LINES))
+def test_a_plain_dump_with_a_meta_command_is_refused(
+    settings: Settings, case: str, compression: str
+) -> None:
+    """A plain dump holding a psql meta-command outside COPY data (a shell command, a file
+    written, a program run...) is no importable dump: one line naming the command and its
+    line, nothing stored."""
+    line, command = HOSTILE_LINES[case]
+    data = COMPRESS[compression](_with_line(line))
+    root = Path(settings.backup_dir)
+    with pytest.raises(NotADumpError) as info:
+        import_stream(settings, io.BytesIO(data).read, storage=LocalStorage(root))
+    message = str(info.value)
+    assert f"psql meta-command {command} at line " in message
+    assert "\n" not in message
+    if command == "\\connect":
+        assert "without pg_dump --create" in message
+    assert not root.exists() or list(root.rglob("*")) == []
+
+
+def test_a_plain_dump_keeps_its_own_restrict_lines_and_copy_backslashes(settings: Settings) -> None:
+    """pg_dump's own \\restrict/\\unrestrict lines and COPY rows starting with a backslash
+    (the sample's `\\\\.` row) are no reason to refuse a dump."""
+    plain = _sample("plain")
+    assert b"\n\\unrestrict " in plain and b"\n\\\\.\n" in plain
+    storage = LocalStorage(settings.backup_dir)
+    manifest = import_stream(settings, io.BytesIO(plain).read, storage=storage)
+    assert manifest.verified
+
+
+def _gzip_members(archive_bytes: bytes, keep: Callable[[str], bool] = lambda name: True,
+                  cut: str = "") -> bytes:  # fmt: skip
+    """The sample directory tar with pg_dump's data files gzipped (as `pg_dump -Fd` writes
+    them), leaving out those ``keep`` refuses and cutting the one named ``cut`` short."""
+    members: list[tuple[str, bytes | None]] = []
+    for name, data in _members(archive_bytes):
+        if data is not None and name.endswith(".dat") and not name.endswith("toc.dat"):
+            name, data = name + ".gz", gzip.compress(data)
+            if name.endswith(cut) and cut:
+                data = data[: len(data) // 2]
+        if keep(name):
+            members.append((name, data))
+    return _tar(members)
+
+
+def _cut_in_data(data: bytes) -> bytes:
+    """A custom archive cut inside its last data block (its TOC whole: --list reads it)."""
+    return data[:-30]
+
+
+def _cut_tar_member(data: bytes) -> bytes:
+    """A tar cut inside its first data file, after toc.dat."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        member = next(m for m in archive if m.name.endswith(".dat") and m.name != "toc.dat")
+    return data[: member.offset_data + member.size // 2]
+
+
+CUT_ARCHIVES: dict[str, Callable[[], bytes]] = {
+    "custom cut": lambda: _cut_in_data(_sample("custom")),
+    "custom cut, then zstd": lambda: COMPRESS["zstd"](_cut_in_data(_sample("custom"))),
+    "custom cut, then gzip": lambda: COMPRESS["gzip"](_cut_in_data(_sample("custom"))),
+    "tar cut in a data file": lambda: _cut_tar_member(_sample("tar")),
+    "tar cut before its end block": lambda: _sample("tar")[:-1024],
+    "tar cut, then zstd": lambda: COMPRESS["zstd"](_cut_tar_member(_sample("tar"))),
+    "directory with a cut .dat.gz": lambda: _gzip_members(_sample("directory"), cut="3344.dat.gz"),
+    "directory without a .dat.gz": lambda: _gzip_members(
+        _sample("directory"), keep=lambda name: not name.endswith("3344.dat.gz")
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CUT_ARCHIVES))
+def test_a_cut_off_archive_is_refused(settings: Settings, case: str) -> None:
+    """An archive cut short (its table of contents whole, so `pg_restore --list` is happy)
+    fails the structure check: pg_restore read it to the end. One line, nothing stored."""
+    data = CUT_ARCHIVES[case]()
+    root = Path(settings.backup_dir)
+    with pytest.raises(NotADumpError) as info:
+        import_stream(settings, io.BytesIO(data).read, storage=LocalStorage(root))
+    assert "failed the structure check" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not root.exists() or list(root.rglob("*")) == []
+
+
+def test_a_gzipped_directory_dump_imports_whole(settings: Settings) -> None:
+    """The same directory tar with every data file whole imports as verified."""
+    data = _gzip_members(_sample("directory"))
+    manifest = import_stream(
+        settings, io.BytesIO(data).read, storage=LocalStorage(settings.backup_dir)
+    )
+    assert manifest.verified and manifest.format == "directory"
+    assert any(o.name.endswith("3344.dat.gz") for o in manifest.objects)
+
+
+def _tamper(storage: LocalStorage, manifest: Manifest, name: str, data: bytes | None) -> None:
+    """Replace (None: remove) one stored object and record its new size and sha256 in the
+    manifest, which still says verified: a copy stored before cut-off archives were refused."""
+    path = Path(storage.root) / manifest.id / name
+    objects = [o for o in manifest.objects if o.name != name]
+    if data is None:
+        path.unlink()
+    else:
+        path.write_bytes(data)
+        objects.append(StoredObject(name=name, size=len(data),
+                                    sha256=hashlib.sha256(data).hexdigest()))  # fmt: skip
+    catalog.write_manifest(storage, manifest.model_copy(update={
+        "objects": objects, "size": sum(o.size for o in objects)}))  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["custom", "tar", "directory"])
+def test_a_stored_cut_off_archive_fails_full_verification(settings: Settings, fmt: str) -> None:
+    """A stored archive cut short but with a manifest that matches it fails `verify` (full)
+    on the structure check; quick verification, which reads the table of contents only, is
+    not asked to see it."""
+    storage = LocalStorage(settings.backup_dir)
+    data = _gzip_members(_sample("directory")) if fmt == "directory" else _sample(fmt)
+    manifest = import_stream(settings, io.BytesIO(data).read, storage=storage)
+    assert manifest.verified
+    if fmt == "directory":
+        name = next(o.name for o in manifest.objects if o.name.endswith("3344.dat.gz"))
+        stored = (Path(storage.root) / manifest.id / name).read_bytes()
+        _tamper(storage, manifest, name, stored[: len(stored) // 2])
+    else:
+        name = manifest.objects[0].name
+        cut = _cut_in_data(data) if fmt == "custom" else _cut_tar_member(data)
+        _tamper(storage, manifest, name, cut)
+    with pytest.raises(VerificationError) as info:
+        verify_backup(settings, manifest.id, storages=[storage])
+    assert info.value.check == "structure"
+    assert "pg_restore could not read the archive to its end" in str(info.value) or (
+        "truncated" in str(info.value)
+    )
+    recorded = catalog.read_manifest(storage, manifest.id)
+    assert recorded is not None and recorded.verification_failed
+    assert verify_backup(settings, manifest.id, storages=[storage], level="quick").verified
+
+
+def test_a_stored_plain_dump_with_a_meta_command_fails_verification(settings: Settings) -> None:
+    """A stored plain dump that gained a meta-command fails `verify` (full and quick, when the
+    command is in the first chunk) naming the command and its line."""
+    storage = LocalStorage(settings.backup_dir)
+    plain = COMPRESS["zstd"](_sample("plain"))
+    manifest = import_stream(settings, io.BytesIO(plain).read, storage=storage)
+    hostile = COMPRESS["zstd"](_with_line(b"\\! touch /tmp/pgkeeper-marker\n"))
+    _tamper(storage, manifest, manifest.objects[0].name, hostile)
+    for level in ("full", "quick"):
+        with pytest.raises(VerificationError, match=r"psql meta-command \\! at line 11"):
+            verify_backup(settings, manifest.id, storages=[storage], level=level)

@@ -324,13 +324,16 @@ def test_the_report_lists_every_check_and_fails_with_one_line_naming_the_failure
     report = evaluate(held(stale, offsite={S3: [stale.id]}), _usage(), DAILY, NOW, "app on db")
 
     assert [c.name for c in report.checks] == [
-        "freshness", "verified", "restore-test", "offsite", "usage", "storage",
+        "freshness", "verified", "size", "restore-test", "offsite",
+        "usage", "quota", "disk", "storage", "scheduler",
     ]  # fmt: skip
     assert not report.ok and [c.name for c in report.failed] == ["freshness"]
-    assert [r["status"] for r in report.as_table()] == ["failed", "ok", "ok", "ok", "ok", "ok"]
+    assert [r["status"] for r in report.as_table()] == [
+        "failed", "ok", "ok", "ok", "ok", "ok", "skipped", "skipped", "ok", "skipped",
+    ]  # fmt: skip
     with pytest.raises(PgkeeperError) as info:
         raise_for_failure(report)
-    assert str(info.value).startswith("app on db: 1 of 6 checks failed: freshness: ")
+    assert str(info.value).startswith("app on db: 1 of 10 checks failed: freshness: ")
     assert "\n" not in str(info.value)
 
 
@@ -340,5 +343,5 @@ def test_a_healthy_report_does_not_raise() -> None:
 
     report = evaluate(held(fresh, offsite={S3: [fresh.id]}), _usage(), DAILY, NOW)
 
-    assert report.ok and report.summary() == "pgkeeper: all 6 checks passed"
+    assert report.ok and report.summary() == "pgkeeper: all 10 checks passed"
     raise_for_failure(report)

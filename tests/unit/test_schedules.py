@@ -22,7 +22,7 @@ from pgkeeper.settings import Settings, load_settings
 
 ALL_NAMES = [
     "backup-hourly", "backup-daily", "backup-weekly", "backup-monthly", "backup-custom",
-    "verify", "upload", "rotate", "restore", "restore-test", "monitor",
+    "verify", "upload", "rotate", "restore", "restore-test", "monitor", "backup-server",
     "base-backup", "pitr-restore-test",
 ]  # fmt: skip
 # Scheduled whatever BACKUP_SCHEDULE says (while BACKUP_ENABLED is true).

@@ -9,6 +9,7 @@ aborted. Backends translate their SDK's errors into ``pgkeeper.errors.StorageErr
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -60,10 +61,24 @@ class Writer(Protocol):
 
 @runtime_checkable
 class Storage(Protocol):
-    """Open for read, open for write, list, stat, delete: nothing more."""
+    """Open for read, open for write, list, stat, delete; plus three optional abilities every
+    backend declares, so callers never probe for methods:
+
+    ``atomic_create``     True when ``create_exclusive`` is one atomic create-if-absent
+                          (local: ``link()``); False when it is a write and read-back
+                          (``claim_by_readback``): of racing writers at most the last proceeds.
+    ``stored_checksums``  True when ``remote_sha256`` can answer from what the provider keeps
+                          with the object (S3 metadata or SHA-256 checksums, GCS metadata)
+                          without reading it; False: it always answers None.
+    ``orphan_uploads``    True when a killed writer can leave invisible, billed parts behind
+                          (S3 multipart uploads) that ``abort_orphan_uploads`` cleans.
+    """
 
     url: str  # where this target is, without credentials, for messages and listings
     kind: str  # "local", "s3" or "gcs"
+    atomic_create: bool
+    stored_checksums: bool
+    orphan_uploads: bool
 
     def open_write(
         self, key: str, size_hint: int | None = None, metadata: dict[str, str] | None = None
@@ -82,6 +97,29 @@ class Storage(Protocol):
     def local_path(self, key: str) -> Path | None:
         """A filesystem path for the key when the backend is a local folder, else None."""
         ...
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create ``key`` with ``data`` only if it does not exist; True when this caller did."""
+        ...
+
+    def remote_sha256(self, key: str) -> str | None:
+        """The object's sha256 (hex) as the provider stores it, or None when it cannot say.
+        Raises StorageError when the object is missing."""
+        ...
+
+    def abort_orphan_uploads(self, prefix: str = "") -> builtins.list[str]:
+        """Clean what killed writers left invisible under ``prefix``; return their keys."""
+        ...
+
+
+def claim_by_readback(storage: Storage, key: str, data: bytes) -> bool:
+    """``create_exclusive`` for stores without an atomic create-if-absent: the data carries a
+    random token (the caller's), is written unless the key exists, and read back; of two racing
+    writers at most the last one proceeds (a rare loser fails cleanly on its next step)."""
+    if storage.stat(key) is not None:
+        return False
+    put_bytes(storage, key, data)
+    return get_bytes(storage, key) == data
 
 
 def put_bytes(storage: Storage, key: str, data: bytes) -> None:
@@ -112,6 +150,9 @@ class ReadOnlyStorage:
         self._inner = inner
         self.url = inner.url
         self.kind = inner.kind
+        self.atomic_create = inner.atomic_create
+        self.stored_checksums = inner.stored_checksums
+        self.orphan_uploads = inner.orphan_uploads
 
     def _refuse(self, what: str, key: str) -> StoragePermissionError:
         return StoragePermissionError(
@@ -137,3 +178,12 @@ class ReadOnlyStorage:
 
     def local_path(self, key: str) -> Path | None:
         return self._inner.local_path(key)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        raise self._refuse("create", key)
+
+    def remote_sha256(self, key: str) -> str | None:
+        return self._inner.remote_sha256(key)
+
+    def abort_orphan_uploads(self, prefix: str = "") -> builtins.list[str]:
+        raise self._refuse("clean uploads under", prefix or "/")

@@ -17,6 +17,7 @@ files ``0600``, folders ``0700``.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import secrets
@@ -62,6 +63,9 @@ class LocalStorage:
     """A folder on this machine."""
 
     kind = "local"
+    atomic_create = True  # link() of a fully written temp file fails if the key exists
+    stored_checksums = False  # a local file keeps no checksum: reading it is the check
+    orphan_uploads = False  # a killed writer leaves only a hidden temp file (see cleanup)
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -161,13 +165,7 @@ class LocalStorage:
         temp = f".{name}{TEMP_MARK}{secrets.token_hex(4)}"
         try:
             try:
-                fd = os.open(
-                    temp,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    FILE_MODE,
-                    dir_fd=dir_fd,
-                )
-                with os.fdopen(fd, "wb") as handle:
+                with _new_file(temp, dir_fd) as handle:
                     yield _FileWriter(handle)
                     handle.flush()
                     os.fsync(handle.fileno())
@@ -192,13 +190,7 @@ class LocalStorage:
             raise translate_os_error(exc, str(final)) from exc
         temp = f".{name}{TEMP_MARK}{secrets.token_hex(4)}"
         try:
-            fd = os.open(
-                temp,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                FILE_MODE,
-                dir_fd=dir_fd,
-            )
-            with os.fdopen(fd, "wb") as handle:
+            with _new_file(temp, dir_fd) as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -318,6 +310,20 @@ class LocalStorage:
             except OSError:
                 break
             parent = parent.parent
+
+    def remote_sha256(self, key: str) -> str | None:
+        if self.stat(key) is None:
+            raise StorageError(f"{key!r} not found in {self.url}")
+        return None
+
+    def abort_orphan_uploads(self, prefix: str = "") -> builtins.list[str]:
+        return []
+
+
+def _new_file(name: str, dir_fd: int) -> BinaryIO:
+    """A new private file (0600) in the folder ``dir_fd``; never an existing one or a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.fdopen(os.open(name, flags, FILE_MODE, dir_fd=dir_fd), "wb")
 
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:

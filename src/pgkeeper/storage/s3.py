@@ -55,7 +55,13 @@ from pgkeeper.errors import (
     StoragePermissionError,
     TransientStorageError,
 )
-from pgkeeper.storage.base import CHUNK, ObjectInfo, with_prefix, without_prefix
+from pgkeeper.storage.base import (
+    CHUNK,
+    ObjectInfo,
+    claim_by_readback,
+    with_prefix,
+    without_prefix,
+)
 
 if TYPE_CHECKING:
     from pgkeeper.settings import Settings
@@ -216,6 +222,11 @@ class S3Storage:
     """One bucket and key prefix in S3 or an S3-compatible store."""
 
     kind = "s3"
+    # No create-if-absent that every S3-compatible store honours (If-None-Match on PUT is
+    # recent and moto, MinIO versions differ): write and read back.
+    atomic_create = False
+    stored_checksums = True  # x-amz-meta-sha256, or a single-part object's SHA-256 checksum
+    orphan_uploads = True  # multipart uploads of a killed writer stay, invisible and billed
 
     def __init__(
         self,
@@ -494,6 +505,9 @@ class S3Storage:
         if checksum and not composite and "-" not in checksum:
             return base64.b64decode(checksum).hex()
         return None
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        return claim_by_readback(self, key, data)
 
     def abort_orphan_uploads(
         self, prefix: str = "", older_than: timedelta = timedelta(hours=1)

@@ -1,0 +1,220 @@
+"""The HTTP API's request and response models (module level: FastAPI resolves these
+annotations), and the errors only this front door raises.
+
+Request bodies are ``StrictRequest``s: a field the API does not know is refused (422, naming
+it), never silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pgkeeper.errors import UsageError
+from pgkeeper.prefect_api import RunHandle, RunState
+
+DEFAULT_BACKUP_NAME = "manual_backup"  # the seed's name for backups made over the API
+DEFAULT_IMPORT_NAME = "imported"
+
+# --- errors of this front door ------------------------------------------------------------------
+
+
+class ImportTooLargeError(UsageError):
+    """The uploaded dump is larger than BACKUP_API_MAX_IMPORT_BYTES."""
+
+    http_status = 413
+
+
+# --- request and response models (module level: FastAPI resolves these annotations) ------------
+
+
+class ErrorResponse(BaseModel):
+    success: Literal[False] = False
+    error: str = Field(description="one line saying what is wrong and what to do")
+
+
+class BackupRecord(BaseModel):
+    """The seed's fields first; every other manifest field follows."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(examples=["manual_backup_2025-10-02T10-00-00Z"])
+    filename: str
+    size: int = Field(description="bytes stored")
+    timestamp: str = Field(description="start time, ISO 8601 UTC")
+    database: str
+    compressed: bool
+
+
+class SchedulerStatus(BaseModel):
+    schedule: str = Field(description="BACKUP_SCHEDULE")
+    enabled: bool = Field(description="BACKUP_ENABLED")
+    running: bool = Field(description="true only when Prefect reports a live scheduler")
+    detail: str = Field(description="why running is what it is")
+
+
+class BackupList(BaseModel):
+    success: Literal[True] = True
+    backups: list[BackupRecord]
+    total: int
+    totalSize: int
+    scheduler: SchedulerStatus
+
+
+class BackupResponse(BaseModel):
+    success: Literal[True] = True
+    backup: BackupRecord
+
+
+class StrictRequest(BaseModel):
+    """A request body: a field the API does not know is refused (422, naming it), never
+    silently dropped (``{"includeData": false}`` used to make a full backup)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateBackupRequest(StrictRequest):
+    name: str | None = Field(
+        default=None,
+        description=f"the id's prefix (default {DEFAULT_BACKUP_NAME!r})",
+        examples=[DEFAULT_BACKUP_NAME],
+    )
+    compress: bool = Field(default=True, description="false stores the dump uncompressed")
+    compression: Literal["zstd", "gzip", "none"] | None = Field(
+        default=None, description="default BACKUP_COMPRESSION"
+    )
+    format: Literal["custom", "plain", "directory"] | None = Field(
+        default=None, description="default BACKUP_FORMAT"
+    )
+    includeData: bool = Field(default=True, description="false: the schema only")
+    includeSchema: bool = Field(default=True, description="false: the data only")
+    tables: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=100,
+        description="only tables matching these patterns (pg_dump -t: 'public.orders', 'shop.*')",
+    )  # fmt: skip
+    excludeTables: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=100,
+        description="leave out tables matching these patterns (pg_dump -T)",
+    )  # fmt: skip
+    rotate: bool = Field(default=True, description="apply the retention policy afterwards")
+    database: str | None = Field(
+        default=None, max_length=200,
+        description="a database of the inventory (name or name@host:port); default: "
+        "DATABASE_URL's",
+    )  # fmt: skip
+    wait: bool = Field(
+        default=True, description="false: start a Prefect flow run and answer 202 at once"
+    )
+
+
+class UploadOutcome(BaseModel):
+    copiedTo: list[str]
+    failed: dict[str, str]
+
+
+class RotationOutcome(BaseModel):
+    deleted: list[str] = Field(description="backups rotation deleted, on any target")
+    errors: list[str] = Field(description="what failed (nothing listed was lost)")
+
+
+class CreatedBackupResponse(BaseModel):
+    success: Literal[True] = True
+    backup: BackupRecord
+    locations: list[str]
+    upload: UploadOutcome | None = None
+    rotation: RotationOutcome | None = None
+    problems: list[str] = Field(
+        default_factory=list,
+        description="what failed after the backup was made and verified (upload, rotation)",
+    )
+
+
+class RunAccepted(BaseModel):
+    success: Literal[True] = True
+    message: str
+    run: RunHandle
+
+
+class MessageResponse(BaseModel):
+    success: Literal[True] = True
+    message: str
+
+
+# Far above any real target (a database name is at most 63 bytes, a libpq URL a few hundred):
+# a bigger one is refused by validation before any code parses it. Ids and names need no such
+# limit: naming.validate_id/validate_name refuse anything longer than their shape.
+MAX_TARGET_CHARS = 4096
+
+
+class RestoreRequest(StrictRequest):
+    backupId: str = Field(
+        description="backup id, or 'latest' for the newest verified backup",
+        examples=["manual_backup_2025-10-02T10-00-00Z"],
+    )
+    target: str | None = Field(
+        default=None,
+        max_length=MAX_TARGET_CHARS,
+        description=(
+            "a database name on the DATABASE_URL server, or a postgresql:// URL; "
+            "default: a new database <db>_restored_<time>"
+        ),
+    )
+    confirm: Annotated[str, Field(max_length=MAX_TARGET_CHARS)] | bool | None = Field(
+        default=None,
+        description="the target database's name: required to replace a database that has data",
+    )
+    jobs: int | None = Field(
+        default=None, ge=1, le=64,
+        description="connections loading the restore (default BACKUP_RESTORE_JOBS)",
+    )  # fmt: skip
+    safetyBackup: bool = Field(
+        default=True, description="back up a target with data before replacing it"
+    )
+    wait: bool = Field(
+        default=True, description="false: start a Prefect flow run and answer 202 at once"
+    )
+
+
+class RestoreInfo(BaseModel):
+    target: str = Field(description="the target database, without password")
+    database: str
+    durationSeconds: float
+    safetyBackupId: str | None
+    replaced: bool
+    source: str = Field(description="the storage target the backup was read from")
+
+
+class RestoreResponse(BaseModel):
+    success: Literal[True] = True
+    message: str
+    backup: BackupRecord
+    restore: RestoreInfo
+
+
+class ImportResponse(BaseModel):
+    success: Literal[True] = True
+    message: str
+    backup: BackupRecord
+
+
+class RunResponse(BaseModel):
+    success: Literal[True] = True
+    run: RunState
+
+
+class HealthResponse(BaseModel):
+    success: Literal[True] = True
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries: each status documented with the error body (400 and 421
+    come from the guard on every route)."""
+    return {status: {"model": ErrorResponse} for status in sorted({400, 421, *statuses})}
+
+
+AUTH_ERRORS = (401, 403)
+BODY_ERRORS = (413, 415)  # the guard's answers to a body of the wrong type or size
+
