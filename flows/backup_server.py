@@ -25,6 +25,7 @@ from tasks.fleet import (
     backup_in_fleet,
     ensure_limits,
     finish_server,
+    globals_in_fleet,
     outcome_of,
     server_limit,
 )
@@ -47,6 +48,9 @@ def backup_server(
     ),
     upload: bool = Field(default=True, description="Copy each backup offsite."),
     rotate: bool = Field(default=True, description="Apply retention afterwards."),
+    globals: bool = Field(
+        default=False, description="Also back up the server's globals (roles, tablespaces)."
+    ),
 ) -> int:
     """Back up a server's databases of a fleet run: a task run per database, then rotate and
     tell once."""
@@ -70,5 +74,12 @@ def backup_server(
                     del running[key]
             if running and len(running) >= lanes:
                 time.sleep(0.02)
+        if globals:  # 2. the server's roles etc., after its databases
+            key = f"*@{server}"
+            futures[key] = globals_in_fleet.with_options(
+                task_run_name=f"backup globals of {server}",
+                tags=["pgkeeper", "db:*", f"server:{server}"],
+            ).submit(server, trigger)
+            futures[key].wait()
     outcomes = [outcome_of(key, future) for key, future in futures.items()]
-    return finish_server(outcomes, rotate)  # 2. rotate, tell once; fail if any failed
+    return finish_server(outcomes, rotate)  # 3. rotate, tell once; fail if any failed

@@ -126,6 +126,22 @@ def backup_in_fleet(key: str, trigger: str, verify: str | None, upload: bool) ->
     return outcome
 
 
+@task(name="backup-globals", **TRANSIENT_RETRIES)
+def globals_in_fleet(server: str, trigger: str) -> fleet.Outcome:
+    """Back up, verify and upload a server's globals (its server run holds the limits)."""
+    _, inventory = _inventory()
+    found = next((s for s in inventory.servers if s.server == server), None)
+    if found is None:
+        return fleet.Outcome(f"*@{server}", "*", server, error="no longer in the inventory")
+    outcome = fleet.backup_globals_of(
+        found, targets(found.settings), trigger=trigger, flow_run_id=runtime.flow_run.id,
+        raise_transient=True,
+    )  # fmt: skip
+    if outcome.error:
+        get_run_logger().error("globals backup of %s failed: %s", server, outcome.error)
+    return outcome
+
+
 @task(name="server-verdict", **TRANSIENT_RETRIES)
 def finish_server(outcomes: list[fleet.Outcome], rotate: bool) -> int:
     """Rotate the targets once for this server's databases (each by its own policy), tell
@@ -133,7 +149,8 @@ def finish_server(outcomes: list[fleet.Outcome], rotate: bool) -> int:
     databases that failed; return how many were backed up."""
     settings, inventory = _inventory()
     run = fleet.FleetRun(outcomes=list(outcomes))
-    own = inventory.lookup(outcomes[0].key).settings if outcomes else settings
+    databases = [o for o in outcomes if o.database != "*"]
+    own = inventory.lookup(databases[0].key).settings if databases else settings
     rotation = fleet.finish(own, inventory, run.outcomes, targets(own), rotate_after=rotate)
     if rotation is not None:
         run.rotations.append(rotation)
@@ -237,7 +254,9 @@ def fan_out(covered: FleetPlan, trigger: str, verify: str | None, rotate: bool) 
     if deployment is not None:
         runs = {
             server: run_deployment(
-                deployment, parameters={"server": server, "databases": keys, **parameters},
+                deployment,
+                parameters={"server": server, "databases": keys,
+                            "globals": server in covered.globals, **parameters},
                 timeout=0, flow_run_name=f"backup {server}",
                 tags=["pgkeeper", f"server:{server}"],
             )
@@ -258,7 +277,7 @@ def fan_out(covered: FleetPlan, trigger: str, verify: str | None, rotate: bool) 
         logger.info("no served %s deployment: backing up the servers here", SERVER_FLOW)
         for server, keys in covered.servers.items():
             state = backup_server(server=server, databases=keys, return_state=True,
-                                  **parameters)  # fmt: skip
+                                  globals=server in covered.globals, **parameters)  # fmt: skip
             if not state.is_completed():
                 failures.append(f"{server}: {state.message or state.name}")
     outside = publish_fleet()

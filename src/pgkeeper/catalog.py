@@ -102,10 +102,12 @@ def latest(
     Without ``database``, the backups must all be of one database on one server. Anything
     ambiguous (several databases, the database only backed up from another server or
     imported) raises UsageError listing the candidates; nothing fitting raises
-    BackupNotFoundError.
+    BackupNotFoundError. A server's globals (kind ``globals``) are never a database's latest:
+    only ``database`` ``*`` names them.
     """
-    # Base backups (kind "base", the whole cluster) are never a database's `latest` dump.
-    manifests = [e.manifest for e in entries if e.manifest.kind != "base"]
+    # Base backups (kind "base", the whole cluster, for PITR) are never anyone's `latest`.
+    kind = "globals" if database == "*" else "dump"
+    manifests = [e.manifest for e in entries if e.manifest.kind == kind]
 
     def fits(m: Manifest) -> bool:
         return not m.verification_failed if usable else m.verified

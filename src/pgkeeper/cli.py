@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -27,6 +27,9 @@ from pgkeeper.manifest import Manifest
 from pgkeeper.pipeline import Progress
 from pgkeeper.settings import Settings, load_settings
 from pgkeeper.storage import Storage, targets
+
+if TYPE_CHECKING:
+    from pgkeeper.server_globals import GlobalsRestore
 
 try:  # recent typer vendors click; older ones use the click package
     from typer._click import exceptions as _click_exceptions
@@ -196,7 +199,7 @@ def progress_bar(label: str, total: int | None = None) -> Iterator[Progress | No
 def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> None:
     rows = [
         ("id", manifest.id),
-        ("database", f"{manifest.database} on {manifest.server}"),
+        ("database", f"{_database_of(manifest)} on {manifest.server}"),
         ("format", f"{manifest.format}, {manifest.compression}"),
         ("size", f"{human_size(manifest.size)} ({manifest.size} bytes)"),
         ("started", manifest.started_at.isoformat()),
@@ -205,6 +208,9 @@ def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> N
         ("sha256", manifest.sha256),
         ("trigger", manifest.trigger),
     ]
+    if manifest.kind == "globals":
+        passwords = manifest.options.get("role_passwords", True)
+        rows.append(("role passwords", "included" if passwords else "not included (no superuser)"))
     if manifest.pinned:
         rows.append(("pinned", "yes"))
     if manifest.table_counts is not None:
@@ -223,6 +229,11 @@ def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> N
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
+
+
+def _database_of(manifest: Manifest) -> str:
+    """How listings name what a backup holds: its database, or ``(globals)`` for a server's."""
+    return "(globals)" if manifest.kind == "globals" else manifest.database
 
 
 def _resolve_id(
@@ -314,6 +325,15 @@ def backup(
         str | None,
         typer.Option("--database", "-d", help="An inventory database (name or name@host:port)."),
     ] = None,
+    globals_: Annotated[
+        bool,
+        typer.Option(
+            "--globals",
+            help="Back up a server's globals instead (roles, memberships, role settings, "
+            "tablespaces: pg_dumpall --globals-only): --database-url's, -d NAME's or "
+            "DATABASE_URL's server.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Back up the database now: dump, verify, copy offsite, rotate (pgkeeper.procedure)."""
@@ -321,6 +341,22 @@ def backup(
     from pgkeeper.procedure import take_backup
 
     settings = settings_from_env()
+    if globals_:
+        dump_only = {"--format": format, "--compression": compression, "--level": level,
+                     "--schema-only": schema_only, "--data-only": data_only, "--table": table,
+                     "--exclude-table": exclude_table, "--jobs": jobs,
+                     "--all": all_databases}  # fmt: skip
+        given = [flag for flag, value in dump_only.items() if value]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} do not apply to --globals (a server's globals are plain "
+                "SQL, compressed with BACKUP_COMPRESSION; --all backs up every '*' server's)"
+            )
+        if database is not None and database_url is not None:
+            raise UsageError("give --database (from the inventory) or --database-url, not both")
+        settings = _database_settings(settings, database)  # -d NAME: that database's server
+        _backup_globals(settings, name, database_url, no_verify, no_upload, no_rotate, as_json)
+        return
     if all_databases:
         chosen = [name, database_url, format, compression, level, table, exclude_table, jobs]
         if database is not None or any(v is not None for v in chosen) or schema_only or data_only:
@@ -350,6 +386,36 @@ def backup(
         settings,
         options,
         storages=targets(settings),  # built once: a cloud target builds an SDK client
+        verify_level="off" if no_verify else None,
+        upload_offsite=not no_upload,
+        rotate_after=not no_rotate,
+        progress_for=progress_bar,
+    )
+    if as_json:
+        print_json({**run.manifest.to_public(), "locations": run.locations})
+    else:
+        _print_manifest(run.manifest, run.locations)
+    run.raise_for_problems()
+
+
+def _backup_globals(
+    settings: Settings,
+    name: str | None,
+    server_url: str | None,
+    no_verify: bool,
+    no_upload: bool,
+    no_rotate: bool,
+    as_json: bool,
+) -> None:
+    """``backup --globals``: the server's globals through the same steps as a database."""
+    from pgkeeper.server_globals import take_globals
+
+    run = take_globals(
+        settings,
+        server_url,
+        storages=targets(settings),
+        name=name,
+        trigger="cli",
         verify_level="off" if no_verify else None,
         upload_offsite=not no_upload,
         rotate_after=not no_rotate,
@@ -479,7 +545,7 @@ def list_(
     rows = [
         {
             "id": e.id,
-            "database": e.manifest.database,
+            "database": _database_of(e.manifest),
             "size": human_size(e.manifest.size),
             "age": human_age(e.manifest.started_at, now),
             "format": f"{e.manifest.format}/{e.manifest.compression}",
@@ -558,7 +624,10 @@ def restore(
     backup_id: Annotated[str, typer.Argument(help="Backup id, or 'latest' (newest verified).")],
     target_url: Annotated[
         str | None,
-        typer.Option(help="Database to restore into (default: a new <db>_restored_<time>)."),
+        typer.Option(
+            help="Database to restore into (default: a new <db>_restored_<time>); for a "
+            "globals backup, the server (default: DATABASE_URL's)."
+        ),
     ] = None,
     confirm: Annotated[
         str | None, typer.Option(help="Name of the target database, to replace its data.")
@@ -596,6 +665,11 @@ def restore(
             storages=storages,
             progress=progress,
         )
+    from pgkeeper.server_globals import GlobalsRestore
+
+    if isinstance(result, GlobalsRestore):
+        _report_globals(result, as_json)
+        return
     if as_json:
         print_json(result.__dict__)
         return
@@ -604,6 +678,22 @@ def restore(
     )
     if result.safety_backup_id:
         typer.echo(f"the previous contents are in backup {result.safety_backup_id}")
+
+
+def _report_globals(result: GlobalsRestore, as_json: bool) -> None:
+    """A globals restore's report: one line per role, membership, setting, tablespace, skip;
+    exit 1 when the server refused a statement the rules meant to apply."""
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        typer.echo(
+            f"restored the globals of {result.backup_id} into {result.target} in "
+            f"{result.duration_seconds:.1f}s (from {result.source})"
+        )
+        for line in result.lines():
+            typer.echo(f"  {line}")
+    if not result.ok:
+        _fail(f"{len(result.failed)} statement(s) of the globals failed (see the report)", 1)
 
 
 @app.command()

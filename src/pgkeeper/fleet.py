@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from pgkeeper import alerts, procedure
 from pgkeeper.backup import BackupOptions
 from pgkeeper.errors import PgkeeperError, is_transient
-from pgkeeper.inventory import Database, Inventory
+from pgkeeper.inventory import Database, Inventory, Server
 from pgkeeper.manifest import Manifest
 from pgkeeper.retention import Policy
 from pgkeeper.rotate import RotationReport, policies_from_settings, rotate
@@ -172,6 +172,32 @@ def backup_one(
     return outcome
 
 
+def backup_globals_of(
+    server: Server, storages: list[Storage], *, trigger: str = "fleet",
+    flow_run_id: str | None = None, raise_transient: bool = False,
+) -> Outcome:  # fmt: skip
+    """The server's globals (roles, memberships, role settings, tablespaces): dump, verify,
+    upload, as ``backup_one`` does for a database."""
+    from pgkeeper.server_globals import backup_globals  # lazy: only '*' servers need it
+
+    started = time.monotonic()
+    outcome = Outcome(f"*@{server.server}", "*", server.server)
+    try:
+        manifest = backup_globals(
+            server.settings, server.url, storage=storages[0], trigger=trigger,
+            flow_run_id=flow_run_id,
+        )  # fmt: skip
+        outcome.manifest = procedure.verify(server.settings, manifest, storages[0])
+        outcome.upload = procedure.upload(server.settings, outcome.manifest, storages)
+    except PgkeeperError as exc:
+        if raise_transient and is_transient(exc):
+            raise
+        outcome.error = exc.message
+        log.warning("globals backup of %s failed: %s", server.server, exc.message)
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
 def group_policy(
     inventory: Inventory, storages: Sequence[Storage]
 ) -> Callable[[str, str], Policy | None]:
@@ -205,10 +231,8 @@ def finish(
     if rotate_after:
         base = policies_from_settings(settings, storages)
         rotation = rotate(storages, base, group_policy=group_policy(inventory, storages))
-    told = [
-        alerts.RunOutcome(o.database, o.server, error=o.error, manifest=o.manifest)
-        for o in outcomes if o.database != "*"
-    ]  # fmt: skip
+    told = [alerts.RunOutcome(o.database, o.server, error=o.error, manifest=o.manifest)
+            for o in outcomes]  # fmt: skip
     alerts.report_outcomes(settings, storages[0], "backup", told, link=link)
     for outcome in outcomes:
         if outcome.upload is not None:
@@ -227,15 +251,17 @@ def backup_all(
     inventory: Inventory,
     *,
     databases: Sequence[Database] | None = None,
+    with_globals: bool = True,
     verify_level: str | None = None,
     upload: bool = True,
     rotate_after: bool = True,
     trigger: str = "fleet",
     on_done: Callable[[Outcome], None] | None = None,
 ) -> FleetRun:
-    """Back up ``databases`` (default: every enabled one) and the servers' globals within
-    BACKUP_SERVER_CONCURRENCY / BACKUP_FLEET_CONCURRENCY, then rotate and tell once per set of
-    targets. ``on_done`` sees each outcome as it finishes (for progress)."""
+    """Back up ``databases`` (default: every enabled one) and (``with_globals``) the globals of
+    the inventory's '*' / ``globals: true`` servers within BACKUP_SERVER_CONCURRENCY /
+    BACKUP_FLEET_CONCURRENCY, then rotate and tell once per set of targets. ``on_done`` sees
+    each outcome as it finishes (for progress)."""
     chosen = list(databases) if databases is not None else inventory.enabled
     limits = Limits(settings.backup_server_concurrency, settings.backup_fleet_concurrency)
     opened = Targets()
@@ -251,13 +277,23 @@ def backup_all(
             on_done(outcome)
         return outcome
 
-    workers = max(1, min(settings.backup_fleet_concurrency, len(chosen)))
+    def server_globals(server: Server) -> Outcome:
+        with limits.slot(server.server):
+            outcome = backup_globals_of(server, opened.of(server.settings), trigger=trigger)
+        if on_done is not None:
+            on_done(outcome)
+        return outcome
+
+    servers = inventory.servers if with_globals else []
+    workers = max(1, min(settings.backup_fleet_concurrency, len(chosen) + len(servers)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgkeeper-fleet") as pool:
         futures = [pool.submit(one, d) for d in chosen]
+        futures += [pool.submit(server_globals, s) for s in servers]
         run.outcomes = [f.result() for f in futures]
     # Rotation and alerts once per set of targets (most fleets: one).
     by_targets: dict[tuple[str, ...], list[Outcome]] = {}
     settings_of = {d.key: d.settings for d in inventory.databases}
+    settings_of |= {f"*@{s.server}": s.settings for s in inventory.servers}
     for outcome in run.outcomes:
         key = tuple(target_urls(settings_of.get(outcome.key, settings)))
         by_targets.setdefault(key, []).append(outcome)

@@ -1,8 +1,10 @@
 """Import an external dump as a backup: detect what it is by content, store it, verify it.
 
 Recognised, by content never by file name: custom (``PGDMP``), tar (``pg_dump -Ft``), a tar of a
-directory-format dump, and plain SQL, each raw, gzip or zstd compressed. Anything else is
-refused with NotADumpError before anything is listed. Custom, plain and tar dumps are stored
+directory-format dump, and plain SQL, each raw, gzip or zstd compressed, and a server's globals
+(``pg_dumpall --globals-only``), imported as a globals backup (database ``*``). A whole
+``pg_dumpall`` (databases included) and anything else is refused with NotADumpError before
+anything is listed. Custom, plain and tar dumps are stored
 as they came (same bytes, same compression); a directory tar is unpacked into the directory
 layout so it restores with ``pg_restore -j``.
 """
@@ -34,7 +36,13 @@ log = logging.getLogger(__name__)
 PLAIN_MARKERS = (plainsql.HEADER,)
 # pg_dumpall output creates roles and databases and \connects between them: it cannot be
 # restored into one database, so it is refused rather than stored as an unrestorable backup.
-CLUSTER_MARKER = b"-- PostgreSQL database cluster dump"
+# Its --globals-only output (roles and tablespaces, no \connect) is a globals backup.
+CLUSTER_MARKER = plainsql.CLUSTER_HEADER
+_CLUSTER_DATABASES = re.compile(rb"^(?:\\connect\b|-- Databases$)", re.MULTILINE)
+_WHOLE_CLUSTER = (
+    "this is a pg_dumpall cluster dump with databases, which pgkeeper cannot restore into one "
+    "database (import a pg_dump of each database, and pg_dumpall --globals-only for the roles)"
+)
 _PLAIN_VERSION = re.compile(rb"-- Dumped from database version (\S+)")
 _PLAIN_CLIENT = re.compile(rb"-- Dumped by pg_dump version (\S+)")
 
@@ -44,6 +52,7 @@ class DumpKind:
     format: str  # custom | plain | tar | directory
     compression: str  # zstd | gzip | none
     database: str = "unknown"
+    kind: str = "dump"  # dump | globals (pg_dumpall --globals-only, database "*")
     server_version: str = ""
     pg_dump_version: str = ""
 
@@ -112,10 +121,11 @@ def detect(head: bytes) -> DumpKind:
         return _detect_tar(inner, compression)
     text = inner.lstrip(b"\xef\xbb\xbf")[:8192]
     if CLUSTER_MARKER in text:
-        raise NotADumpError(
-            "this is a pg_dumpall cluster dump, which cannot be restored into one database "
-            "(import a pg_dump of a single database instead)"
-        )
+        if _CLUSTER_DATABASES.search(text):
+            raise NotADumpError(_WHOLE_CLUSTER)
+        # Globals only, as far as the head shows: verification reads it all (a \connect
+        # further on is refused there).
+        return DumpKind("plain", compression, database="*", kind="globals")
     if any(marker in text for marker in PLAIN_MARKERS):
         kind = DumpKind("plain", compression)
         if (m := _PLAIN_VERSION.search(text)) is not None:
@@ -217,11 +227,12 @@ def import_stream(
         if kind.format == "directory":
             objects = _store_directory_tar(primary, backup_id, stream, kind, progress)
         else:
-            relative = naming.data_name(backup_id, kind.format, kind.compression)
+            relative = naming.data_name(backup_id, kind.format, kind.compression, kind.kind)
             objects = [_store_object(primary, backup_id, relative, stream.read, progress)]
         manifest = Manifest(
             id=backup_id,
             name=name,
+            kind=kind.kind,  # type: ignore[arg-type]
             database=kind.database or "unknown",
             server="import",
             server_version=kind.server_version,
@@ -237,6 +248,8 @@ def import_stream(
         )
         result = check_backup(primary, manifest, "full", settings.pg_bin_dir)
         bad = failed_check(result)
+        if bad is not None and kind.kind == "globals" and "holds databases" in bad.detail:
+            raise NotADumpError(_WHOLE_CLUSTER)
         if bad is not None:
             raise NotADumpError(
                 f"not a usable PostgreSQL dump: it failed the {bad.name} check ({bad.detail})"

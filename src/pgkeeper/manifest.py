@@ -120,7 +120,7 @@ class Manifest(BaseModel):
     # -- derived views -------------------------------------------------------------------------
     @property
     def filename(self) -> str:
-        return naming.data_name(self.id, self.format, self.compression)
+        return naming.data_name(self.id, self.format, self.compression, self.kind)
 
     @property
     def sha256(self) -> str:

@@ -355,6 +355,11 @@ def check_restore_test(backups: Sequence[Manifest], expect: Expectations, now: d
         return Check("restore-test", "skipped", "the restore-test check is off")
     if not backups:
         return Check("restore-test", "skipped", "no backup to check")
+    if all(m.kind == "globals" for m in backups):
+        return Check(
+            "restore-test", "skipped", "a server's globals are not restore-tested (roles are "
+            "server-wide): the whole-server procedure of the README proves them"
+        )  # fmt: skip
     found = _newest_restore_test(backups)
     if found is None:
         oldest = min(recorded_at(m) for m in backups)

@@ -12,6 +12,8 @@ Storage layout under a target's prefix, one folder per backup::
     <id>/<id>.dump.zst        custom format (zstd);  .dump.gz / .dump for gzip / none
     <id>/<id>.sql.zst         plain format (zstd);   .sql.gz / .sql
     <id>/<id>.dir/...         directory format: pg_dump's own files, compressed by pg_dump
+    <id>/<id>.globals.sql.zst a server's globals (pg_dumpall --globals-only, plain SQL);
+                              .globals.sql.gz / .globals.sql
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ _EXT = {
     ("tar", "zstd"): ".tar.zst",
     ("tar", "gzip"): ".tar.gz",
     ("tar", "none"): ".tar",
+}
+# A server's globals (manifest kind "globals") are plain SQL from pg_dumpall --globals-only:
+# named apart from a database's plain dump, which restores into a database, not a server.
+_GLOBALS_EXT = {
+    "zstd": ".globals.sql.zst",
+    "gzip": ".globals.sql.gz",
+    "none": ".globals.sql",
 }
 
 
@@ -97,13 +106,16 @@ def parse_id(backup_id: str) -> tuple[str, datetime]:
     return match.group("name"), datetime.strptime(ts, fmt).replace(tzinfo=UTC)
 
 
-def extension(fmt: str, compression: str) -> str:
+def extension(fmt: str, compression: str, kind: str = "dump") -> str:
+    if kind == "globals":
+        return _GLOBALS_EXT[compression]
     return _EXT[(fmt, compression)]
 
 
-def data_name(backup_id: str, fmt: str, compression: str) -> str:
-    """The file (or folder, for directory format) name of a backup's data."""
-    return validate_id(backup_id) + extension(fmt, compression)
+def data_name(backup_id: str, fmt: str, compression: str, kind: str = "dump") -> str:
+    """The file (or folder, for directory format) name of a backup's data; ``kind`` is the
+    manifest's (``globals``: a server's roles and tablespaces, always plain SQL)."""
+    return validate_id(backup_id) + extension(fmt, compression, kind)
 
 
 def backup_prefix(backup_id: str) -> str:

@@ -36,6 +36,9 @@ from dataclasses import dataclass
 
 HEADER = b"-- PostgreSQL database dump"
 TRAILER = b"-- PostgreSQL database dump complete"
+# pg_dumpall's: a server's globals (--globals-only), or a whole cluster with its databases.
+CLUSTER_HEADER = b"-- PostgreSQL database cluster dump"
+CLUSTER_TRAILER = b"-- PostgreSQL database cluster dump complete"
 
 # psql versions that have \restrict (the August 2025 minor releases; every 18).
 _RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}

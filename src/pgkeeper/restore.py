@@ -7,9 +7,11 @@ The procedure, in order:
   3. restore into a new scratch database ``pgk_restore_<random>`` on the target's server;
      the stored bytes are hashed while they are read, and the restore is abandoned
      (scratch dropped) if the sha256 differs from the manifest
-  4. take a safety backup of the existing target (when it has data)
-  5. swap names in one transaction: target -> pgk_old_<random>, scratch -> target; drop the old
-The target is untouched until step 5, and step 5 is one transaction: a failed restore leaves it
+  4. give the scratch database the backup's own properties (owner when the target is new,
+     access privileges, settings, comment: database_properties.py)
+  5. take a safety backup of the existing target (when it has data)
+  6. swap names in one transaction: target -> pgk_old_<random>, scratch -> target; drop the old
+The target is untouched until step 6, and step 6 is one transaction: a failed restore leaves it
 exactly as it was.
 """
 
@@ -33,7 +35,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgkeeper import catalog, loader, naming, plainsql, postgres
+from pgkeeper import catalog, database_properties, loader, naming, plainsql, postgres
 from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.errors import (
     BackupNotFoundError,
@@ -176,8 +178,17 @@ def _scratch_dir(storage: Storage) -> Iterator[Path]:
 # --- running pg_restore / psql ----------------------------------------------------------------
 
 
+_MISSING_ROLE = re.compile(r'role ".*" does not exist')
+
+
 def _restore_failed(proc: ClientProcess) -> RestoreError:
-    return RestoreError(f"{proc.name} failed: {proc.last_error()}")
+    error = proc.last_error()
+    if _MISSING_ROLE.search(error):  # owners and grants name roles: a new server lacks them
+        return RestoreError(
+            f"{proc.name} failed: {error} (restore the server's globals first, e.g. "
+            "pgkeeper restore latest --database '*'; see 'Whole-server disaster' in the README)"
+        )
+    return RestoreError(f"{proc.name} failed: {error}")
 
 
 def _load(
@@ -681,7 +692,9 @@ def restore_backup(
     progress: Progress | None = None,
 ) -> RestoreResult:
     """Restore a backup (default: the newest verified) into ``target_url`` (default: a new
-    database on the source server). See the module docstring for the procedure.
+    database on the source server). See the module docstring for the procedure. A globals
+    backup goes into the server of ``target_url`` (default: DATABASE_URL's) instead, and the
+    result is a ``server_globals.GlobalsRestore`` (see ``server_globals.restore_globals``).
 
     Raises BackupNotFoundError/InvalidBackupIdError, ConfirmationRequiredError, connection
     errors, VerificationError (every copy is bad), RestoreError. The target is unchanged on
@@ -697,6 +710,11 @@ def restore_backup(
             f"backup {backup_id!r} is a base backup of a whole cluster, not a dump: restore it "
             f"with 'pgkeeper pitr restore --base {backup_id} --to DIR (--latest|--time T)'"
         )
+    if manifest.kind == "globals":  # a server's roles and tablespaces: restored into a server
+        from pgkeeper.server_globals import restore_globals_copies
+
+        server_url = target_url or settings.require_database_url()
+        return restore_globals_copies(settings, found, server_url, progress)
     target_url = target_url or _default_target(settings, manifest)
     conn = ConnInfo.parse(target_url)
     target = conn.dbname
@@ -731,6 +749,10 @@ def restore_backup(
                 postgres.drop_database(admin, scratch)
                 raise
             try:
+                # The database's own owner, access, settings and comment (not in its contents),
+                # before the swap: it is never live without its REVOKE CONNECT.
+                props = database_properties.read_properties(settings, copy_manifest, storage)
+                database_properties.apply_properties(admin, props, scratch, with_owner=not exists)
                 safety_id = None
                 if has_data and safety_backup:
                     safety_id = take_safety_backup(settings, target_url, backup_id, storages[0]).id

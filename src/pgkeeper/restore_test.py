@@ -33,6 +33,7 @@ from pgkeeper.errors import (
     DumpError,
     PgkeeperError,
     RestoreError,
+    UsageError,
     VerificationError,
 )
 from pgkeeper.manifest import CheckResult, Manifest, RestoreTest, utcnow
@@ -185,12 +186,19 @@ def run_restore_test(
 
     Returns the recorded RestoreTest; ``ok`` is False when the restore failed, a row count
     differs or a check is not true. Raises InvalidBackupIdError/BackupNotFoundError for the
-    backup, ConfigError for a missing server URL or checks folder, the connection errors of
-    ``postgres.connect`` for the staging server (DatabaseUnavailableError is transient), and
-    StorageError when the result cannot be recorded.
+    backup, UsageError for a globals backup, ConfigError for a missing server URL or checks
+    folder, the connection errors of ``postgres.connect`` for the staging server
+    (DatabaseUnavailableError is transient), and StorageError when the result cannot be
+    recorded.
     """
     storages = storages if storages is not None else targets(settings)
     manifest, storage = choose_backup(settings, storages, backup_id, database)
+    if manifest.kind == "globals":
+        raise UsageError(
+            f"backup {manifest.id!r} holds the globals of {manifest.server} (roles, tablespaces), "
+            "which are not restore-tested: roles are server-wide and a test must not create "
+            "them on staging (restore-test a database's backup)"
+        )
     if staging_url is None:
         staging_url = (
             settings.staging_database_url.get_secret_value()

@@ -9,7 +9,9 @@ Checks, in order, each named in results and errors:
                    import only proves the bytes are the ones that came), and a tar is followed
                    header by header to its end-of-archive block; plain: the dump's header and its
                    "dump complete" trailer are there and it holds no psql meta-command outside
-                   COPY data (plainsql.py; pg_dump's own \\restrict lines aside)
+                   COPY data (plainsql.py; pg_dump's own \\restrict lines aside); a server's
+                   globals (pg_dumpall --globals-only): the same, with the cluster dump's header
+                   and trailer, and a \\connect (a full cluster dump, databases included) refused
 A ``quick`` verification skips decoding beyond what the structure check needs: the archive's
 table of contents (``pg_restore --list``), or a plain dump's first chunk.
 """
@@ -109,9 +111,14 @@ class _StructureSink:
     quick feeds ``pg_restore --list``. plain: the header and trailer, and no psql meta-command
     (plainsql.Scanner) in what is read."""
 
-    def __init__(self, fmt: str, pg_restore: postgres.Client | None, full: bool) -> None:
+    def __init__(
+        self, fmt: str, pg_restore: postgres.Client | None, full: bool, kind: str = "dump"
+    ) -> None:
         self.fmt = fmt
         self.full = full
+        self.globals = kind == "globals"
+        self.header = plainsql.CLUSTER_HEADER if self.globals else plainsql.HEADER
+        self.trailer = plainsql.CLUSTER_TRAILER if self.globals else plainsql.TRAILER
         self.head = b""
         self.tail = b""
         self.proc: ClientProcess | None = None
@@ -132,7 +139,7 @@ class _StructureSink:
         """True once the structure check needs no more bytes (for quick verification)."""
         if self.proc is not None:
             return self.proc.proc.poll() is not None
-        return len(self.head) >= len(plainsql.HEADER) + 16
+        return len(self.head) >= len(self.header) + 16
 
     def feed(self, data: bytes) -> None:
         if len(self.head) < 4096:
@@ -188,16 +195,24 @@ class _StructureSink:
     def _plain_result(self) -> CheckResult:
         scanner = self.scanner
         assert scanner is not None  # noqa: S101 - made for the plain format
-        if plainsql.HEADER not in self.head:
-            return CheckResult(name="structure", ok=False, detail="plain dump header missing")
+        what = "cluster dump (globals)" if self.globals else "plain dump"
+        if self.header not in self.head:
+            return CheckResult(name="structure", ok=False, detail=f"{what} header missing")
         if self.full:
-            if plainsql.TRAILER not in self.tail:
+            if self.trailer not in self.tail:
                 return CheckResult(
-                    name="structure", ok=False, detail="plain dump is truncated (no trailer)"
+                    name="structure", ok=False, detail=f"{what} is truncated (no trailer)"
                 )
             scanner.finish()
-        if scanner.found is not None:
-            return CheckResult(name="structure", ok=False, detail=str(scanner.found))
+        found = scanner.found
+        if found is not None and self.globals and found.name in ("c", "connect"):
+            detail = (
+                f"it holds databases (\\{found.name} at line {found.line}): a whole pg_dumpall "
+                "cluster dump, not pg_dumpall --globals-only"
+            )
+            return CheckResult(name="structure", ok=False, detail=detail)
+        if found is not None:
+            return CheckResult(name="structure", ok=False, detail=str(found))
         detail = "header, trailer, SQL only" if self.full else "header, SQL only so far"
         return CheckResult(name="structure", ok=True, detail=detail)
 
@@ -338,7 +353,7 @@ def check_backup(
         if manifest.format == "directory":
             _check_directory(storage, manifest, checks, pg_restore, full, progress)
         else:
-            sink = _StructureSink(manifest.format, pg_restore, full)
+            sink = _StructureSink(manifest.format, pg_restore, full, manifest.kind)
             try:
                 _check_object(storage, manifest, manifest.objects[0], checks, sink, full, progress)
                 failed = any(not c.ok for c in checks)

@@ -161,6 +161,7 @@ def test_openapi_docs_list_every_endpoint(client: TestClient) -> None:
     assert set(schema["paths"]) == {
         "/api/health", "/api/backups", "/api/backups/restore", "/api/backups/download",
         "/api/backups/import", "/api/backups/{backup_id}", "/api/runs/{run_id}", "/metrics",
+        "/api/databases",
     }  # fmt: skip
     assert set(schema["paths"]["/api/backups"]) == {"get", "post", "delete"}
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

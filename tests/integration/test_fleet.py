@@ -70,6 +70,7 @@ servers:
       {names["a"][0]}: {{max_backups: 1}}
   - url: "{b_url}"
     password_env: FLEET_PW_B
+    globals: true
     databases:
       {names["b"][1]}: {{}}
 {extra_b}
@@ -143,6 +144,9 @@ def test_backup_all_covers_the_fleet_within_its_concurrency_limits(
     expected |= {f"{n}@{second_cluster.host}:{second_cluster.port}" for n in fleet["b"]}
     assert {o["key"] for o in outcomes if o["database"] != "*"} == expected
     assert all(o["ok"] and o["backup"]["state"] == "verified" for o in outcomes)
+    globals_of = [o for o in outcomes if o["database"] == "*"]
+    assert [o["server"] for o in globals_of] == [f"{second_cluster.host}:{second_cluster.port}"]
+    assert globals_of[0]["backup"]["kind"] == "globals"
     listed = catalog.list_backups(LocalStorage(tmp_path / "backups"))
     dumps = sorted(f"{m.database}@{m.server}" for m in listed if m.kind == "dump")
     assert dumps == sorted(expected)
@@ -252,7 +256,10 @@ def test_a_fleet_flow_run_gives_each_database_its_own_named_tagged_run(
             for task_run in client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id={"any_": [run.id]})
             ):
-                if task_run.name.startswith("backup "):
+                if task_run.name.startswith("backup globals of "):
+                    assert "db:*" in task_run.tags  # the server's roles: their own task run
+                    task_names.add(task_run.name)
+                elif task_run.name.startswith("backup "):
                     task_names.add(task_run.name)
                     database = task_run.name.split()[1].split("@")[0]
                     assert {"pgkeeper", f"db:{database}"} <= set(task_run.tags)
@@ -260,6 +267,7 @@ def test_a_fleet_flow_run_gives_each_database_its_own_named_tagged_run(
         limits = {limit.name for limit in client.read_global_concurrency_limits(limit=100)}
     expected = {f"backup {n}@{pg_cluster.host}:{pg_cluster.port}" for n in fleet["a"]}
     expected |= {f"backup {n}@{second_cluster.host}:{second_cluster.port}" for n in fleet["b"]}
+    expected.add(f"backup globals of {second_cluster.host}:{second_cluster.port}")
     assert expected <= task_names
     assert {FLEET_LIMIT, server_limit(f"{pg_cluster.host}:{pg_cluster.port}")} <= limits
     rows = artifact_data(state)["fleet-inventory"]

@@ -185,11 +185,36 @@ class RestoreInfo(BaseModel):
     source: str = Field(description="the storage target the backup was read from")
 
 
+class SkippedStatement(BaseModel):
+    line: int = Field(description="the statement's first line in the globals file")
+    statement: str = Field(description="its first words; strings shown as '…'")
+    reason: str
+    failed: bool = Field(description="the server refused it (otherwise a rule skipped it)")
+
+
+class GlobalsReport(BaseModel):
+    """What restoring a server's globals did (``server_globals.GlobalsRestore``)."""
+
+    ok: bool = Field(description="false when the server refused a statement meant to apply")
+    rolePasswords: bool = Field(description="the backup holds role passwords")
+    createdRoles: list[str]
+    keptRoles: list[str] = Field(description="roles that existed: left as they are")
+    memberships: list[str] = Field(description="'role to member' applied")
+    settings: list[str] = Field(description="'role: setting' applied")
+    createdTablespaces: list[str]
+    keptTablespaces: list[str]
+    applied: list[str] = Field(description="comments and tablespace/parameter grants applied")
+    skipped: list[SkippedStatement]
+
+
 class RestoreResponse(BaseModel):
     success: Literal[True] = True
     message: str
     backup: BackupRecord
     restore: RestoreInfo
+    globals: GlobalsReport | None = Field(
+        default=None, description="for a globals backup: what was created, kept and skipped"
+    )
 
 
 class ImportResponse(BaseModel):

@@ -242,6 +242,7 @@ def _target_has_password(target: str) -> bool:
 def restore(ctx: Ctx, body: RestoreRequest) -> Any:
     """Restore a backup; an existing database with data is replaced only when confirm names it."""
     from pgkeeper.restore import restore_backup
+    from pgkeeper.server_globals import GlobalsRestore
 
     settings = ctx.settings
     storages = ctx.storages()
@@ -290,7 +291,7 @@ def restore(ctx: Ctx, body: RestoreRequest) -> Any:
             f"\"confirm\": \"{database}\" to proceed; a safety backup is taken first)"
         ) from exc
     manifest, _ = catalog.find(storages, backup_id)
-    return {
+    answer: dict[str, Any] = {
         "success": True,
         "message": "Backup restored successfully",
         "backup": manifest.to_public(),
@@ -303,6 +304,24 @@ def restore(ctx: Ctx, body: RestoreRequest) -> Any:
             "source": result.source,
         },
     }
+    if isinstance(result, GlobalsRestore):  # a server's globals: what was created, kept, skipped
+        answer["globals"] = {
+            "ok": result.ok,
+            "rolePasswords": result.role_passwords,
+            "createdRoles": result.created_roles,
+            "keptRoles": result.kept_roles,
+            "memberships": result.memberships,
+            "settings": result.settings,
+            "createdTablespaces": result.created_tablespaces,
+            "keptTablespaces": result.kept_tablespaces,
+            "applied": result.applied,
+            "skipped": [s.__dict__ for s in result.skipped],
+        }
+        if not result.ok:
+            answer["message"] = (
+                f"Globals restored; {len(result.failed)} statement(s) were refused by the server"
+            )
+    return answer
 
 
 def read_run(ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:
