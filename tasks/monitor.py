@@ -14,14 +14,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from deployments import schedules
 from pgkeeper import alerts, monitor
-from pgkeeper.errors import PgkeeperError
-from pgkeeper.manifest import utcnow
-from pgkeeper.monitor import Check, MonitorReport
+from pgkeeper.monitor import MonitorReport
+from pgkeeper.pitr_status import archive_report
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.retention import parse_duration
 from pgkeeper.rotate import policies_from_settings
 from pgkeeper.settings import Settings, load_settings
-from pgkeeper.storage import Storage, targets
+from pgkeeper.storage import targets
 from tasks.alerts import prefect_link
 from tasks.retry import TRANSIENT_RETRIES
 
@@ -78,7 +77,7 @@ def check_health(
         fleet=fleet,
         unreachable=unreachable,
     )
-    archive = _archive_report(settings, storages)  # point-in-time recovery, when archiving
+    archive = archive_report(settings, storages)  # point-in-time recovery, when archiving
     if archive is not None:
         reports.append(archive)
     logger = get_run_logger()
@@ -87,19 +86,6 @@ def check_health(
             log = logger.info if check.ok else logger.error
             log("%s: %s: %s: %s", report.subject, check.name, check.status, check.detail)
     return reports
-
-
-def _archive_report(settings: Settings, storages: list[Storage]) -> MonitorReport | None:
-    """The WAL archive's checks as their own report, when this deployment archives WAL."""
-    from pgkeeper.pitr_status import archive_checks
-
-    try:
-        checks = list(archive_checks(settings, storages))
-    except PgkeeperError as exc:
-        checks = [Check("archive", "failed", f"cannot check the WAL archive: {exc.message}")]
-    if not checks:
-        return None
-    return MonitorReport(now=utcnow(), subject="the WAL archive (PITR)", checks=checks)
 
 
 @task(name="alerts")

@@ -992,6 +992,11 @@ def monitor(as_json: JsonOpt = False) -> None:
         fleet=fleet,
         unreachable=unreachable,
     )
+    from pgkeeper.pitr_status import archive_report
+
+    archive = archive_report(settings, storages)  # point-in-time recovery, when archiving
+    if archive is not None:
+        reports.append(archive)
     report_health(settings, storages[0], reports, route=route)
     failed = [r for r in reports if not r.ok]
     if as_json:

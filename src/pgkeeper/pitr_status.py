@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 
 from pgkeeper import postgres, wal
-from pgkeeper.errors import PgkeeperError
+from pgkeeper.errors import DatabaseError, PgkeeperError
 from pgkeeper.manifest import utcnow
 from pgkeeper.pitr import base_backups, base_end, base_info, fmt_time
 from pgkeeper.settings import Settings
@@ -132,6 +132,19 @@ class StatusReport:
         }  # fmt: skip
 
 
+def _archiver_row(connection: Any) -> Any:
+    row = connection.execute(
+        "SELECT (SELECT system_identifier FROM pg_control_system()),"
+        " current_setting('archive_mode'), current_setting('archive_command'),"
+        " CASE WHEN pg_is_in_recovery() THEN NULL"
+        "      ELSE pg_walfile_name(pg_current_wal_lsn()) END,"
+        " last_archived_wal, last_archived_time, failed_count, last_failed_wal,"
+        " last_failed_time FROM pg_stat_archiver"
+    ).fetchone()
+    assert row is not None  # noqa: S101 - pg_stat_archiver has one row
+    return row
+
+
 def server_archiving(settings: Settings) -> ServerArchiving | None:
     """pg_stat_archiver and the archiving settings of DATABASE_URL's server; None when no
     DATABASE_URL is set. Raises the connection errors of ``postgres.connect``."""
@@ -139,15 +152,14 @@ def server_archiving(settings: Settings) -> ServerArchiving | None:
         return None
     conn = postgres.ConnInfo.parse(settings.require_database_url())
     with postgres.connect(conn) as connection:
-        row = connection.execute(
-            "SELECT (SELECT system_identifier FROM pg_control_system()),"
-            " current_setting('archive_mode'), current_setting('archive_command'),"
-            " CASE WHEN pg_is_in_recovery() THEN NULL"
-            "      ELSE pg_walfile_name(pg_current_wal_lsn()) END,"
-            " last_archived_wal, last_archived_time, failed_count, last_failed_wal,"
-            " last_failed_time FROM pg_stat_archiver"
-        ).fetchone()
-        assert row is not None  # noqa: S101 - pg_stat_archiver has one row
+        try:
+            row = _archiver_row(connection)
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DatabaseError(
+                f"{conn.server}: cannot read the archiver's state ({first}; grant the "
+                "pg_monitor role to DATABASE_URL's user)"
+            ) from None
         ready: int | None = None
         try:  # the exact count of waiting files: superusers and pg_monitor members only
             with connection.transaction():
@@ -294,3 +306,18 @@ def archive_checks(
     else:
         checks.append(Check("archive-lag", "ok", f"{waiting} finished segment(s) waiting"))
     return checks
+
+
+def archive_report(settings: Settings, storages: Sequence[Storage]) -> Any:
+    """The archive's checks as one monitor report (subject ``the WAL archive (PITR)``), or
+    None when this deployment does not archive WAL: what the monitor flow and CLI add to
+    their per-database reports. Raises nothing (a failure to check is a failed check)."""
+    from pgkeeper.monitor import Check, MonitorReport
+
+    try:
+        checks = list(archive_checks(settings, storages))
+    except PgkeeperError as exc:
+        checks = [Check("archive", "failed", f"cannot check the WAL archive: {exc.message}")]
+    if not checks:
+        return None
+    return MonitorReport(now=utcnow(), subject="the WAL archive (PITR)", checks=checks)
