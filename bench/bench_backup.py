@@ -10,9 +10,13 @@ round-robin (medians reported):
            pgkeeper      `pgkeeper backup --database-url ...` with default settings (incl. verify)
            + pgkeeper --no-verify and pgkeeper with BACKUP_ROW_COUNTS=false, to price those parts
            + pgkeeper --level N for each N of `--levels` (choosing a default level by measurement)
+           + encrypted (age, BACKUP_ENCRYPTION_RECIPIENTS): with the identity at hand (verification
+             decrypts, the like-for-like case), --no-verify, and without the identity (a backup
+             host: verification checks header and length only)
   restores pg_restore -j2  from a local, uncompressed file of pgkeeper's own dump, into a new db
            pgkeeper      `pgkeeper restore ID --target-url ...` into a new database (+ `-j2`)
            + `pgkeeper verify ID` of the same backup, the check a restore starts with
+           + pgkeeper restore of the same data backed up encrypted (decrypted in the stream)
 
 For each: wall time; client CPU (user+sys of the command and its children, e.g. pg_dump under
 pgkeeper); server CPU (the cluster's processes, read from /proc: the postmaster's reaped
@@ -61,6 +65,7 @@ TARGET_BACKUP_VS_FLOOR = 1.2
 TARGET_SPEEDUP_VS_PG_DUMP_FC = 5.0
 TARGET_RSS_MB = 150.0
 TARGET_RESTORE_VS_PG_RESTORE = 1.1
+TARGET_ENCRYPTED_VS_PLAIN = 1.05  # issue 14: encryption's cost, backup and restore
 # Other work using more than this share of one CPU during a run makes its timing suspect.
 OTHER_CPU_LIMIT = 0.25
 
@@ -441,6 +446,11 @@ def targets(s: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     pk4 = s.get("pgkeeper backup (4x)")
     if pk4:
         add("pgkeeper backup peak RSS MB (4x)", pk4["rss_own_mb"], TARGET_RSS_MB)
+    for plain, sealed in ENCRYPTED_PAIRS:
+        if s.get(plain) and s.get(sealed):
+            add(f"{sealed} / {plain}", s[sealed]["wall"] / s[plain]["wall"],
+                TARGET_ENCRYPTED_VS_PLAIN)  # fmt: skip
+            add(f"{sealed} peak RSS MB", s[sealed]["rss_own_mb"], TARGET_RSS_MB)
     pr, kr = s.get("pg_restore -j2"), s.get("pgkeeper restore")
     if pr and kr:
         add("restore wall / pg_restore -j2", kr["wall"] / pr["wall"], TARGET_RESTORE_VS_PG_RESTORE)
@@ -539,6 +549,26 @@ def _one_table_copy(cluster: PgCluster, dbname: str, table: str) -> str:
     return copy
 
 
+# Each encrypted case against the same case without recipients (same run, same data).
+ENCRYPTED_PAIRS = (
+    ("pgkeeper backup", "pgkeeper backup, encrypted"),
+    ("pgkeeper backup --no-verify", "pgkeeper backup --no-verify, encrypted"),
+    ("pgkeeper restore", "pgkeeper restore, encrypted"),
+)
+
+
+def age_key(folder: Path) -> tuple[str, Path]:
+    """A new age key pair (pyrage): the public key and the private key's file."""
+    from pyrage import x25519
+
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = x25519.Identity.generate()
+    path = folder / "identity.txt"
+    path.write_text(f"{identity}\n")
+    path.chmod(0o600)
+    return str(identity.to_public()), path
+
+
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Start a cluster, build the dataset(s), run every case; return runs and facts."""
     with PgCluster() as cluster:
@@ -551,10 +581,18 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         data = dataset.build(cluster.url("bench"), args.size_gb)
         bench = Bench(cluster, workdir, "bench")
 
+        public, identity = age_key(workdir / "age")
+        sealed_env = {"BACKUP_ENCRYPTION_RECIPIENTS": public}  # a backup host: public key only
+        opened_env = {**sealed_env, "BACKUP_ENCRYPTION_IDENTITY_FILE": str(identity)}
+        encrypted = Bench(cluster, workdir / "encrypted", "bench")
+        encrypted.env.update(opened_env)
+
         wait_for_idle(args.wait_idle)
         print("warm-up (caches, hint bits)", file=sys.stderr)
         bench.floor()
         bench.pgkeeper_backup(keep=True)  # also the backup the restore cases use
+        if not args.no_encryption:
+            encrypted.pgkeeper_backup(keep=True)  # the encrypted restore cases' backup
 
         cases: list[tuple[str, Callable[[], Run]]] = [
             ("floor", bench.floor),
@@ -565,6 +603,15 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             ("pgkeeper backup, no row counts",
              lambda: bench.pgkeeper_backup(extra_env={"BACKUP_ROW_COUNTS": "false"})),
         ]  # fmt: skip
+        if not args.no_encryption:
+            cases += [
+                ("pgkeeper backup, encrypted",
+                 lambda: bench.pgkeeper_backup(extra_env=opened_env)),
+                ("pgkeeper backup --no-verify, encrypted",
+                 lambda: bench.pgkeeper_backup(["--no-verify"], extra_env=sealed_env)),
+                ("pgkeeper backup, encrypted, no identity",
+                 lambda: bench.pgkeeper_backup(extra_env=sealed_env)),
+            ]  # fmt: skip
         for level in args.levels:
             cases.append(
                 (f"pgkeeper backup --level {level}",
@@ -582,6 +629,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 print(f"restore round {round_no + 1}/{args.repeat}", file=sys.stderr)
                 bench.record("pg_restore -j2", lambda: bench.pg_restore_j2(archive))
                 bench.record("pgkeeper restore", bench.pgkeeper_restore)
+                if not args.no_encryption:
+                    bench.record("pgkeeper restore, encrypted", encrypted.pgkeeper_restore)
                 bench.record("pgkeeper restore --jobs 1", lambda: bench.pgkeeper_restore(["-j1"]))
                 bench.record("pg_restore -j2 of pg_dump -Fc's file",
                              lambda: bench.pg_restore_j2(gzipped))  # fmt: skip
@@ -628,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per case (median reported)")
     parser.add_argument("--rss-4x", action="store_true", help="also measure RSS on a 4x dataset")
     parser.add_argument("--no-restore", action="store_true", help="skip the restore cases")
+    parser.add_argument(
+        "--no-encryption", action="store_true", help="skip the encrypted (age) cases"
+    )
     parser.add_argument(
         "--levels",
         type=lambda text: [int(x) for x in text.split(",") if x.strip()],

@@ -4,14 +4,16 @@ In order:
   1. a local Prefect server: SQLite under ``.demo/prefect`` (``PREFECT_HOME``), telemetry off,
      on ``PREFECT_PORT`` (default 4200) with the UI told where its API is
   2. when ``DATABASE_URL`` is unset, a throwaway PostgreSQL with a sample shop database
-     (customers, products, orders, order lines, payments: ~100k rows)
+     (customers, products, orders, order lines, payments: ~100k rows); when
+     ``STAGING_DATABASE_URL`` is unset, a second, empty one as the staging server that restore
+     tests load (the recommended shape: restore tests never run on the production server)
   3. alerts: unless ``BACKUP_NOTIFY_URLS`` is set, a local webhook receiver that prints every
      alert in this console; ``pgkeeper alerts install`` (the block and automations)
   4. ``python -m deployments.serve``: every deployment, scheduled
   5. a first ``backup`` and ``restore-test`` run through their deployments, so the UI has runs
      and artifacts to show
   6. where to look; then it waits. Ctrl-C or SIGTERM stops everything, in reverse order:
-     serve (in-flight runs cancelled and cleaned up), the Prefect server, the sample database.
+     serve (in-flight runs cancelled and cleaned up), the Prefect server, the sample databases.
 Backups go to ``.demo/backups`` unless ``BACKUP_DIR`` is set.
 """
 
@@ -162,6 +164,16 @@ def sample_database() -> Iterator[str]:
         yield cluster.url("shop")
 
 
+@contextlib.contextmanager
+def staging_server() -> Iterator[str]:
+    """A second throwaway PostgreSQL cluster, the staging server of restore tests; its URL."""
+    sys.path.insert(0, str(ROOT))
+    from tests.servers.postgres import PgCluster
+
+    with PgCluster() as cluster:
+        yield cluster.url("postgres")
+
+
 class _AlertPrinter(BaseHTTPRequestHandler):
     """The demo's alert channel: Apprise ``json://`` posts land here and are printed."""
 
@@ -288,6 +300,10 @@ def main() -> int:
             if not env.get("DATABASE_URL"):
                 _say("DATABASE_URL is unset: starting a sample PostgreSQL with a shop database...")
                 env["DATABASE_URL"] = stack.enter_context(sample_database())
+            if not env.get("STAGING_DATABASE_URL") and not env.get("STAGING_DATABASE_URL_FILE"):
+                _say("STAGING_DATABASE_URL is unset: starting a separate staging PostgreSQL "
+                     "for the restore tests...")  # fmt: skip
+                env["STAGING_DATABASE_URL"] = stack.enter_context(staging_server())
             env.setdefault("BACKUP_DIR", str(DEMO / "backups"))
 
             if not env.get("BACKUP_NOTIFY_URLS"):
@@ -332,7 +348,7 @@ def main() -> int:
             _stop(serve, "serve (in-flight runs are cancelled)")
             _stop(server, "the Prefect server")
             if "DATABASE_URL" not in os.environ:
-                _say("stopping the sample database...")
+                _say("stopping the sample databases...")
     return 0
 
 

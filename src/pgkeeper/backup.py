@@ -6,7 +6,8 @@ The procedure, in order (each step's safety reason beside it):
   3. remove this database's incomplete backups  -> the lock proves no run of ours is writing them
   4. write ``pending.json``                     -> an abandoned folder says whose it is
   5. export a snapshot; count rows in it while pg_dump streams the same snapshot
-  6. stream pg_dump -> compress -> sha256 -> storage (temp name, then atomic commit)
+  6. stream pg_dump -> compress -> (age encrypt) -> sha256 -> storage (temp name, then atomic
+     commit); with BACKUP_ENCRYPTION_RECIPIENTS nothing unencrypted reaches the target
   7. write the manifest                         -> the commit marker: only now is it listed
 On any failure or interruption the partial objects are removed before the error propagates.
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from pgkeeper import __version__, catalog, dumpfilter, naming, postgres
+from pgkeeper import __version__, catalog, crypto, dumpfilter, naming, postgres
 from pgkeeper.errors import DumpError, PgkeeperError, StorageFullError, UsageError
 from pgkeeper.manifest import Manifest, StoredObject, utcnow
 from pgkeeper.pipeline import ClientProcess, Progress, compress_stream
@@ -118,6 +119,7 @@ def run_backup(
     options = options or BackupOptions()
     name, url, fmt, compression, jobs = _resolve(settings, options)
     conn = ConnInfo.parse(url)
+    recipients = crypto.recipients_of(settings)  # a bad key list fails before anything runs
     primary = storage if storage is not None else targets(settings)[0]
     pg_dump = postgres.find_client("pg_dump", settings.pg_bin_dir)
     if fmt == "directory" and compression == "zstd" and pg_dump.major < 16:
@@ -176,12 +178,13 @@ def run_backup(
                 level = settings.backup_compression_level
             if fmt == "directory":
                 objects, size, raw = _dump_directory(
-                    primary, backup_id, argv, env, compression, level, jobs
+                    primary, backup_id, argv, env, compression, level, jobs, recipients
                 )
             else:
                 objects, size, raw = _dump_stream(
-                    primary, backup_id, fmt, compression, level, settings, argv, env, progress
-                )
+                    primary, backup_id, fmt, compression, level, settings, argv, env, progress,
+                    recipients,
+                )  # fmt: skip
             if counter is not None:
                 counter.join()
                 if count_error:
@@ -199,6 +202,7 @@ def run_backup(
                 format=fmt,  # type: ignore[arg-type]
                 compression=compression,  # type: ignore[arg-type]
                 compression_level=level,
+                encryption=crypto.encryption_record(recipients),
                 objects=objects,
                 size=size,
                 raw_size=raw,
@@ -254,15 +258,17 @@ def _dump_stream(
     argv: list[str],
     env: dict[str, str],
     progress: Progress | None,
+    recipients: crypto.Recipients | None = None,
 ) -> tuple[list[StoredObject], int, int]:
-    relative = naming.data_name(backup_id, fmt, compression)
+    relative = naming.data_name(backup_id, fmt, compression, encrypted=recipients is not None)
     key = naming.object_key(backup_id, relative)
     with ClientProcess(argv, env) as proc, storage.open_write(key) as out:
         stdout = proc.proc.stdout
         assert stdout is not None  # noqa: S101 - ClientProcess pipes stdout by default
         result = compress_stream(
-            stdout.read, out, compression, level, settings.backup_compression_threads, progress
-        )
+            stdout.read, out, compression, level, settings.backup_compression_threads, progress,
+            recipients,
+        )  # fmt: skip
         if proc.wait() != 0:
             raise _dump_failed(proc)  # raised inside open_write: the object is never committed
     return (
@@ -290,12 +296,16 @@ def _dump_directory(
     compression: str,
     level: int | None,
     jobs: int,
+    recipients: crypto.Recipients | None = None,
 ) -> tuple[list[StoredObject], int, int]:
     """Directory format: ``pg_dump -Fd -j`` writes pg_dump-compressed files, which we store.
 
     On a local target pg_dump writes straight into the backup folder under a temporary name
     that is renamed once complete; elsewhere it writes to a temporary folder that is uploaded
-    file by file and removed.
+    file by file and removed. Encrypted, pg_dump always writes to a private temporary folder
+    (0700, in TMPDIR, never on the target), whose files are encrypted one by one into the
+    target (``<file>.age``) and then removed: pg_dump -Fd writes files, not a stream, so this is
+    the one format whose (compressed) dump is on the backup host's disk while it runs.
     """
     relative = naming.data_name(backup_id, "directory", compression)
     if compression == "zstd":
@@ -305,6 +315,8 @@ def _dump_directory(
     else:
         compress_arg = "--compress=0"
     local_root = storage.local_path(naming.backup_prefix(backup_id))
+    if recipients is not None:
+        local_root = None  # stage outside the target; only ciphertext goes there
     if local_root is not None:
         local_root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{relative}.tmp-", dir=local_root))
@@ -324,13 +336,20 @@ def _dump_directory(
             if not path.is_file():
                 continue
             inner = path.relative_to(out_dir).as_posix()
+            path_size = path.stat().st_size
             name = f"{relative}/{inner}"
-            if local_root is not None:
+            if recipients is not None:
+                name += crypto.SUFFIX
+                sha, size = _encrypt_file(
+                    storage, naming.object_key(backup_id, name), path, recipients
+                )
+                path.unlink()  # the plaintext file goes as soon as its ciphertext is stored
+            elif local_root is not None:
                 sha, size = _hash_file(path)
             else:
                 sha, size = _upload_file(storage, naming.object_key(backup_id, name), path)
             objects.append(StoredObject(name=name, size=size, sha256=sha))
-            raw += size
+            raw += path_size
         if local_root is not None:
             out_dir.chmod(DIR_MODE)
             final = local_root / relative
@@ -353,4 +372,22 @@ def _upload_file(storage: Storage, key: str, path: Path) -> tuple[str, int]:
             digest.update(chunk)
             out.write(chunk)
             size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _encrypt_file(
+    storage: Storage, key: str, path: Path, recipients: crypto.Recipients
+) -> tuple[str, int]:
+    """Store ``path`` encrypted to ``recipients`` under ``key``; its sha256 and stored size."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle, storage.open_write(key) as out:
+
+        def emit(block: bytes) -> None:
+            nonlocal size
+            digest.update(block)
+            out.write(block)
+            size += len(block)
+
+        crypto.encrypt_stream(handle.read, emit, recipients)
     return digest.hexdigest(), size

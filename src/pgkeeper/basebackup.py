@@ -318,6 +318,9 @@ def run_base_backup(
     pg_basebackup fails, VerificationError when its output does not match its own
     backup_manifest, ArchiveError when its WAL does not reach the archive, StorageError.
     """
+    from pgkeeper.wal_async import refuse_plaintext
+
+    refuse_plaintext(settings, "a base backup")
     storages = storages if storages is not None else targets(settings)
     primary = storages[0]
     backup_name = naming.validate_name(name or settings.backup_base_name)

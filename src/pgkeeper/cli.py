@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from pgkeeper import catalog, naming
-from pgkeeper.errors import PgkeeperError, UsageError
+from pgkeeper.errors import IdentityError, PgkeeperError, UsageError
 from pgkeeper.manifest import Manifest
 from pgkeeper.pipeline import Progress
 from pgkeeper.settings import Settings, load_settings
@@ -211,6 +211,9 @@ def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> N
     if manifest.kind == "globals":
         passwords = manifest.options.get("role_passwords", True)
         rows.append(("role passwords", "included" if passwords else "not included (no superuser)"))
+    if manifest.encryption is not None:
+        who = ", ".join(f"{r['type']} {r['fingerprint']}" for r in manifest.encryption.recipients)
+        rows.append(("encrypted", f"age, to {who or 'recipients not recorded (imported)'}"))
     if manifest.pinned:
         rows.append(("pinned", "yes"))
     if manifest.table_counts is not None:
@@ -264,6 +267,15 @@ def _interval(settings: Settings) -> timedelta | None:
     from deployments.schedules import backup_interval
 
     return backup_interval(settings)
+IdentityOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--identity",
+        "-i",
+        help="age (or OpenSSH) private key file for encrypted backups "
+        "(default: BACKUP_ENCRYPTION_IDENTITY_FILE).",
+    ),
+]
 
 
 def max_age_of(settings: Settings) -> timedelta | None:
@@ -548,7 +560,8 @@ def list_(
             "database": _database_of(e.manifest),
             "size": human_size(e.manifest.size),
             "age": human_age(e.manifest.started_at, now),
-            "format": f"{e.manifest.format}/{e.manifest.compression}",
+            "format": f"{e.manifest.format}/{e.manifest.compression}"
+            + ("/age" if e.manifest.encryption is not None else ""),
             "state": e.manifest.state + (" pinned" if e.manifest.pinned else ""),
             "restore test": (
                 "-"
@@ -590,19 +603,23 @@ def verify(
     quick: Annotated[bool, typer.Option("--quick", help="Checksums and header only.")] = False,
     database: DatabaseOpt = None,
     as_json: JsonOpt = False,
+    identity: IdentityOpt = None,
 ) -> None:
     """Re-read a backup and check its checksum, compression stream and dump structure."""
     from pgkeeper.verify import verify_copy
 
-    settings = settings_from_env()
+    settings = settings_from_env(backup_encryption_identity_file=identity)
     storages = targets(settings)
     backup_id = _resolve_id(backup_id, storages, settings, database)
     manifest, storage = catalog.find(storages, backup_id)
     with progress_bar("verify", manifest.size) as progress:
         try:
             manifest = verify_copy(
-                settings, storage, manifest, level="quick" if quick else "full", progress=progress
-            )
+                settings, storage, manifest, level="quick" if quick else "full", progress=progress,
+                identity_required=True,
+            )  # fmt: skip
+        except IdentityError:
+            raise  # the key, not the backup: nothing was recorded
         except PgkeeperError:
             if as_json:  # the failed verification was recorded on that copy's manifest
                 found = catalog.read_manifest(storage, backup_id)
@@ -615,6 +632,13 @@ def verify(
         return
     for check in manifest.verification.checks:
         typer.echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name:<12} {check.detail}")
+    if manifest.verification.decrypted is False:
+        typer.echo(
+            f"backup {backup_id} is good as far as can be told without its private key: it was "
+            "NOT decrypted (set BACKUP_ENCRYPTION_IDENTITY_FILE or pass --identity FILE to "
+            "verify it fully)"
+        )
+        return
     typer.echo(f"backup {backup_id} is good")
 
 
@@ -646,11 +670,12 @@ def restore(
     ] = False,
     database: DatabaseOpt = None,
     as_json: JsonOpt = False,
+    identity: IdentityOpt = None,
 ) -> None:
     """Restore a backup; a failed restore leaves the target as it was."""
     from pgkeeper.restore import restore_backup
 
-    settings = settings_from_env()
+    settings = settings_from_env(backup_encryption_identity_file=identity)
     storages = targets(settings)
     resolved = _resolve_id(backup_id, storages, settings, database)
     manifest, _ = catalog.find(storages, resolved)
@@ -722,17 +747,24 @@ def download(
         bool, typer.Option("--decompress", help="Write the raw dump, not the stored bytes.")
     ] = False,
     database: DatabaseOpt = None,
+    identity: IdentityOpt = None,
 ) -> None:
     """Write a backup's stored file (verified against its checksum) to a local file."""
+    from pgkeeper import crypto
     from pgkeeper.download import download_name, write_backup
 
-    settings = settings_from_env()
+    settings = settings_from_env(backup_encryption_identity_file=identity)
     storages = targets(settings)
     backup_id = _resolve_id(backup_id, storages, settings, database)
     manifest, storage = catalog.find(storages, backup_id)
     name = download_name(manifest, decompress)
+    key = None
+    if decompress:  # an encrypted backup: the key opens it, before any output is created
+        key = crypto.identity_for(settings, manifest, "download --decompress")
+        if key is not None:
+            crypto.check_identity(storage, manifest, key)
     if output is not None and str(output) == "-":
-        write_backup(storage, manifest, sys.stdout.buffer, decompress=decompress)
+        write_backup(storage, manifest, sys.stdout.buffer, decompress=decompress, identity=key)
         return
     path = output or Path(name)
     if path.is_dir():
@@ -744,7 +776,9 @@ def download(
         # 0600: a backup holds every row of the database, whatever the umask says.
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out, progress_bar("download", manifest.size) as progress:
-            write_backup(storage, manifest, out, decompress=decompress, progress=progress)
+            write_backup(
+                storage, manifest, out, decompress=decompress, progress=progress, identity=key
+            )
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -759,11 +793,12 @@ def import_(
     ],
     name: Annotated[str, typer.Option(help="Backup name for the id.")] = "imported",
     as_json: JsonOpt = False,
+    identity: IdentityOpt = None,
 ) -> None:
     """Bring an external dump in as a backup (detected by content; verified)."""
     from pgkeeper.importing import import_file
 
-    settings = settings_from_env()
+    settings = settings_from_env(backup_encryption_identity_file=identity)
     if not file.exists():
         raise UsageError(f"{file} does not exist (check the path)")
     with progress_bar("import", file.stat().st_size if file.is_file() else None) as progress:
@@ -782,18 +817,19 @@ def restore_test(
     ] = None,
     staging_url: Annotated[
         str | None,
-        typer.Option(help="Server to restore on (default: STAGING_DATABASE_URL, else source)."),
+        typer.Option(help="Server to restore on (default: STAGING_DATABASE_URL)."),
     ] = None,
     checks_dir: Annotated[
         Path | None, typer.Option(help="Folder of .sql checks (default: BACKUP_CHECKS_DIR).")
     ] = None,
     database: DatabaseOpt = None,
     as_json: JsonOpt = False,
+    identity: IdentityOpt = None,
 ) -> None:
     """Restore a backup into a scratch database, compare row counts, run checks, drop it."""
     from pgkeeper.restore_test import failed_summary, headline, run_restore_test
 
-    settings = settings_from_env()
+    settings = settings_from_env(backup_encryption_identity_file=identity)
     resolved = None if backup_id in (None, "latest") else naming.validate_id(backup_id)
     result = run_restore_test(
         settings,
@@ -812,6 +848,36 @@ def restore_test(
             typer.echo(f"  {'ok  ' if check.ok else 'FAIL'} {check.name} {check.detail}")
     if not result.ok:
         _fail(failed_summary(result, resolved or "the newest backup"), 1)
+
+
+@app.command()
+@handle_errors
+def rekey(
+    backup_id: Annotated[str, typer.Argument(help="Backup id (or 'latest').")],
+    database: DatabaseOpt = None,
+    identity: IdentityOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-encrypt a backup to BACKUP_ENCRYPTION_RECIPIENTS as a new verified copy, then delete
+    the old one (an unencrypted backup gets encrypted)."""
+    from pgkeeper.rekey import rekey_backup
+
+    settings = settings_from_env(backup_encryption_identity_file=identity)
+    storages = targets(settings)
+    resolved = _resolve_id(backup_id, storages, settings, database)
+    manifest, _ = catalog.find(storages, resolved)
+    with progress_bar("rekey", manifest.size) as progress:
+        result = rekey_backup(settings, resolved, storages=storages, progress=progress)
+    if as_json:
+        print_json(result.__dict__)
+    else:
+        shown = ", ".join(f"{r['type']} {r['fingerprint']}" for r in result.recipients)
+        typer.echo(f"rekeyed {result.old_id} as {result.new_id}, encrypted to {shown}")
+        typer.echo(f"stored in {', '.join(result.stored_in)}")
+        if result.removed_from:
+            typer.echo(f"removed {result.old_id} from {', '.join(result.removed_from)}")
+    if result.problems:
+        _fail("; ".join(result.problems), 1)
 
 
 @app.command()
@@ -1079,11 +1145,18 @@ def api(
         str | None, typer.Option(help="Interface (default BACKUP_API_HOST, 127.0.0.1).")
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default BACKUP_API_PORT, 8080).")] = None,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="TLS certificate (chain) file: serve https.")
+    ] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key file.")] = None,
 ) -> None:
-    """Serve the HTTP API (uvicorn); OpenAPI docs at /docs."""
+    """Serve the HTTP API (uvicorn; TLS with --ssl-certfile/--ssl-keyfile); docs at /docs."""
     from pgkeeper.api import serve_api
 
-    serve_api(settings_from_env(), host=host, port=port)
+    serve_api(
+        settings_from_env(), host=host, port=port, ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+    )  # fmt: skip
 
 
 @app.command()

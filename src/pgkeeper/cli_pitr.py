@@ -67,6 +67,7 @@ def wal_push(
 
     settings = settings_from_env()
     if system_id is not None:
+        wal_async.refuse_plaintext(settings, "archived WAL")
         primary = targets(settings)[0]
         wal.push(primary, path, system_id=system_id, level=settings.backup_wal_compression_level)
         return

@@ -8,6 +8,8 @@ Serving over HTTP (``serve``) holds back the last chunk of a whole object until 
 matched, so a corrupt copy ends the response short of its Content-Length and a client never
 keeps it as a complete download. The tar of a directory backup is the same bytes either way
 (``tar_layout``), which is what lets the API announce its length up front.
+An encrypted backup is sent as stored (the age file, no key needed); decompressed, it is
+decrypted first with the identity the caller passes.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import re
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
-from pgkeeper import naming
+from pgkeeper import crypto, naming
 from pgkeeper.errors import UsageError, VerificationError
 from pgkeeper.manifest import Manifest, StoredObject
 from pgkeeper.pipeline import HashingReader, Progress, decode_verified
@@ -45,7 +48,7 @@ def download_name(manifest: Manifest, decompress: bool = False) -> str:
         return f"{manifest.id}.dir.tar"
     name = manifest.filename
     if decompress:
-        for suffix in (".zst", ".gz"):
+        for suffix in (".age", ".zst", ".gz"):
             name = name.removesuffix(suffix)
     return name
 
@@ -174,21 +177,52 @@ def write_backup(
     *,
     decompress: bool = False,
     progress: Progress | None = None,
+    identity: crypto.Identity | None = None,
 ) -> None:
-    """Stream a backup to ``out``; raise VerificationError if the stored bytes are bad."""
+    """Stream a backup to ``out``; raise VerificationError if the stored bytes are bad.
+
+    ``decompress`` of an encrypted backup decrypts with ``identity`` (required then: see
+    ``crypto.identity_for``); a directory backup's tar then holds the decrypted files."""
+    decrypt = identity if decompress and manifest.encryption is not None else None
     try:
         if manifest.format == "directory":
+            if decrypt is not None:
+                with tarfile.open(fileobj=out, mode="w|") as archive:
+                    _tar_decrypted(storage, manifest, archive, decrypt, progress)
+                return
             for chunk in send_tar(storage, manifest, progress):
                 out.write(chunk)
             return
         obj = manifest.objects[0]
         with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
             decode = manifest.compression if decompress else "none"
-            decode_verified(HashingReader.of(src, obj, progress), decode, out.write)
+            decode_verified(HashingReader.of(src, obj, progress), decode, out.write, decrypt)
     except VerificationError as exc:
         raise damaged(
             manifest, storage, exc, "the download is incomplete and must not be used"
         ) from None
+
+
+def _tar_decrypted(
+    storage: Storage,
+    manifest: Manifest,
+    archive: tarfile.TarFile,
+    identity: crypto.Identity,
+    progress: Progress | None,
+) -> None:
+    """Add every file of an encrypted directory backup, decrypted, to ``archive``. A tar member
+    needs its size first: each file is decrypted into a private temporary file (in memory up to
+    8 MiB), checked against its sha256, then added."""
+    for obj in manifest.objects:
+        with tempfile.SpooledTemporaryFile(max_size=8 << 20) as plain:
+            with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
+                reader = HashingReader.of(src, obj, progress)
+                decode_verified(reader, "none", plain.write, identity)
+            info = tarfile.TarInfo(obj.name.removesuffix(crypto.SUFFIX))
+            info.size = plain.tell()
+            info.mtime = int(manifest.finished_at.timestamp())
+            plain.seek(0)
+            archive.addfile(info, cast(Any, plain))
 
 
 # --- HTTP's view -----------------------------------------------------------------------------

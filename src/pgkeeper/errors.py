@@ -12,7 +12,8 @@ Secrets never appear in messages: callers pass redacted URLs (see ``postgres.red
     │   ├── ConfirmationRequiredError  restoring over a database with data without --confirm
     │   ├── AuthenticationError        the server rejected the credentials
     │   ├── DatabaseMissingError       the database named in the URL does not exist
-    │   └── ClientVersionError         pg_dump/pg_restore older than the server
+    │   ├── ClientVersionError         pg_dump/pg_restore older than the server
+    │   └── IdentityError              an encrypted backup needs an age identity that opens it
     ├── BackupRunningError             another backup of the same database holds the lock
     ├── DatabaseError                  the server failed a command
     │   └── DatabaseUnavailableError   cannot reach the server (Transient)
@@ -87,6 +88,11 @@ class DatabaseMissingError(UsageError):
 
 class ClientVersionError(UsageError):
     pass
+
+
+class IdentityError(UsageError):
+    """An encrypted backup and no identity (BACKUP_ENCRYPTION_IDENTITY_FILE / --identity),
+    an unreadable identity file, or one none of whose keys is a recipient of the backup."""
 
 
 class BackupRunningError(PgkeeperError):

@@ -7,6 +7,13 @@ directory-format dump, and plain SQL, each raw, gzip or zstd compressed, and a s
 anything is listed. Custom, plain and tar dumps are stored
 as they came (same bytes, same compression); a directory tar is unpacked into the directory
 layout so it restores with ``pg_restore -j``.
+
+Encryption: an age-encrypted custom, plain or tar dump (a pgkeeper download of an encrypted
+backup, or ``age -r KEY dump``) is recognised by its header and needs the identity
+(BACKUP_ENCRYPTION_IDENTITY_FILE / --identity) to tell what it holds; it is stored as it came
+(still encrypted) and verified decrypted. With BACKUP_ENCRYPTION_RECIPIENTS set, an unencrypted
+dump is encrypted on its way to the target (each file of a directory tar too): nothing
+unencrypted reaches it.
 """
 
 from __future__ import annotations
@@ -22,9 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from pgkeeper import __version__, catalog, naming, plainsql
-from pgkeeper.errors import NotADumpError, StorageError, VerificationError
-from pgkeeper.manifest import Manifest, StoredObject, utcnow
+from pgkeeper import __version__, catalog, crypto, naming, plainsql
+from pgkeeper.errors import (
+    IdentityError,
+    NotADumpError,
+    StorageError,
+    VerificationError,
+)
+from pgkeeper.manifest import Encryption, Manifest, StoredObject, utcnow
 from pgkeeper.pipeline import GZIP_MAGIC, ZSTD_MAGIC, Decoder, Progress
 from pgkeeper.settings import Settings
 from pgkeeper.storage import Storage, targets
@@ -220,15 +232,38 @@ def import_stream(
         head += chunk
     if not head:
         raise NotADumpError("not a PostgreSQL dump: the file is empty")
-    kind = detect(head)
+    identity: crypto.Identity | None = None
+    recipients: crypto.Recipients | None = None
+    encryption = None
+    if crypto.is_encrypted(head):
+        identity = _import_identity(settings, head)
+        while len(head) < 256 * 1024 and (chunk := read(CHUNK)):  # a header and a full chunk
+            head += chunk
+        kind = detect(_decrypted_head(head, identity))
+        if kind.format == "directory":
+            raise NotADumpError(
+                "an age-encrypted tar of a directory-format dump cannot be imported as it is: "
+                "decrypt it first (age -d -i KEY FILE > dump.tar) and import the tar"
+            )
+        encryption = Encryption(recipients=[])  # an age file of unknown recipients
+    else:
+        kind = detect(head)
+        recipients = crypto.recipients_of(settings)
+        encryption = crypto.encryption_record(recipients)
+        identity = crypto.configured_identity(settings) if recipients is not None else None
     stream = _Head(head, _limited(read, max_bytes))
     with catalog.new_backup(primary, name, kind.database, "import") as reservation:
         backup_id, started = reservation.backup_id, reservation.started
         if kind.format == "directory":
-            objects = _store_directory_tar(primary, backup_id, stream, kind, progress)
+            objects = _store_directory_tar(primary, backup_id, stream, kind, progress, recipients)
         else:
-            relative = naming.data_name(backup_id, kind.format, kind.compression, kind.kind)
-            objects = [_store_object(primary, backup_id, relative, stream.read, progress)]
+            relative = naming.data_name(
+                backup_id, kind.format, kind.compression, kind.kind,
+                encrypted=encryption is not None,
+            )  # fmt: skip
+            objects = [
+                _store_object(primary, backup_id, relative, stream.read, progress, recipients)
+            ]
         manifest = Manifest(
             id=backup_id,
             name=name,
@@ -239,6 +274,7 @@ def import_stream(
             pg_dump_version=kind.pg_dump_version,
             format=kind.format,  # type: ignore[arg-type]
             compression="none" if kind.format == "directory" else kind.compression,  # type: ignore[arg-type]
+            encryption=encryption,
             objects=objects,
             size=sum(o.size for o in objects),
             started_at=started,
@@ -246,7 +282,7 @@ def import_stream(
             trigger="import",
             pgkeeper_version=__version__,
         )
-        result = check_backup(primary, manifest, "full", settings.pg_bin_dir)
+        result = check_backup(primary, manifest, "full", settings.pg_bin_dir, identity=identity)
         bad = failed_check(result)
         if bad is not None and kind.kind == "globals" and "holds databases" in bad.detail:
             raise NotADumpError(_WHOLE_CLUSTER)
@@ -281,21 +317,85 @@ def _store_object(
     relative: str,
     read: Callable[[int], bytes],
     progress: Progress | None,
+    recipients: crypto.Recipients | None = None,
 ) -> StoredObject:
+    """Store what ``read`` returns under ``relative`` (encrypted to ``recipients``, if any)."""
     digest = hashlib.sha256()
     size = 0
     with storage.open_write(naming.object_key(backup_id, relative)) as out:
-        while chunk := read(CHUNK):
+
+        def emit(chunk: bytes) -> None:
+            nonlocal size
             digest.update(chunk)
             out.write(chunk)
             size += len(chunk)
-            if progress:
+
+        def counted(n: int) -> bytes:
+            chunk = read(n)
+            if progress and chunk:
                 progress(len(chunk))
+            return chunk
+
+        if recipients is not None:
+            crypto.encrypt_stream(counted, emit, recipients)
+        else:
+            while chunk := counted(CHUNK):
+                emit(chunk)
     return StoredObject(name=relative, size=size, sha256=digest.hexdigest())
 
 
+def _import_identity(settings: Settings, head: bytes) -> crypto.Identity:
+    """The identity an age-encrypted import needs; IdentityError when none is configured."""
+    if not head.startswith(crypto.AGE_MAGIC):
+        raise NotADumpError(
+            "this is an ASCII-armored age file: store it binary (age -d ... | age -r KEY > FILE) "
+            "or decrypt it, then import it"
+        )
+    identity = crypto.configured_identity(settings)
+    if identity is None:
+        raise IdentityError(
+            "this dump is encrypted (age): importing it needs its private key to tell what it "
+            "holds (set BACKUP_ENCRYPTION_IDENTITY_FILE or pass --identity FILE)"
+        )
+    return identity
+
+
+class _HeadEnd(Exception):
+    """Enough plaintext to tell what the dump is."""
+
+
+def _decrypted_head(head: bytes, identity: crypto.Identity) -> bytes:
+    """The first plaintext of an age file whose first bytes are ``head`` (IdentityError when
+    the identity does not open it)."""
+    plain = bytearray()
+    fed = [head]
+
+    def read(n: int) -> bytes:
+        return fed.pop() if fed else b""
+
+    def collect(data: bytes) -> None:
+        plain.extend(data)
+        if len(plain) >= 64 * 1024:
+            raise _HeadEnd
+
+    try:
+        crypto.decrypt_stream(read, collect, identity)
+    except _HeadEnd:
+        pass
+    except VerificationError as exc:
+        if not plain:  # a head cut inside a longer file ends in an error after its chunks
+            raise NotADumpError(f"not a PostgreSQL dump: {exc}") from None
+    return bytes(plain)
+
+
+
 def _store_directory_tar(
-    storage: Storage, backup_id: str, stream: _Head, kind: DumpKind, progress: Progress | None
+    storage: Storage,
+    backup_id: str,
+    stream: _Head,
+    kind: DumpKind,
+    progress: Progress | None,
+    recipients: crypto.Recipients | None = None,
 ) -> list[StoredObject]:
     folder = naming.data_name(backup_id, "directory", "none")
     source: Any = stream
@@ -304,6 +404,7 @@ def _store_directory_tar(
 
         source = zstandard.ZstdDecompressor().stream_reader(cast(Any, stream))
     objects: list[StoredObject] = []
+    toc_head = bytearray()
     try:
         gzipped = kind.compression == "gzip"
         with tarfile.open(fileobj=source, mode="r|gz" if gzipped else "r|") as archive:
@@ -316,21 +417,39 @@ def _store_directory_tar(
                 handle = archive.extractfile(member)
                 if handle is None:
                     continue
-                obj = _store_object(storage, backup_id, f"{folder}/{inner}", handle.read, progress)
+                read: Callable[[int], bytes] = handle.read
+                if inner == "toc.dat":  # its header names the database; keep it before storing
+                    read = _capture(handle.read, toc_head)
+                if recipients is not None:
+                    inner += crypto.SUFFIX
+                obj = _store_object(
+                    storage, backup_id, f"{folder}/{inner}", read, progress, recipients
+                )
                 objects.append(obj)
     except tarfile.TarError as exc:
         raise NotADumpError(
             f"not a PostgreSQL dump: the tar archive is unreadable ({exc})"
         ) from exc
-    if not any(o.name.endswith("/toc.dat") for o in objects):
+    toc_name = "/toc.dat" + (crypto.SUFFIX if recipients is not None else "")
+    if not any(o.name.endswith(toc_name) for o in objects):
         raise NotADumpError("not a directory-format dump: the tar has no toc.dat")
-    toc = next(o for o in objects if o.name.endswith("/toc.dat"))
-    with storage.open_read(naming.object_key(backup_id, toc.name)) as src:
-        info = parse_archive_header(src.read(64 * 1024))
+    info = parse_archive_header(bytes(toc_head))
     kind.database = info.get("database", kind.database)
     kind.server_version = info.get("server_version", "")
     kind.pg_dump_version = info.get("pg_dump_version", "")
     return objects
+
+
+def _capture(read: Callable[[int], bytes], into: bytearray) -> Callable[[int], bytes]:
+    """``read`` that also keeps the first 64 KiB it returns in ``into``."""
+
+    def capturing(n: int) -> bytes:
+        data = read(n)
+        if len(into) < 64 * 1024:
+            into.extend(data[: 64 * 1024 - len(into)])
+        return data
+
+    return capturing
 
 
 def import_file(

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import Protocol
 
 import psycopg
 
@@ -99,8 +99,14 @@ def _entry_kind(line: str) -> str:
 # --- step 1: the head ------------------------------------------------------------------------
 
 
+class Readable(Protocol):
+    """What ``capture_head`` reads from: a stored object, or its decrypted stream."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 def capture_head(
-    src: IO[bytes], compression: str, dest: Path, pg_restore: str, env: dict[str, str]
+    src: Readable, compression: str, dest: Path, pg_restore: str, env: dict[str, str]
 ) -> str:
     """Decode ``src`` into ``dest`` until ``pg_restore --list`` has read the archive's whole
     table of contents; return its listing. (Unverified bytes: the data pass checks every

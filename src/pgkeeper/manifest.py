@@ -39,6 +39,22 @@ class Verification(BaseModel):
     at: datetime
     level: Literal["full", "quick"] = "full"
     checks: list[CheckResult] = Field(default_factory=list)
+    decrypted: bool | None = Field(
+        default=None,
+        description="encrypted backups: whether this verification decrypted the data (it needs "
+        "the identity); False: checksum, age header and length only",
+    )
+
+
+class Encryption(BaseModel):
+    """How a backup is encrypted: age, to these recipients (fingerprints, never keys)."""
+
+    method: Literal["age"] = "age"
+    recipients: list[dict[str, str]] = Field(
+        default_factory=list,
+        description="each recipient's type (x25519, ssh-ed25519, ssh-rsa) and SHA256 "
+        "fingerprint; empty for an imported age file (its recipients are not known)",
+    )
 
 
 class RestoreTest(BaseModel):
@@ -89,7 +105,7 @@ class Manifest(BaseModel):
     format: Literal["custom", "plain", "directory", "tar"]
     compression: Literal["zstd", "gzip", "none"]
     compression_level: int | None = None
-    encryption: str | None = None
+    encryption: Encryption | None = None
     objects: list[StoredObject]
     size: int
     raw_size: int | None = Field(default=None, description="bytes pg_dump wrote, uncompressed")
@@ -120,7 +136,10 @@ class Manifest(BaseModel):
     # -- derived views -------------------------------------------------------------------------
     @property
     def filename(self) -> str:
-        return naming.data_name(self.id, self.format, self.compression, self.kind)
+        return naming.data_name(
+            self.id, self.format, self.compression, self.kind,
+            encrypted=self.encryption is not None,
+        )  # fmt: skip
 
     @property
     def sha256(self) -> str:
@@ -185,6 +204,7 @@ class Manifest(BaseModel):
             "compressed": self.compression != "none",
             "sha256": self.sha256,
             "state": self.state,
+            "encrypted": self.encryption is not None,
         }
         for key, value in data.items():
             public.setdefault(key, value)

@@ -14,6 +14,8 @@ Storage layout under a target's prefix, one folder per backup::
     <id>/<id>.dir/...         directory format: pg_dump's own files, compressed by pg_dump
     <id>/<id>.globals.sql.zst a server's globals (pg_dumpall --globals-only, plain SQL);
                               .globals.sql.gz / .globals.sql
+    <id>/<id>.dump.zst.age    encrypted (age): the same names plus ``.age``, each file of a
+                              directory backup too (``<id>.dir/toc.dat.age``)
 """
 
 from __future__ import annotations
@@ -106,16 +108,22 @@ def parse_id(backup_id: str) -> tuple[str, datetime]:
     return match.group("name"), datetime.strptime(ts, fmt).replace(tzinfo=UTC)
 
 
-def extension(fmt: str, compression: str, kind: str = "dump") -> str:
-    if kind == "globals":
-        return _GLOBALS_EXT[compression]
-    return _EXT[(fmt, compression)]
+ENCRYPTED = ".age"
 
 
-def data_name(backup_id: str, fmt: str, compression: str, kind: str = "dump") -> str:
-    """The file (or folder, for directory format) name of a backup's data; ``kind`` is the
-    manifest's (``globals``: a server's roles and tablespaces, always plain SQL)."""
-    return validate_id(backup_id) + extension(fmt, compression, kind)
+def extension(fmt: str, compression: str, kind: str = "dump", encrypted: bool = False) -> str:
+    """The data file's extension: ``kind`` is the manifest's (``globals``: a server's roles and
+    tablespaces, always plain SQL); an encrypted file adds ``.age`` (a directory backup's
+    folder keeps ``.dir``: its files carry the suffix)."""
+    base = _GLOBALS_EXT[compression] if kind == "globals" else _EXT[(fmt, compression)]
+    return base + (ENCRYPTED if encrypted and fmt != "directory" else "")
+
+
+def data_name(
+    backup_id: str, fmt: str, compression: str, kind: str = "dump", encrypted: bool = False
+) -> str:
+    """The file (or folder, for directory format) name of a backup's data."""
+    return validate_id(backup_id) + extension(fmt, compression, kind, encrypted)
 
 
 def backup_prefix(backup_id: str) -> str:

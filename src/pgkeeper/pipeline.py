@@ -1,8 +1,9 @@
-"""Streaming: a client process's stdout -> compress -> sha256 -> storage writer, and back.
+"""Streaming: a client process's stdout -> compress -> (encrypt) -> sha256 -> storage writer,
+and back.
 
-Memory is bounded by one chunk (1 MiB) plus the compressor's window, whatever the database
-size; nothing uncompressed touches disk. The sha256 is of the stored (compressed) bytes, so
-``sha256sum`` on the stored file reproduces it.
+Memory is bounded by one chunk (1 MiB) plus the compressor's window and one age chunk (64 KiB),
+whatever the database size; nothing uncompressed or unencrypted touches disk. The sha256 is of
+the stored (compressed, encrypted) bytes, so ``sha256sum`` on the stored file reproduces it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import subprocess
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Protocol
 
 import zstandard
 
-from pgkeeper.errors import DumpError, VerificationError
+from pgkeeper import crypto
+from pgkeeper.errors import DumpError, IdentityError, VerificationError
 from pgkeeper.manifest import StoredObject
 from pgkeeper.storage.base import CHUNK, Writer
 
@@ -134,8 +136,10 @@ def compress_stream(
     level: int | None = None,
     threads: int = 1,
     progress: Progress | None = None,
+    recipients: crypto.Recipients | None = None,
 ) -> StreamResult:
-    """Copy ``read`` to ``out`` through a compressor, hashing what is written."""
+    """Copy ``read`` to ``out`` through a compressor (and age, to ``recipients``), hashing
+    what is written."""
     codec = make_compressor(compression, level, threads)
     digest = hashlib.sha256()
     size = raw = 0
@@ -147,12 +151,21 @@ def compress_stream(
             out.write(block)
             size += len(block)
 
-    while chunk := read(CHUNK):
-        raw += len(chunk)
-        emit(codec.compress(chunk))
-        if progress:
-            progress(len(chunk))
-    emit(codec.flush())
+    def compressed() -> Iterator[bytes]:
+        nonlocal raw
+        while chunk := read(CHUNK):
+            raw += len(chunk)
+            yield codec.compress(chunk)
+            if progress:
+                progress(len(chunk))
+        yield codec.flush()
+
+    if recipients is None:
+        for block in compressed():
+            emit(block)
+    else:
+        # age pulls the compressed blocks and pushes its 64 KiB chunks to emit: one thread.
+        crypto.encrypt_stream(crypto.blocks_reader(compressed()), emit, recipients)
     return StreamResult(size, raw, digest.hexdigest())
 
 
@@ -326,21 +339,33 @@ class HashingReader:
 
 
 def decode_verified(
-    reader: HashingReader, compression: str, sink: Callable[[bytes], object]
+    reader: HashingReader,
+    compression: str,
+    sink: Callable[[bytes], object],
+    identity: crypto.Identity | None = None,
 ) -> None:
-    """Feed ``sink`` the decoded bytes of a stored object; raise VerificationError naming the
-    failed check if the object is damaged.
+    """Feed ``sink`` the decoded bytes of a stored object (decrypted first with ``identity``
+    when one is given); raise VerificationError naming the failed check if the object is
+    damaged, IdentityError when the identity does not open it.
 
     The checksum is judged over every stored byte, so a damaged byte is reported as a checksum
-    failure even when the decoder, or the sink (pg_restore choking on damaged bytes that still
-    decode), trips over it first. Callers must not commit anything they built from ``sink``
-    before this returns.
+    failure even when the decrypter, the decoder, or the sink (pg_restore choking on damaged
+    bytes that still decode) trips over it first. Callers must not commit anything they built
+    from ``sink`` before this returns.
     """
     decoder = Decoder(compression)
+    plain = crypto.DecryptingReader(reader.read, identity) if identity is not None else None
+    read = plain.read if plain is not None else reader.read
     try:
-        while chunk := reader.read(CHUNK):
-            sink(decoder.decompress(chunk))
-        decoder.finish()
+        try:
+            while chunk := read(CHUNK):
+                sink(decoder.decompress(chunk))
+            decoder.finish()
+        finally:
+            if plain is not None:
+                plain.close()  # stops decrypting: the stored bytes are read here from now on
+    except IdentityError:
+        raise  # the key, not the bytes: nothing to judge
     except VerificationError:
         reader.drain()  # tell a damaged byte (checksum) from a bad encoder (compression)
         reader.check()

@@ -13,6 +13,10 @@ The procedure, in order:
   6. swap names in one transaction: target -> pgk_old_<random>, scratch -> target; drop the old
 The target is untouched until step 6, and step 6 is one transaction: a failed restore leaves it
 exactly as it was.
+An encrypted backup needs the identity (BACKUP_ENCRYPTION_IDENTITY_FILE): it
+is proven to open the backup before anything is created, and decrypted files staged for
+pg_restore (directory format, the archive's table of contents) go to a private temporary folder,
+never beside the backups.
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgkeeper import catalog, database_properties, loader, naming, plainsql, postgres
+from pgkeeper import catalog, crypto, database_properties, loader, naming, plainsql, postgres
 from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.errors import (
     BackupNotFoundError,
     ClientVersionError,
+    ConfigError,
     ConfirmationRequiredError,
     DatabaseMissingError,
     PgkeeperError,
@@ -101,12 +106,14 @@ def _stream_object(
     obj: StoredObject,
     sink: Callable[[bytes], None],
     progress: Progress | None,
+    identity: crypto.Identity | None = None,
 ) -> None:
-    """Decode one object into ``sink``; raise VerificationError if its bytes are not the
-    manifest's (judged at the end: callers must not commit anything before this returns)."""
+    """Decode (decrypt) one object into ``sink``; raise VerificationError if its bytes are not
+    the manifest's (judged at the end: callers must not commit anything before this returns)."""
     with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
         try:
-            decode_verified(HashingReader.of(src, obj, progress), manifest.compression, sink)
+            reader = HashingReader.of(src, obj, progress)
+            decode_verified(reader, manifest.compression, sink, identity)
         except VerificationError as exc:
             raise _damaged(manifest, storage, exc) from None
 
@@ -117,14 +124,16 @@ def _stage_object(
     obj: StoredObject,
     dest: Path,
     progress: Progress | None,
+    identity: crypto.Identity | None = None,
 ) -> None:
-    """Copy one object as stored to a local file, verifying its checksum."""
+    """Copy one object as stored (decrypted, with ``identity``) to a local file, verifying its
+    checksum."""
     with (
         storage.open_read(naming.object_key(manifest.id, obj.name)) as src,
         open(dest, "wb") as out,
     ):
         try:
-            decode_verified(HashingReader.of(src, obj, progress), "none", out.write)
+            decode_verified(HashingReader.of(src, obj, progress), "none", out.write, identity)
         except VerificationError as exc:
             raise _damaged(manifest, storage, exc) from None
 
@@ -163,9 +172,10 @@ def sweep_scratch(parent: Path) -> list[Path]:
 
 
 @contextmanager
-def _scratch_dir(storage: Storage) -> Iterator[Path]:
-    """Where decoded files are staged: beside a local backup folder, else the temp folder."""
-    base = storage.local_path("")
+def _scratch_dir(storage: Storage, private: bool = False) -> Iterator[Path]:
+    """Where decoded files are staged: beside a local backup folder, else (and always for an
+    encrypted backup's decrypted files: ``private``) the temp folder."""
+    base = None if private else storage.local_path("")
     parent = base if base is not None and base.is_dir() else Path(tempfile.gettempdir())
     sweep_scratch(parent)
     path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent))
@@ -203,8 +213,11 @@ def _load(
     """Load a stored backup into the (new, empty) database ``dbname``.
 
     Raises VerificationError when the stored bytes do not match the manifest (the database may
-    then hold a partial load: callers drop it), RestoreError when pg_restore/psql fail.
+    then hold a partial load: callers drop it), RestoreError when pg_restore/psql fail,
+    IdentityError when an encrypted backup has no identity that opens it.
     """
+    identity = crypto.identity_for(settings, manifest, "restoring it")
+    encrypted = identity is not None
     env = conn.with_dbname(dbname).env()
     if manifest.format == "plain":
         # psql runs any backslash command of its input: a plain dump is replayed in psql's
@@ -227,7 +240,7 @@ def _load(
             f"--dbname={dbname}",
             "--file=-",  # errors then name the input line: psql:<stdin>:N
         ]
-        _pipe_into(argv, env, settings, manifest, storage, progress, plainsql.Replay())
+        _pipe_into(argv, env, settings, manifest, storage, progress, plainsql.Replay(), identity)
         return
     pg_restore = postgres.find_client("pg_restore", settings.pg_bin_dir)
     _check_archive_version(pg_restore, manifest)
@@ -235,17 +248,20 @@ def _load(
     if manifest.format == "directory":
         folder = naming.data_name(manifest.id, manifest.format, manifest.compression)
         local = storage.local_path(naming.object_key(manifest.id, folder))
-        with _scratch_dir(storage) as tmp:
-            if local is not None and local.is_dir():
+        with _scratch_dir(storage, private=encrypted) as tmp:
+            if local is not None and local.is_dir() and not encrypted:
                 for obj in manifest.objects:
                     _check_whole_object(storage, manifest, obj, progress)
                 source = local
             else:
                 source = tmp / "dump"
                 for obj in manifest.objects:
-                    dest = tmp / "dump" / obj.name[len(folder) + 1 :]
+                    inner = obj.name[len(folder) + 1 :]
+                    if encrypted:
+                        inner = inner.removesuffix(crypto.SUFFIX)
+                    dest = tmp / "dump" / inner
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    _stage_object(storage, manifest, obj, dest, progress)
+                    _stage_object(storage, manifest, obj, dest, progress, identity)
             _run([*base, f"--jobs={jobs}", str(source)], env)
         return
     obj = manifest.objects[0]
@@ -253,14 +269,17 @@ def _load(
         # An uncompressed local file is seekable: pg_restore -j reads it as it is (after its
         # checksum); anything else loads from the stream (loader.py).
         local = storage.local_path(naming.object_key(manifest.id, obj.name))
-        if manifest.compression == "none" and local is not None and local.is_file():
+        plain_file = manifest.compression == "none" and not encrypted
+        if plain_file and local is not None and local.is_file():
             _check_whole_object(storage, manifest, obj, progress)
             _run([*base, f"--jobs={jobs}", str(local)], env)
             return
-        with _scratch_dir(storage) as tmp:
-            _ParallelLoad(manifest, storage, conn, dbname, jobs, pg_restore, tmp, progress).run()
+        with _scratch_dir(storage, private=encrypted) as tmp:
+            _ParallelLoad(
+                manifest, storage, conn, dbname, jobs, pg_restore, tmp, progress, identity
+            ).run()
         return
-    _pipe_into(base, env, settings, manifest, storage, progress)
+    _pipe_into(base, env, settings, manifest, storage, progress, None, identity)
 
 
 @dataclass
@@ -276,6 +295,7 @@ class _ParallelLoad:
     pg_restore: postgres.Client
     tmp: Path
     progress: Progress | None
+    identity: crypto.Identity | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -290,10 +310,14 @@ class _ParallelLoad:
     def run(self) -> None:
         manifest, storage, obj = self.manifest, self.storage, self.manifest.objects[0]
         head = self.tmp / "head.dump"
-        with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
+        with ExitStack() as stack:
+            src = stack.enter_context(storage.open_read(naming.object_key(manifest.id, obj.name)))
+            head_src: loader.Readable = src
+            if self.identity is not None:  # the head is read decrypted (checked by the data pass)
+                head_src = stack.enter_context(crypto.DecryptingReader(src.read, self.identity))
             try:
                 listing = loader.capture_head(
-                    src, manifest.compression, head, self.pg_restore.argv0, self.env
+                    head_src, manifest.compression, head, self.pg_restore.argv0, self.env
                 )
             except VerificationError as exc:
                 raise _damaged(manifest, storage, exc) from None
@@ -315,7 +339,9 @@ class _ParallelLoad:
         if plan.table_data or plan.streamed:
             self._data(plan, lists)
         else:  # nothing in the data section needs the stream; still verify every stored byte
-            _stream_object(storage, manifest, obj, lambda data: None, self.progress)
+            _stream_object(
+                storage, manifest, obj, lambda data: None, self.progress, self.identity
+            )
         _run(
             [*self.base, f"--jobs={self.jobs}", "--section=data", "--section=post-data",
              f"--use-list={lists['rest']}", str(head)],
@@ -361,17 +387,25 @@ class _ParallelLoad:
             def failed(proc: ClientProcess) -> BaseException:
                 return failure[0] if failure else _restore_failed(proc)
 
+            feeding = list(procs)
+
             def sink(data: bytes) -> None:
-                for proc in procs:
+                for proc in list(feeding):
                     try:
                         proc.proc.stdin.write(data)  # type: ignore[union-attr]
                     except BrokenPipeError:
-                        raise failed(proc) from None
+                        # A pg_restore given a list stops reading once its last entry is done
+                        # (the archive's tail may hold only other entries' blocks): exit code 0
+                        # means it has all it needed; anything else is its failure.
+                        if proc.wait() != 0:
+                            raise failed(proc) from None
+                        feeding.remove(proc)
 
             try:
                 _stream_object(
-                    self.storage, self.manifest, self.manifest.objects[0], sink, self.progress
-                )
+                    self.storage, self.manifest, self.manifest.objects[0], sink, self.progress,
+                    self.identity,
+                )  # fmt: skip
                 for proc in procs:
                     with suppress(BrokenPipeError):
                         proc.proc.stdin.close()  # type: ignore[union-attr]
@@ -429,6 +463,7 @@ def _pipe_into(
     storage: Storage,
     progress: Progress | None,
     replay: plainsql.Replay | None = None,
+    identity: crypto.Identity | None = None,
 ) -> None:
     """Stream the stored dump into the stdin of ``argv`` (pg_restore, or psql for a plain dump,
     which goes through ``replay``: the first foreign meta-command ends the restore)."""
@@ -466,7 +501,7 @@ def _pipe_into(
             write(data if replay is None else replay.feed(data))
             refuse_what_replay_found()
 
-        _stream_object(storage, manifest, manifest.objects[0], sink, progress)
+        _stream_object(storage, manifest, manifest.objects[0], sink, progress, identity)
         if replay is not None:
             write(replay.finish())
             refuse_what_replay_found()
@@ -623,6 +658,9 @@ def restore_into_new_database(
     The database must not exist. On failure it is dropped and the error propagates.
     """
     conn = ConnInfo.parse(server_url)
+    identity = crypto.identity_for(settings, manifest, "restoring it")
+    if identity is not None:  # before anything is created: the key opens this backup
+        crypto.check_identity(storage, manifest, identity)
     started = time.monotonic()
     with _admin(conn) as admin:
         sweep_scratch_databases(admin)
@@ -719,6 +757,7 @@ def restore_backup(
     conn = ConnInfo.parse(target_url)
     target = conn.dbname
     jobs = jobs or settings.backup_restore_jobs
+    identity = crypto.identity_for(settings, manifest, "restoring it")  # none: stop at once
     started = time.monotonic()
 
     with _admin(conn) as admin:
@@ -730,9 +769,24 @@ def restore_backup(
                 f"database {target!r} on {conn.server} already has data; restoring replaces it "
                 f"(pass --confirm {target} to proceed; a safety backup is taken first)"
             )
+        # The safety backup is a new backup: encrypted only if recipients are set here.
+        encrypted = manifest.encryption is not None
+        if has_data and safety_backup and encrypted and crypto.recipients_of(settings) is None:
+            raise ConfigError(
+                f"backup {backup_id!r} is encrypted but BACKUP_ENCRYPTION_RECIPIENTS is not "
+                f"set here, so the safety backup of {target!r} would be stored unencrypted "
+                "(set the same recipients where restores run, or pass --no-safety-backup)"
+            )
         owner = _owner_of(admin, target) if exists else None
         last_error: PgkeeperError | None = None
         for copy_manifest, storage in found:
+            if identity is not None and copy_manifest.encryption is not None:
+                try:  # the key opens this copy, before a scratch database is created
+                    crypto.check_identity(storage, copy_manifest, identity)
+                except VerificationError as exc:
+                    last_error = _damaged(copy_manifest, storage, exc)
+                    log.warning("copy of %s in %s is bad: %s", backup_id, storage.url, exc)
+                    continue
             scratch = f"pgk_restore_{secrets.token_hex(4)}"
             _hold_scratch(admin, scratch)
             _create_database(admin, scratch, owner, copy_manifest.options.get("encoding"))

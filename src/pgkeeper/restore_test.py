@@ -4,8 +4,9 @@ The procedure, in order (each step's reason beside it):
   1. choose the backup (default: the newest complete one not known to be corrupt) and the
      first target holding a copy                    -> the copy an operator would restore first
   2. restore it into a new scratch database ``pgk_restoretest_<random>`` on the staging server
-     (``STAGING_DATABASE_URL``, default: the source server), timed
-                                                    -> a real restore, never over a live database
+     (``STAGING_DATABASE_URL``; the source server only with BACKUP_RESTORE_TEST_ON_SOURCE=true),
+     timed                                          -> a real restore, never over a live database,
+                                                       never on production unless told to
   3. compare per-table row counts with the manifest's snapshot counts (taken in the dump's own
      snapshot, so any difference is a defect, not concurrent writes)
   4. run every ``*.sql`` file of the checks folder in name order against the scratch database;
@@ -172,6 +173,24 @@ def _record(storage: Storage, manifest: Manifest, result: RestoreTest) -> Manife
     return updated
 
 
+def staging_server(settings: Settings) -> str:
+    """The server restore tests load: STAGING_DATABASE_URL; the source server (DATABASE_URL)
+    only when BACKUP_RESTORE_TEST_ON_SOURCE=true says so on purpose.
+
+    Raises ConfigError when neither is set, naming both variables.
+    """
+    staging = settings.staging_database_url
+    if staging is not None and staging.get_secret_value():
+        return staging.get_secret_value()
+    if settings.backup_restore_test_on_source:
+        return settings.require_database_url()
+    raise ConfigError(
+        "STAGING_DATABASE_URL is not set: restore tests do not load the production server "
+        "(set STAGING_DATABASE_URL to a staging server, or BACKUP_RESTORE_TEST_ON_SOURCE=true "
+        "to restore-test on the source server on purpose)"
+    )
+
+
 def run_restore_test(
     settings: Settings,
     backup_id: str | None = None,
@@ -186,11 +205,14 @@ def run_restore_test(
 
     Returns the recorded RestoreTest; ``ok`` is False when the restore failed, a row count
     differs or a check is not true. Raises InvalidBackupIdError/BackupNotFoundError for the
-    backup, UsageError for a globals backup, ConfigError for a missing server URL or checks
-    folder, the connection errors of ``postgres.connect`` for the staging server
-    (DatabaseUnavailableError is transient), and StorageError when the result cannot be
+    backup, UsageError for a globals backup, ConfigError for a missing server URL (no
+    STAGING_DATABASE_URL and the source server not allowed: ``staging_server``) or checks
+    folder, IdentityError for an encrypted backup without its identity (nothing recorded: the
+    backup is not at fault), the connection errors of ``postgres.connect`` for the staging
+    server (DatabaseUnavailableError is transient), and StorageError when the result cannot be
     recorded.
     """
+    staging_url = staging_url or staging_server(settings)  # refused before anything is read
     storages = storages if storages is not None else targets(settings)
     manifest, storage = choose_backup(settings, storages, backup_id, database)
     if manifest.kind == "globals":
@@ -198,13 +220,6 @@ def run_restore_test(
             f"backup {manifest.id!r} holds the globals of {manifest.server} (roles, tablespaces), "
             "which are not restore-tested: roles are server-wide and a test must not create "
             "them on staging (restore-test a database's backup)"
-        )
-    if staging_url is None:
-        staging_url = (
-            settings.staging_database_url.get_secret_value()
-            if settings.staging_database_url is not None
-            and settings.staging_database_url.get_secret_value()
-            else settings.require_database_url()
         )
     conn = ConnInfo.parse(staging_url)
     checks = check_files(checks_dir if checks_dir is not None else settings.backup_checks_dir)

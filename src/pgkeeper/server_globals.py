@@ -44,7 +44,17 @@ from typing import Any
 
 import psycopg
 
-from pgkeeper import __version__, alerts, catalog, naming, plainsql, postgres, procedure, sqltext
+from pgkeeper import (
+    __version__,
+    alerts,
+    catalog,
+    crypto,
+    naming,
+    plainsql,
+    postgres,
+    procedure,
+    sqltext,
+)
 from pgkeeper.errors import (
     BackupRunningError,
     DatabaseError,
@@ -164,6 +174,7 @@ def backup_globals(
     with globals_lock(conn, settings.backup_lock_timeout) as lock_conn:
         server = postgres.server_info(lock_conn)
         postgres.check_client(pg_dumpall, server.major, server.version)
+        recipients = crypto.recipients_of(settings)
         passwords = may_read_passwords(lock_conn)
         maintenance = server.database  # where pg_dumpall reads the globals from, as we did
         catalog.clean_incomplete(primary, GLOBALS_DATABASE, conn.server)
@@ -178,14 +189,17 @@ def backup_globals(
         with catalog.new_backup(primary, name, GLOBALS_DATABASE, conn.server) as reservation:
             backup_id, started = reservation.backup_id, reservation.started
             log.info("backup %s of the globals of %s started", backup_id, conn.server)
-            relative = naming.data_name(backup_id, "plain", compression, "globals")
+            relative = naming.data_name(
+                backup_id, "plain", compression, "globals", encrypted=recipients is not None
+            )
             key = naming.object_key(backup_id, relative)
             with ClientProcess(argv, env) as proc, primary.open_write(key) as out:
                 stdout = proc.proc.stdout
                 assert stdout is not None  # noqa: S101 - ClientProcess pipes stdout by default
+                # Encrypted like a database's dump: globals hold role password hashes.
                 result = compress_stream(
                     stdout.read, out, compression, level, settings.backup_compression_threads,
-                    progress,
+                    progress, recipients,
                 )  # fmt: skip
                 if proc.wait() != 0:  # raised inside open_write: the object is never committed
                     raise DumpError(f"pg_dumpall failed: {proc.last_error()}")
@@ -208,6 +222,7 @@ def backup_globals(
                 trigger=trigger,
                 flow_run_id=flow_run_id,
                 options={"globals_only": True, "role_passwords": passwords},
+                encryption=crypto.encryption_record(recipients),
                 pgkeeper_version=__version__,
             )
             reservation.commit(manifest)
@@ -630,9 +645,15 @@ class _Restorer:
         self.apply(stmt, kind, self.report.applied, f"{stmt.summary(4)} (tablespace {name})")
 
 
-def _read_whole(storage: Storage, manifest: Manifest, progress: Progress | None) -> bytes:
-    """The decoded bytes of a stored globals file, its sha256 checked before they are
-    returned; raises VerificationError (damaged) or UsageError (over MAX_GLOBALS_BYTES)."""
+def _read_whole(
+    storage: Storage,
+    manifest: Manifest,
+    progress: Progress | None,
+    identity: crypto.Identity | None = None,
+) -> bytes:
+    """The decoded (and, with ``identity``, decrypted) bytes of a stored globals file, its
+    sha256 checked before they are returned; raises VerificationError (damaged) or UsageError
+    (over MAX_GLOBALS_BYTES)."""
     obj = manifest.objects[0]
     if obj.size > MAX_GLOBALS_BYTES:
         raise UsageError(_too_large(manifest, obj.size))
@@ -645,7 +666,9 @@ def _read_whole(storage: Storage, manifest: Manifest, progress: Progress | None)
 
     with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
         try:
-            decode_verified(HashingReader.of(src, obj, progress), manifest.compression, sink)
+            decode_verified(
+                HashingReader.of(src, obj, progress), manifest.compression, sink, identity
+            )
         except VerificationError as exc:
             raise damaged(manifest, storage, exc, "nothing was restored") from None
     return bytes(buffer)
@@ -678,7 +701,8 @@ def restore_globals(
         raise UsageError(f"backup {manifest.id!r} is not a globals backup")
     started = time.monotonic()
     conn = ConnInfo.parse(target_url)
-    data = _read_whole(storage, manifest, progress)  # 1. whole and checked, before anything runs
+    identity = crypto.identity_for(settings, manifest, "restoring it")
+    data = _read_whole(storage, manifest, progress, identity)  # 1. whole, checked, before any run
     try:
         statements, codec = read_statements(data)  # 2. SQL only, split
     except SqlTextError as exc:

@@ -12,13 +12,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pgkeeper.errors import ConfigError
 
 Format = Literal["custom", "plain", "directory"]
 Compression = Literal["zstd", "gzip", "none"]
+
+
+# Secret settings that can also be read from a file named by ``<NAME>_FILE``. (GCS_KEYFILE is a
+# file already; BACKUP_ENCRYPTION_IDENTITY_FILE too.)
+SECRET_FILE_SETTINGS = (
+    "database_url",
+    "backup_databases",  # a list: the file holds the URLs, comma or newline separated
+    "staging_database_url",
+    "aws_secret_access_key",
+    "backup_api_token",
+    "backup_api_read_token",
+    "backup_notify_urls",
+    "backup_heartbeat_url",
+    "sentry_dsn",
+)
 
 
 def _split_list(value: object) -> object:
@@ -39,7 +54,9 @@ class Settings(BaseSettings):
         default=None, description="libpq URL of the database to back up."
     )
     staging_database_url: SecretStr | None = Field(
-        default=None, description="server for restore tests (default: the source server)."
+        default=None,
+        description="server for restore tests (the source server only with "
+        "BACKUP_RESTORE_TEST_ON_SOURCE=true).",
     )
     pg_bin_dir: Path | None = Field(
         default=None, description="folder holding pg_dump/pg_restore/psql (default: newest found)."
@@ -245,6 +262,65 @@ class Settings(BaseSettings):
             "without a token only these and loopback are served, with one, once set, too."
         ),
     )
+
+    # --- encryption, secrets from files, restore tests off production (issue 14) ------------
+    backup_encryption_recipients: str | None = Field(
+        default=None,
+        description="age public keys new backups are encrypted to: age1..., ssh-ed25519 or "
+        "ssh-rsa keys, comma/newline separated, or the path of a file of them (pgkeeper.crypto).",
+    )
+    backup_encryption_identity_file: Path | None = Field(
+        default=None,
+        description="file with the age (or OpenSSH) private key that decrypts backups; only "
+        "where restores run, never on the backup host.",
+    )
+    backup_restore_test_on_source: bool = Field(
+        default=False,
+        description="let restore tests use the source server when STAGING_DATABASE_URL is unset.",
+    )
+    # NAME_FILE (Docker/Kubernetes secrets): the secret is the file's content, trailing newline
+    # dropped. Setting both NAME and NAME_FILE is an error (see _secrets_from_files).
+    database_url_file: Path | None = None
+    backup_databases_file: Path | None = None
+    staging_database_url_file: Path | None = None
+    aws_secret_access_key_file: Path | None = None
+    backup_api_token_file: Path | None = None
+    backup_api_read_token_file: Path | None = None
+    backup_notify_urls_file: Path | None = None
+    backup_heartbeat_url_file: Path | None = None
+    sentry_dsn_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _secrets_from_files(self) -> Settings:
+        """Read every ``NAME_FILE`` into its secret; raise ConfigError when both are set or the
+        file cannot be read (the message names the variable and path, never the content)."""
+        for name in SECRET_FILE_SETTINGS:
+            path = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            current = getattr(self, name)
+            if (isinstance(current, list) and current) or (
+                isinstance(current, SecretStr) and current.get_secret_value()
+            ):
+                raise ConfigError(
+                    f"{name.upper()} and {name.upper()}_FILE are both set (keep one of them)"
+                )
+            try:
+                value = Path(path).expanduser().read_text("utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ConfigError(
+                    f"{name.upper()}_FILE {path} cannot be read ({reason}; fix the path or the "
+                    "file's permissions)"
+                ) from None
+            if not value:
+                raise ConfigError(f"{name.upper()}_FILE {path} is empty (put the secret in it)")
+            if isinstance(current, list):
+                items = [i.strip() for i in value.replace("\n", ",").split(",") if i.strip()]
+                object.__setattr__(self, name, [SecretStr(item) for item in items])
+            else:
+                object.__setattr__(self, name, SecretStr(value))
+        return self
 
     @field_validator(
         "backup_targets", "backup_api_allowed_hosts", "backup_databases", mode="before"

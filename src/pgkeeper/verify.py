@@ -14,6 +14,12 @@ Checks, in order, each named in results and errors:
                    and trailer, and a \\connect (a full cluster dump, databases included) refused
 A ``quick`` verification skips decoding beyond what the structure check needs: the archive's
 table of contents (``pg_restore --list``), or a plain dump's first chunk.
+
+An encrypted (age) backup is decrypted first when an identity is at hand (check ``decryption``:
+every chunk authenticates, the last one is marked). Without one (the backup host never holds
+it) only what needs no key is checked: ``objects``, ``checksum`` and ``encryption`` (each file's
+age header, that its recipients are the manifest's, and a length age can produce); the
+verification is recorded ``decrypted: false`` and its ``decryption`` check says it was not done.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from pgkeeper import catalog, naming, plainsql, postgres
-from pgkeeper.errors import PgkeeperError, StorageError, VerificationError
+from pgkeeper import catalog, crypto, naming, plainsql, postgres
+from pgkeeper.errors import IdentityError, PgkeeperError, StorageError, VerificationError
 from pgkeeper.manifest import CheckResult, Manifest, StoredObject, Verification, utcnow
 from pgkeeper.pipeline import ClientProcess, Decoder, HashingReader, Progress
 from pgkeeper.settings import Settings
@@ -229,18 +235,48 @@ class _StructureSink:
         self.listing.close()
 
 
-class _Decoding:
-    """Decodes (and feeds the structure check) in its own thread while the caller reads and
-    hashes: both release the GIL, so a full verification takes the longer of the two, not
-    their sum. A decoding error stops decoding only; hashing goes on, so damage in storage is
-    reported as the checksum failure, which says more than the decoder's complaint."""
+class _FileSink:
+    """Receives a decrypted object and writes it to a staging file (directory backups)."""
 
-    def __init__(self, compression: str, sink: _StructureSink | None, full: bool) -> None:
+    satisfied = False
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+
+    def feed(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _Enough(Exception):
+    """The structure check needs no more plaintext: stop decrypting."""
+
+
+class _Decoding:
+    """Decrypts (with an identity), decodes and feeds the structure check in its own thread
+    while the caller reads and hashes: both release the GIL, so a full verification takes the
+    longer of the two, not their sum. A decoding error stops decoding only; hashing goes on, so
+    damage in storage is reported as the checksum failure, which says more than the decoder's
+    complaint."""
+
+    def __init__(
+        self,
+        compression: str,
+        sink: _StructureSink | _FileSink | None,
+        full: bool,
+        identity: crypto.Identity | None = None,
+    ) -> None:
         self._decoder = Decoder(compression)
         self._sink = sink
         self._full = full
+        self._identity = identity
         self.wanted = True  # False once decoding failed or (quick) the structure is judged
         self.error: VerificationError | None = None
+        self.refused: IdentityError | None = None  # the identity does not open it
+        self._ended = False
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
         self._thread = threading.Thread(target=self._run, daemon=True, name="pgkeeper-decode")
         self._thread.start()
@@ -248,19 +284,45 @@ class _Decoding:
     def put(self, chunk: bytes) -> None:
         self._queue.put(chunk)
 
+    def _stored(self, n: int) -> bytes:
+        """The next stored chunk, for the decrypter (b"" at the end)."""
+        if self._ended:
+            return b""
+        chunk = self._queue.get()
+        if chunk is None:
+            self._ended = True
+            return b""
+        return chunk
+
+    def _plain(self, chunk: bytes) -> None:
+        if not self.wanted:
+            raise _Enough
+        try:
+            data = self._decoder.decompress(chunk)
+        except VerificationError as exc:
+            self.error, self.wanted = exc, False
+            raise _Enough from None
+        if self._sink is not None:
+            self._sink.feed(data)
+            if not self._full and self._sink.satisfied:
+                self.wanted = False
+
     def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            if not self.wanted:
-                continue
-            try:
-                data = self._decoder.decompress(chunk)
-            except VerificationError as exc:
+        try:
+            if self._identity is None:
+                while chunk := self._stored(CHUNK):
+                    self._plain(chunk)
+            else:
+                crypto.decrypt_stream(self._stored, self._plain, self._identity)
+        except _Enough:
+            pass
+        except VerificationError as exc:
+            if self.wanted:
                 self.error, self.wanted = exc, False
-                continue
-            if self._sink is not None:
-                self._sink.feed(data)
-                if not self._full and self._sink.satisfied:
-                    self.wanted = False
+        except IdentityError as exc:
+            self.refused, self.wanted = exc, False
+        while self._stored(CHUNK):  # the reader may still be putting chunks
+            pass
         if self.wanted and self.error is None:
             try:
                 self._decoder.finish()
@@ -268,9 +330,12 @@ class _Decoding:
                 self.error = exc
 
     def finish(self) -> VerificationError | None:
-        """Wait for the decoder; return what it found wrong, if anything."""
+        """Wait for the decoder; return what it found wrong, if anything. Raise IdentityError
+        when the identity did not open the file (not a fault of the backup)."""
         self._queue.put(None)
         self._thread.join()
+        if self.refused is not None:
+            raise self.refused
         return self.error
 
 
@@ -279,14 +344,19 @@ def _check_object(
     manifest: Manifest,
     obj: StoredObject,
     checks: list[CheckResult],
-    sink: _StructureSink | None,
+    sink: _StructureSink | _FileSink | None,
     decode: bool,
     progress: Progress | None,
     copy_to: Path | None = None,
+    identity: crypto.Identity | None = None,
+    shape: crypto.AgeShape | None = None,
 ) -> None:
     key = naming.object_key(manifest.id, obj.name)
+    compression = "none" if manifest.format == "directory" else manifest.compression
     decoding = (
-        _Decoding(manifest.compression, sink, decode) if (decode or sink is not None) else None
+        _Decoding(compression, sink, decode, identity)
+        if (decode or sink is not None)
+        else None
     )
     broken: VerificationError | None = None
     reader: HashingReader | None = None
@@ -303,6 +373,8 @@ def _check_object(
                     decoding.put(chunk)
                 if copy is not None:
                     copy.write(chunk)
+                if shape is not None:
+                    shape.feed(chunk)
         if decoding is not None:
             broken = decoding.finish()
     except StorageError as exc:
@@ -318,7 +390,13 @@ def _check_object(
     elif reader.hexdigest != obj.sha256:
         _fail(checks, "checksum", f"{obj.name}: sha256 {reader.hexdigest[:12]}... != manifest")
     elif broken is not None:
-        _fail(checks, "compression", f"{obj.name}: {broken}")
+        _fail(checks, broken.check or "compression", f"{obj.name}: {broken}")
+    elif shape is not None:
+        recorded = manifest.encryption.recipients if manifest.encryption else None
+        try:
+            shape.check(recorded or None)
+        except VerificationError as exc:
+            _fail(checks, "encryption", f"{obj.name}: {exc}")
 
 
 def check_backup(
@@ -327,16 +405,22 @@ def check_backup(
     level: str = "full",
     pg_bin_dir: Path | None = None,
     progress: Progress | None = None,
+    identity: crypto.Identity | None = None,
 ) -> Verification:
-    """Run every check on one stored copy and return the results (raises nothing for bad data).
+    """Run every check on one stored copy and return the results (raises nothing for bad data;
+    IdentityError when ``identity`` does not open an encrypted backup: not the backup's fault).
 
-    Storage failures while reading are reported as failed checks, not raised.
+    Storage failures while reading are reported as failed checks, not raised. An encrypted
+    backup without ``identity`` gets the checks that need no key (see the module docstring).
     """
     if manifest.kind == "base":  # a pg_basebackup tar: checked against its backup_manifest
         from pgkeeper.basebackup import verify_base
 
         return verify_base(storage, manifest, level, progress)
     full = level == "full"
+    encrypted = manifest.encryption is not None
+    if not encrypted:
+        identity = None
     checks: list[CheckResult] = []
     present = {info.key: info.size for info in catalog.backup_objects(storage, manifest.id)}
     for obj in manifest.objects:
@@ -350,15 +434,23 @@ def check_backup(
         pg_restore = None
         if manifest.format in ("custom", "tar", "directory"):
             pg_restore = postgres.find_client("pg_restore", pg_bin_dir)
-        if manifest.format == "directory":
-            _check_directory(storage, manifest, checks, pg_restore, full, progress)
+        if encrypted and identity is None:
+            _check_sealed(storage, manifest, checks, progress)
+        elif manifest.format == "directory":
+            _check_directory(storage, manifest, checks, pg_restore, full, progress, identity)
         else:
             sink = _StructureSink(manifest.format, pg_restore, full, manifest.kind)
             try:
-                _check_object(storage, manifest, manifest.objects[0], checks, sink, full, progress)
+                _check_object(
+                    storage, manifest, manifest.objects[0], checks, sink, full, progress,
+                    identity=identity,
+                )  # fmt: skip
                 failed = any(not c.ok for c in checks)
                 if not failed:
                     checks.append(CheckResult(name="checksum", ok=True, detail=manifest.sha256))
+                    if identity is not None:
+                        detail = "decrypted end to end" if full else "header and first chunks"
+                        checks.append(CheckResult(name="decryption", ok=True, detail=detail))
                     if manifest.compression != "none":
                         detail = "decoded end to end" if full else "header decoded"
                         checks.append(CheckResult(name="compression", ok=True, detail=detail))
@@ -366,7 +458,41 @@ def check_backup(
             finally:
                 sink.close()
     ok = all(c.ok for c in checks)
-    return Verification(ok=ok, at=utcnow(), level="full" if full else "quick", checks=checks)
+    return Verification(
+        ok=ok,
+        at=utcnow(),
+        level="full" if full else "quick",
+        checks=checks,
+        decrypted=(identity is not None) if encrypted else None,
+    )
+
+
+NOT_DECRYPTED = (
+    "not decrypted: no identity here (BACKUP_ENCRYPTION_IDENTITY_FILE), so the data was neither "
+    "decoded nor read by pg_restore; verify where the identity is to check it fully"
+)
+
+
+def _check_sealed(
+    storage: Storage, manifest: Manifest, checks: list[CheckResult], progress: Progress | None
+) -> None:
+    """An encrypted backup without its identity: every object's sha256, age header (its
+    recipients against the manifest's) and length."""
+    for obj in manifest.objects:
+        shape = crypto.AgeShape()
+        _check_object(storage, manifest, obj, checks, None, False, progress, shape=shape)
+    if any(not c.ok for c in checks):
+        return
+    count = len(manifest.encryption.recipients) if manifest.encryption else 0
+    checks.append(CheckResult(name="checksum", ok=True, detail="every object"))
+    checks.append(
+        CheckResult(
+            name="encryption",
+            ok=True,
+            detail=f"age headers ({count} recipients) and lengths of every object",
+        )
+    )
+    checks.append(CheckResult(name="decryption", ok=True, detail=NOT_DECRYPTED))
 
 
 def _check_directory(
@@ -376,27 +502,46 @@ def _check_directory(
     pg_restore: postgres.Client | None,
     full: bool,
     progress: Progress | None,
+    identity: crypto.Identity | None = None,
 ) -> None:
     """Hash every file of a directory-format backup, then judge the archive: quick reads its
     table of contents; full has ``pg_restore --file=/dev/null`` read every data file to its end,
-    in the local backup folder itself or, from a remote target, from a copy staged while the
-    files are hashed (one read of each)."""
+    in the local backup folder itself or, from a remote target or encrypted (decrypted with
+    ``identity``, into a private temporary folder), from a copy staged while the files are
+    hashed (one read of each)."""
     folder = naming.data_name(manifest.id, manifest.format, manifest.compression)
     local = storage.local_path(naming.object_key(manifest.id, folder))
     with tempfile.TemporaryDirectory(prefix="pgkeeper-verify-") as tmp:
+        if identity is not None:
+            local = None  # only decrypted copies are readable by pg_restore
         stage = Path(tmp) if full and (local is None or not local.is_dir()) else None
         for obj in manifest.objects:
+            if identity is not None and (full or obj.name.endswith("/toc.dat" + crypto.SUFFIX)):
+                plain = Path(tmp) / obj.name.removesuffix(crypto.SUFFIX)
+                sink = _FileSink(plain)
+                try:
+                    _check_object(
+                        storage, manifest, obj, checks, sink, True, progress, identity=identity
+                    )
+                finally:
+                    sink.close()
+                continue
             copy_to = stage / obj.name if stage is not None else None
             _check_object(storage, manifest, obj, checks, None, False, progress, copy_to)
         if any(not c.ok for c in checks):
             return
         checks.append(CheckResult(name="checksum", ok=True, detail="every object"))
+        if identity is not None:
+            what = "every object decrypted" if full else "toc.dat decrypted"
+            checks.append(CheckResult(name="decryption", ok=True, detail=what))
         if pg_restore is None:
             checks.append(CheckResult(name="structure", ok=True, detail="not checked"))
         elif full:
             source = stage / folder if stage is not None else local
             assert source is not None  # noqa: S101 - staged when not local
             checks.append(_read_directory(pg_restore, source))
+        elif identity is not None:  # toc.dat was decrypted into the temporary folder
+            checks.append(_listing(pg_restore, Path(tmp) / folder))
         else:
             checks.append(_directory_listing(storage, manifest, pg_restore, folder, Path(tmp)))
 
@@ -422,8 +567,13 @@ def _directory_listing(
             toc.write_bytes(src.read())
     except StorageError as exc:
         return CheckResult(name="structure", ok=False, detail=f"toc.dat unreadable: {exc}")
+    return _listing(pg_restore, tmp)
+
+
+def _listing(pg_restore: postgres.Client, folder: Path) -> CheckResult:
+    """``pg_restore --list`` of a directory archive's ``toc.dat`` in ``folder``."""
     out = subprocess.run(
-        [pg_restore.argv0, "--list", str(tmp)], capture_output=True, text=True, timeout=300
+        [pg_restore.argv0, "--list", str(folder)], capture_output=True, text=True, timeout=300
     )
     if out.returncode != 0:
         return CheckResult(
@@ -476,9 +626,28 @@ def verify_copy(
     level: str = "full",
     progress: Progress | None = None,
     record: bool = True,
+    identity_required: bool = False,
 ) -> Manifest:
-    """Verify one copy, record the outcome on that copy's manifest, raise if it is bad."""
-    result = check_backup(storage, manifest, level, settings.pg_bin_dir, progress)
+    """Verify one copy, record the outcome on that copy's manifest, raise if it is bad.
+
+    An encrypted backup is decrypted when BACKUP_ENCRYPTION_IDENTITY_FILE is set, else checked
+    as far as that goes without the key (see the module docstring). An identity that does not
+    open the backup (none of its keys a recipient: not the backup's fault) raises IdentityError,
+    recording nothing, when ``identity_required`` (``pgkeeper verify``); else (the verification
+    after a backup, a restore's safety backup) it is said in a warning and the check without
+    the key is done."""
+    identity = crypto.configured_identity(settings) if manifest.encryption else None
+    if identity is not None:
+        try:
+            crypto.check_identity(storage, manifest, identity)
+        except (VerificationError, StorageError):
+            pass  # damaged or unreadable: check_backup finds it and records the failed check
+        except IdentityError as exc:
+            if identity_required:
+                raise
+            log.warning("%s: verifying without decrypting", exc)
+            identity = None
+    result = check_backup(storage, manifest, level, settings.pg_bin_dir, progress, identity)
     updated = manifest.model_copy(update={"verification": result})
     if record:
         try:

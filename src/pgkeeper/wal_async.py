@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from pgkeeper import wal, wal_spool
-from pgkeeper.errors import ArchiveError, PgkeeperError
+from pgkeeper.errors import ArchiveError, ConfigError, PgkeeperError
 from pgkeeper.settings import Settings, env_file, load_settings, use_env_file
 from pgkeeper.storage import Storage, targets
 
@@ -45,12 +45,25 @@ def _archive_status(pg_wal: Path) -> Path:
     return pg_wal / "archive_status"
 
 
+def refuse_plaintext(settings: Settings, what: str) -> None:
+    """Invariant 10 (no plaintext on a target when encryption is on): WAL archiving and base
+    backups do not encrypt yet, so with BACKUP_ENCRYPTION_RECIPIENTS set they refuse to run
+    (ConfigError) rather than store a readable copy of every row."""
+    if settings.backup_encryption_recipients:
+        raise ConfigError(
+            f"BACKUP_ENCRYPTION_RECIPIENTS is set, but {what} is not encrypted yet: refusing to "
+            "store it in plaintext (point-in-time recovery cannot be combined with encryption "
+            "yet; see the README's PITR section)"
+        )
+
+
 def archive(settings: Settings, path: Path) -> wal.PushResult | None:
     """Archive ``path`` on the primary target, through the pusher when it applies.
 
     Returns the push result when this process archived the file itself, None when the pusher
     did. Raises ArchiveError (with the pusher's message) or the push's own errors.
     """
+    refuse_plaintext(settings, "archived WAL")
     pg_wal = path.parent
     if _archive_status(pg_wal).is_dir():
         _mark_mode(pg_wal / wal_spool.SPOOL, settings.backup_wal_async)
@@ -265,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.env_file is not None:
             use_env_file(args.env_file)
         settings = load_settings()
+        refuse_plaintext(settings, "archived WAL")
         _mark_mode(spool, settings.backup_wal_async)
         if not settings.backup_wal_async:
             return 0  # synchronous: each wal-push archives its own file (the marker says so)

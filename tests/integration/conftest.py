@@ -82,6 +82,7 @@ def pgk_settings(sample_db: str, tmp_path: Path) -> Settings:
         database_url=sample_db,
         backup_dir=str(tmp_path / "backups"),
         backup_compression_threads=1,
+        backup_restore_test_on_source=True,  # one test cluster: it is also the "staging" one
     )
 
 
@@ -104,6 +105,7 @@ def flow_env(
     monkeypatch.setenv("DATABASE_URL", sample_db)
     monkeypatch.setenv("BACKUP_DIR", str(backups))
     monkeypatch.setenv("BACKUP_COMPRESSION_THREADS", "1")
+    monkeypatch.setenv("BACKUP_RESTORE_TEST_ON_SOURCE", "true")  # one test cluster
     return backups
 
 

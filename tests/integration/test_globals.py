@@ -27,6 +27,7 @@ from pgkeeper.backup import BackupOptions, run_backup
 from pgkeeper.errors import (
     BackupNotFoundError,
     BackupRunningError,
+    IdentityError,
     NotADumpError,
     RestoreError,
     UsageError,
@@ -816,3 +817,29 @@ def test_import_takes_pg_dumpall_globals_only_and_refuses_a_whole_cluster(
     assert isinstance(report, GlobalsRestore) and "alice" in report.created_roles
     with pytest.raises(NotADumpError, match="cluster dump with databases"):
         import_file(settings, whole)
+
+
+@pytest.mark.skipif(shutil.which("age-keygen") is None, reason="age is not installed")
+def test_globals_are_encrypted_like_a_database_and_need_the_identity_to_restore(
+    clusters: tuple[PgCluster, PgCluster], settings: Settings, tmp_path: Path
+) -> None:
+    """With BACKUP_ENCRYPTION_RECIPIENTS, the globals (role password hashes) are stored as an
+    age file; restoring them needs the identity, and with it creates the roles."""
+    source, target = clusters
+    make_roles(source)
+    key = tmp_path / "key.txt"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+    public = subprocess.run(["age-keygen", "-y", str(key)], check=True, capture_output=True,
+                            text=True).stdout.strip()  # fmt: skip
+    encrypting = settings.model_copy(update={"backup_encryption_recipients": public})
+    storage = storage_of(settings)
+    manifest = backup_globals(encrypting, storage=storage)
+    stored = (Path(settings.backup_dir) / manifest.id / manifest.objects[0].name).read_bytes()
+    assert manifest.encryption is not None and stored.startswith(b"age-encryption.org/v1")
+    assert b"SCRAM" not in stored and b"alice" not in stored
+    with pytest.raises(IdentityError):
+        restore_backup(encrypting, manifest.id, target.url(), storages=[storage])
+    assert "bob" not in roles(target)
+    opening = encrypting.model_copy(update={"backup_encryption_identity_file": key})
+    report = restore_backup(opening, manifest.id, target.url(), storages=[storage])
+    assert isinstance(report, GlobalsRestore) and "bob" in report.created_roles

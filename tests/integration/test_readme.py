@@ -202,3 +202,43 @@ def test_the_fleet_inventory_example_is_a_valid_inventory(
     assert not by_name["app_legacy"].enabled
     assert by_name["app"].server == "db2.internal:5432" and "pw2" in by_name["app"].url
     assert {s.server for s in inventory.servers} == {"db1.internal:5432", "db2.internal:5432"}
+
+
+@pytest.mark.skipif(shutil.which("age") is None, reason="age is not installed")
+@pytest.mark.parametrize("fmt", ["custom", "directory"])
+def test_restoring_an_encrypted_backup_by_hand_works_as_written(
+    fmt: str, sample_db: str, pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """'Restoring an encrypted backup by hand': Debian's age, zstd and pg_restore restore what
+    pgkeeper encrypted (the reader's folder, id and key put in for the placeholders)."""
+    blocks = code_blocks(section("### Restoring an encrypted backup by hand"))
+    block = blocks[0] if fmt == "custom" else blocks[1]
+    key = tmp_path / "restore-key.txt"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+    public = subprocess.run(["age-keygen", "-y", str(key)], check=True, capture_output=True,
+                            text=True).stdout.strip()  # fmt: skip
+    backups = tmp_path / "backups"
+    settings = load_settings(
+        _env_file=None, database_url=sample_db, backup_dir=str(backups),
+        backup_format=fmt, backup_compression="zstd" if fmt == "custom" else "gzip",
+        backup_encryption_recipients=public,
+    )  # fmt: skip
+    made = run_backup(settings, BackupOptions())
+    target = f"app_new_{uuid.uuid4().hex[:6]}"
+    script = (
+        block.replace("/var/backups/pgkeeper/ID", str(backups / made.id))
+        .replace("/etc/pgkeeper/restore-key.txt", str(key))
+        .replace("/tmp/ID.dir", str(tmp_path / "plain.dir"))
+        .replace("app_new", target)
+    )
+    script = re.sub(r"\bID\b", made.id, script)
+    env = reader_env(sample_db, backups, pg_cluster)
+    env.update(pg_cluster.libpq_env("postgres"))
+    try:
+        done = bash("set -e\n" + script, env, tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        rows = pg_cluster.query("SELECT count(*) FROM shop.orders", dbname=target)
+        assert rows == [(1200,)]
+    finally:
+        pg_cluster.drop_database(target)
+    assert not (tmp_path / "plain.dir").exists()  # the decrypted files were removed

@@ -124,6 +124,70 @@ def test_bad_secret_value_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None
     assert "hunter2" not in str(info.value)
 
 
+# --- secrets from files (NAME_FILE, the Docker/Kubernetes convention) --------------------------
+
+SECRET_VALUES = {
+    "DATABASE_URL": "postgresql://app:file-pw@db/app",
+    "STAGING_DATABASE_URL": "postgresql://app:staging-pw@staging/app",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-from-file",
+    "BACKUP_API_TOKEN": "admin-token-from-file-0123456789",
+    "BACKUP_API_READ_TOKEN": "read-token-from-file-0123456789",
+    "BACKUP_NOTIFY_URLS": "json://hooks.example.com/from-file-token",
+    "BACKUP_HEARTBEAT_URL": "https://hc.example.com/ping/from-file-uuid",
+    "SENTRY_DSN": "https://key-from-file@sentry.example.com/1",
+}
+
+
+@pytest.mark.parametrize("name", SECRET_VALUES)
+def test_every_secret_is_read_from_its_file(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NAME_FILE holds the secret (a trailing newline, as `echo` writes, is not part of it)."""
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET_VALUES[name] + "\n")
+    monkeypatch.setenv(f"{name}_FILE", str(secret))
+    value = getattr(load_settings(), name.lower())
+    assert value is not None and value.get_secret_value() == SECRET_VALUES[name]
+    assert SECRET_VALUES[name] not in repr(load_settings())
+
+
+@pytest.mark.parametrize("name", SECRET_VALUES)
+def test_a_secret_set_both_ways_is_an_error(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NAME and NAME_FILE together: one line naming both, never the value."""
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET_VALUES[name])
+    monkeypatch.setenv(f"{name}_FILE", str(secret))
+    monkeypatch.setenv(name, SECRET_VALUES[name])
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message == f"{name} and {name}_FILE are both set (keep one of them)"
+
+
+def test_a_missing_or_empty_secret_file_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NAME_FILE that cannot be read, or is empty, names the variable and the path."""
+    monkeypatch.setenv("DATABASE_URL_FILE", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"DATABASE_URL_FILE .*nope cannot be read"):
+        load_settings()
+    (tmp_path / "empty").write_text("\n")
+    monkeypatch.setenv("DATABASE_URL_FILE", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match=r"DATABASE_URL_FILE .* is empty"):
+        load_settings()
+
+
+def test_secret_files_are_read_from_dotenv_too(tmp_path: Path) -> None:
+    """A .env line NAME_FILE=... works like the environment variable."""
+    secret = tmp_path / "token"
+    secret.write_text("dotenv-token-0123456789")
+    (tmp_path / ".env").write_text(f"BACKUP_API_TOKEN_FILE={secret}\n")
+    token = load_settings().backup_api_token
+    assert token is not None and token.get_secret_value() == "dotenv-token-0123456789"
+
+
 def test_env_file_replaces_dotenv_and_the_environment_still_wins(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -328,3 +328,20 @@ def test_synchronous_mode_archives_in_the_wal_push_process(
     assert fast_wal_push(["wal-push", str(path)]) is None
     stored = wal.archived_copies(LocalStorage(tmp_path / "backups"), SYSTEM, path.name)
     assert list(stored) == [result.sha256]
+
+
+def test_with_encryption_on_wal_is_never_archived_in_plaintext(
+    tmp_path: Path, pg_wal: Path
+) -> None:
+    """Invariant 10: WAL archiving does not encrypt yet, so with BACKUP_ENCRYPTION_RECIPIENTS
+    set wal-push refuses (a one-line ConfigError) and nothing reaches the target."""
+    from pgkeeper import wal_async
+    from pgkeeper.errors import ConfigError
+    from pgkeeper.settings import load_settings
+
+    path = write_segment(pg_wal, 8)
+    settings = load_settings(_env_file=None, backup_dir=str(tmp_path / "backups"),
+                             backup_encryption_recipients="age1" + "q" * 58)  # fmt: skip
+    with pytest.raises(ConfigError, match="not encrypted yet"):
+        wal_async.archive(settings, path)
+    assert not (tmp_path / "backups").exists()

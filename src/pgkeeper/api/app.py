@@ -4,6 +4,8 @@ front of every route, the error handlers, the offline Swagger UI, and ``serve_ap
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -252,15 +254,52 @@ def check_bind(settings: Settings, host: str) -> None:
         )
 
 
-def serve_api(settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    """Serve the API with uvicorn until interrupted (``pgkeeper api``).
+def check_tls(certfile: Path | None, keyfile: Path | None) -> bool:
+    """Whether TLS is on; raise ConfigError for half a pair or a file that cannot be read."""
+    if certfile is None and keyfile is None:
+        return False
+    if certfile is None or keyfile is None:
+        raise ConfigError(
+            "TLS needs both --ssl-certfile and --ssl-keyfile (the certificate chain and its key)"
+        )
+    for what, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if not Path(path).is_file() or not os.access(path, os.R_OK):
+            raise ConfigError(f"{what} {path} is not a readable file (check the path)")
+    return True
+
+
+def plaintext_warning(host: str, tls: bool) -> str | None:
+    """The one warning a server reachable from other machines without TLS gets at start."""
+    if tls or host.strip("[]").lower() in LOOPBACK_HOSTS:
+        return None
+    return (
+        f"the API listens on {host} without TLS: tokens and backups cross the network in "
+        "clear text (pass --ssl-certfile and --ssl-keyfile, or put a TLS proxy in front)"
+    )
+
+
+def serve_api(
+    settings: Settings,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    ssl_certfile: Path | None = None,
+    ssl_keyfile: Path | None = None,
+) -> None:
+    """Serve the API with uvicorn until interrupted (``pgkeeper api``); over TLS (uvicorn's)
+    with a certificate and key.
 
     Raises ConfigError, before listening, when ``host`` is not a loopback address and no token
-    is configured, or when a storage target is malformed.
+    is configured, when only one of the TLS files is given or one cannot be read, or when a
+    storage target is malformed. Listening beyond loopback without TLS warns once.
     """
     host = host or settings.backup_api_host
     port = settings.backup_api_port if port is None else port
     check_bind(settings, host)
+    tls = check_tls(ssl_certfile, ssl_keyfile)
+    warning = plaintext_warning(host, tls)
+    if warning is not None:
+        log.warning(warning)
     token = _token(settings.backup_api_token)
     if token is not None and len(token) < 16:
         log.warning("BACKUP_API_TOKEN is shorter than 16 characters: use a long random token")
@@ -277,7 +316,9 @@ def serve_api(settings: Settings, host: str | None = None, port: int | None = No
         http="h11",
         server_header=False,
         log_level="info",
+        ssl_certfile=str(ssl_certfile) if tls else None,
+        ssl_keyfile=str(ssl_keyfile) if tls else None,
     )
 
 
-__all__ = ["check_bind", "create_app", "serve_api"]
+__all__ = ["check_bind", "check_tls", "create_app", "plaintext_warning", "serve_api"]

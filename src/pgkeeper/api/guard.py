@@ -15,6 +15,10 @@ too late). In order, each step refusing with one line in the API's error shape:
    same-origin POSTs; when present it must be this API's own origin (``scheme://Host``), else
    403. ``null`` is refused. No CORS header is ever sent, so no preflight ever succeeds.
 3. **Token**: the route's role (open, read, admin) against ``Authorization: Bearer``; 401/403.
+   A client (by address) whose tokens keep failing is slowed down (``FailedTokens``): after a
+   few failures each of its requests waits for a slot, spaced ever wider (to 8 s), before its
+   token is even looked at, so guessing runs at one try per slot however many connections it
+   opens; 429 once its queue is a minute long; a correct token clears its record.
 4. **Body**: routes taking a body accept only their content types (415): ``application/json``
    for the JSON routes (a cross-site "simple request" cannot send it without a preflight) and
    the dump types for an import (none is CORS-safelisted). A declared length over the route's
@@ -28,9 +32,12 @@ body to keep a connection) then drops the connection instead of reading what it 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import re
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -252,6 +259,79 @@ class Tokens:
             )
 
 
+@dataclass
+class FailedTokens:
+    """Slows down a client that keeps sending wrong tokens (someone guessing them).
+
+    Per client address: the first ``free`` failures within ``window`` seconds cost nothing;
+    after that every request from the client (right token or not: a guesser could otherwise
+    give up on a slow answer) is given the next free slot, slots spaced ``base`` seconds
+    doubling with each further failure up to ``cap``; a client that would wait more than
+    ``max_wait`` is answered 429 at once. A correct token clears the client's record. At most
+    ``clients`` addresses are remembered (the oldest are forgotten), so memory stays bounded.
+    Behind a reverse proxy every client has the proxy's address: a guesser then slows
+    everyone down, which is the safe way round.
+    """
+
+    free: int = 5
+    base: float = 0.25
+    cap: float = 8.0
+    window: float = 600.0
+    max_wait: float = 60.0
+    clients: int = 10_000
+    clock: Callable[[], float] = time.monotonic
+    _seen: OrderedDict[str, list[float]] = field(default_factory=OrderedDict)
+
+    def wait(self, client: str) -> float:
+        """Seconds this request must wait before its token is checked (a slot is reserved);
+        raise GuardError 429 when the client's queue is too long."""
+        record = self._record(client)
+        if record is None:
+            return 0.0
+        failures, _, next_slot = record
+        if failures < self.free:
+            return 0.0
+        now = self.clock()
+        slot = max(now, next_slot)
+        if slot - now > self.max_wait:
+            raise GuardError(
+                f"too many failed tokens from this client: wait {slot - now:.0f} s "
+                "(check BACKUP_API_TOKEN)",
+                429,
+            )
+        spacing = min(self.base * 2 ** (failures - self.free), self.cap)
+        self._seen[client][2] = slot + spacing
+        return slot - now
+
+    def failed(self, client: str) -> None:
+        record = self._record(client)
+        now = self.clock()
+        if record is None:
+            self._seen[client] = [1, now, now]
+            while len(self._seen) > self.clients:
+                self._seen.popitem(last=False)
+            return
+        record[0] += 1
+        record[1] = now
+        self._seen.move_to_end(client)
+
+    def succeeded(self, client: str) -> None:
+        self._seen.pop(client, None)
+
+    def _record(self, client: str) -> list[float] | None:
+        record = self._seen.get(client)
+        if record is not None and self.clock() - record[1] > self.window:
+            del self._seen[client]  # its failures are old news
+            return None
+        return record
+
+
+def client_of(scope: Scope) -> str:
+    """The client's address (what ``FailedTokens`` counts by)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
 # --- routes: who may call them, what body they take -----------------------------------------------
 
 
@@ -309,6 +389,7 @@ class RequestGuard:
     tokens: Tokens
     access_of: Callable[[Scope], Access]
     render: Callable[[PgkeeperError], Response]
+    failures: FailedTokens = field(default_factory=FailedTokens)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -345,7 +426,18 @@ class RequestGuard:
         scheme, credentials = get_authorization_scheme_param(
             authorization[0] if authorization else None
         )
-        self.tokens.require(access.role, scheme, credentials)
+        if access.role != "open" and self.tokens.enabled:
+            client = client_of(scope)
+            delay = self.failures.wait(client)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                self.tokens.require(access.role, scheme, credentials)
+            except GuardError as exc:
+                if exc.http_status == 401:
+                    self.failures.failed(client)
+                raise
+            self.failures.succeeded(client)
         rule = access.body
         if rule is None:
             return receive, access
@@ -414,7 +506,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 __all__ = [
-    "DUMP_TYPES", "MAX_JSON_BYTES", "Access", "BodyRule", "GuardError", "HostRule",
+    "DUMP_TYPES", "MAX_JSON_BYTES", "Access", "BodyRule", "FailedTokens", "GuardError", "HostRule",
     "RequestGuard", "Tokens", "allowed_hosts", "host_name", "is_loopback", "is_own_origin",
     "json_body", "media_type", "parse_authority",
 ]  # fmt: skip
