@@ -94,8 +94,21 @@ class PgCluster:
 
     host = "127.0.0.1"
 
-    def __init__(self, password: str = DEFAULT_PASSWORD, bindir: Path | str | None = None):
+    def __init__(
+        self,
+        password: str = DEFAULT_PASSWORD,
+        bindir: Path | str | None = None,
+        settings: dict[str, str] | None = None,
+        replication: bool = False,
+        env: dict[str, str] | None = None,
+    ):
+        """`settings`: more postgresql.auto.conf lines (e.g. `archive_mode`); `replication`:
+        pg_hba lets replication connections in (pg_basebackup); `env`: variables the server
+        (and so its archive_command) gets besides the test process's own."""
         self.password = password
+        self.extra_settings = dict(settings or {})
+        self.replication = replication
+        self.server_env = dict(env or {})
         self.superuser = SUPERUSER
         self.bindir = Path(bindir) if bindir is not None else pg_bindir()
         self.port = 0
@@ -162,10 +175,10 @@ class PgCluster:
         )  # fmt: skip
         pwfile.unlink()
         # Only the exact rules the tests rely on: no IPv6, no trust over TCP.
-        self._write_server_file(
-            self.data_dir / "pg_hba.conf",
-            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
-        )
+        hba = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        if self.replication:  # pg_basebackup's replication connections: "all" does not match
+            hba += "local replication all trust\nhost replication all 127.0.0.1/32 scram-sha-256\n"
+        self._write_server_file(self.data_dir / "pg_hba.conf", hba)
         last_error: RuntimeError | None = None
         for _attempt in range(3):  # the free port can be taken between probe and bind
             self.port = free_port(self.host)
@@ -298,6 +311,7 @@ class PgCluster:
             "full_page_writes": "off",
             "password_encryption": "'scram-sha-256'",
             "log_min_messages": "warning",
+            **self.extra_settings,
         }
         return "".join(f"{k} = {v}\n" for k, v in lines.items())
 
@@ -308,8 +322,9 @@ class PgCluster:
 
     def _run_server_tool(self, tool: str, *args: str) -> None:
         argv = _server_argv(self.bindir / tool, args, self._as_postgres_user)
+        env = {**_clean_env(), **self.server_env}
         proc = subprocess.run(
-            argv, cwd=self.tmp_dir, env=_clean_env(), capture_output=True, text=True, timeout=120
+            argv, cwd=self.tmp_dir, env=env, capture_output=True, text=True, timeout=120
         )
         if proc.returncode != 0:
             raise RuntimeError(
@@ -345,6 +360,12 @@ def _stop_data_dir(bindir: Path, data_dir: Path, as_postgres_user: bool) -> None
             if proc.returncode == 0 or not (data_dir / "postmaster.pid").exists():
                 return
         time.sleep(0.1)
+
+
+def stop_data_dir(data_dir: Path) -> None:
+    """Stop a server running on `data_dir` that a test started some other way (a restored
+    cluster); a no-op when none runs there."""
+    _stop_data_dir(pg_bindir(), data_dir, os.geteuid() == 0)
 
 
 def sweep_stale_clusters(bindir: Path | None = None) -> None:
