@@ -19,7 +19,6 @@ production server is never loaded (invariant 11).
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -31,16 +30,11 @@ from pgkeeper.manifest import CheckResult, Manifest, RestoreTest, utcnow
 from pgkeeper.pitr import Target, plan, restore_pitr, server_user, stop_server
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.restore_test import check_files, run_check
+from pgkeeper.sandbox import free_port
 from pgkeeper.settings import Settings
 from pgkeeper.storage import Storage
 
 SERVER = "local scratch cluster (pitr)"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _scratch_folder(owner: str | None) -> Path:
