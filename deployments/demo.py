@@ -45,7 +45,7 @@ from pgkeeper.sandbox import PgCluster
 # from: the checkout for `make demo`, any folder for an installed `pgkeeper demo`.
 DEMO = Path.cwd() / ".demo"
 PYTHON = sys.executable
-PREFECT = str(Path(sys.executable).with_name("prefect"))
+PREFECT = str(Path(sys.executable).with_name("prefect"))  # the command the banner shows
 RUN_TIMEOUT = 600  # seconds to wait for the first backup / restore-test
 
 SAMPLE_SQL = """
@@ -281,12 +281,16 @@ def _wait_for_deployments(names: list[str], timeout: float) -> None:
 
 def _banner(port: int, backup_dir: str, results: dict[str, str], names: list[str]) -> None:
     ui = f"http://127.0.0.1:{port}"
+    prefect = os.path.relpath(PREFECT) if PREFECT.startswith(f"{Path.cwd()}/") else PREFECT
     lines = [
         "",
         "=" * 78,
         f"pgkeeper demo is running.  Prefect UI: {ui}",
         f"  deployments: {ui}/deployments    runs: {ui}/runs    artifacts: {ui}/artifacts",
         f"  backups in:  {backup_dir}",
+        f"  the fleet:   {ui}/artifacts/key/fleet-inventory  (every database, its newest "
+        "backup, its RPO)",
+        f"  backups:     {ui}/artifacts/key/backup-inventory",
         "",
         "first runs:",
         *[f"  {name:<28} {result}" for name, result in results.items()],
@@ -295,17 +299,17 @@ def _banner(port: int, backup_dir: str, results: dict[str, str], names: list[str
         *[f"  {name}" for name in names],
         "",
         "  export PREFECT_API_URL=" + f"{ui}/api",
-        "  .venv/bin/prefect deployment run 'backup/backup-daily'",
-        "  .venv/bin/prefect deployment run 'restore/restore'          # into a NEW database",
-        "  .venv/bin/prefect deployment run 'restore-test/restore-test'",
+        f"  {prefect} deployment run 'backup/backup-daily'",
+        f"  {prefect} deployment run 'restore/restore'          # into a NEW database",
+        f"  {prefect} deployment run 'restore-test/restore-test'",
         "",
         "alerts print here as [alert] lines. Break something to see one:",
-        "  .venv/bin/prefect deployment run 'backup/backup-daily' -p name='bad name!'",
+        f"  {prefect} deployment run 'backup/backup-daily' -p name='bad name!'",
         "  then a good backup tells it resolved:",
-        "  .venv/bin/prefect deployment run 'backup/backup-daily'",
+        f"  {prefect} deployment run 'backup/backup-daily'",
         f"  automations: {ui}/automations",
         "",
-        "Ctrl-C stops everything (serve, Prefect server, sample database). Logs: .demo/*.log",
+        "Ctrl-C stops everything (serve, Prefect server, sample databases). Logs: .demo/*.log",
         "=" * 78,
     ]
     print("\n".join(lines), flush=True)
@@ -328,7 +332,8 @@ def main() -> int:
             _say(f"starting the Prefect server on port {port} (SQLite in .demo/prefect)...")
             server_log = stack.enter_context((DEMO / "prefect-server.log").open("ab"))
             server = subprocess.Popen(
-                [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                [PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                 "--port", str(port)],
                 env=env, stdout=server_log, stderr=server_log, start_new_session=True,
             )  # fmt: skip
             _wait_http(f"http://127.0.0.1:{port}/api/health", 120)
