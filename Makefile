@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-runtime
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test system-deps test test-unit lint demo bench clean
+.PHONY: install install-test system-deps test test-unit lint demo bench bench-pitr clean
 
 install: system-deps $(STAMP)  ## .venv with the pgkeeper command (.venv/bin/pgkeeper)
 
@@ -40,6 +40,12 @@ demo: install  ## local Prefect server + sample PostgreSQL + every deployment se
 bench: install-test  ## speed and memory against pg_dump baselines measured in the same run
 	$(BIN)/python bench/bench_backup.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_upload.py $(UPLOAD_BENCH_ARGS)
+	PGKEEPER_BENCH_PITR=1 scripts/system-deps.sh
+	$(BIN)/python bench/bench_pitr.py $(PITR_BENCH_ARGS)
+
+bench-pitr: install-test  ## WAL archiving vs cp / pgBackRest async, PITR restore vs pg_basebackup+cp
+	PGKEEPER_BENCH_PITR=1 scripts/system-deps.sh
+	$(BIN)/python bench/bench_pitr.py $(PITR_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache .mypy_cache .ruff_cache

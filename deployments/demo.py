@@ -3,8 +3,10 @@
 In order:
   1. a local Prefect server: SQLite under ``.demo/prefect`` (``PREFECT_HOME``), telemetry off,
      on ``PREFECT_PORT`` (default 4200) with the UI told where its API is
-  2. when ``DATABASE_URL`` is unset, a throwaway PostgreSQL with a sample shop database
-     (customers, products, orders, order lines, payments: ~100k rows); when
+  2. when ``DATABASE_URL`` is unset, a throwaway PostgreSQL server holding a small fleet: the
+     sample ``shop`` database (customers, products, orders, order lines, payments: ~100k rows),
+     ``crm`` and ``analytics``, and a ``shop_app`` role; ``BACKUP_DATABASES`` names the whole
+     server (``/*``) so every run backs up all of them and the server's roles; when
      ``STAGING_DATABASE_URL`` is unset, a second, empty one as the staging server that restore
      tests load (the recommended shape: restore tests never run on the production server)
   3. alerts: unless ``BACKUP_NOTIFY_URLS`` is set, a local webhook receiver that prints every
@@ -14,7 +16,9 @@ In order:
      and artifacts to show
   6. where to look; then it waits. Ctrl-C or SIGTERM stops everything, in reverse order:
      serve (in-flight runs cancelled and cleaned up), the Prefect server, the sample databases.
-Backups go to ``.demo/backups`` unless ``BACKUP_DIR`` is set.
+Its files live in ``./.demo`` (the folder it was started from); backups go to ``.demo/backups``
+unless ``BACKUP_DIR`` is set. It needs only the installed package and the PostgreSQL server
+binaries: the throwaway clusters are ``pgkeeper.sandbox``'s.
 """
 
 from __future__ import annotations
@@ -35,10 +39,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / ".demo"
+from pgkeeper.sandbox import PgCluster
+
+# The demo's files (Prefect's SQLite, logs, backups) live in ./.demo of the folder it is started
+# from: the checkout for `make demo`, any folder for an installed `pgkeeper demo`.
+DEMO = Path.cwd() / ".demo"
 PYTHON = sys.executable
-PREFECT = str(Path(sys.executable).with_name("prefect"))
+PREFECT = str(Path(sys.executable).with_name("prefect"))  # the command the banner shows
 RUN_TIMEOUT = 600  # seconds to wait for the first backup / restore-test
 
 SAMPLE_SQL = """
@@ -90,6 +97,35 @@ INSERT INTO shop.payments (order_id, amount, method, paid_at)
     FROM shop.orders o JOIN shop.order_lines l ON l.order_id = o.id
     WHERE o.status <> 'cancelled' GROUP BY o.id;
 ANALYZE;
+"""
+
+# The rest of the demo fleet: two smaller databases and an application role, so the console
+# shows several databases and the server's globals (roles) being backed up.
+FLEET_SQL = {
+    "crm": """
+CREATE TABLE contacts (
+    id serial PRIMARY KEY, name text NOT NULL, company text, last_call date
+);
+INSERT INTO contacts (name, company, last_call)
+    SELECT 'Contact ' || g, 'Company ' || g % 300, date '2024-01-01' + g % 700
+    FROM generate_series(1, 5000) g;
+""",
+    "analytics": """
+CREATE TABLE page_views (
+    viewed_at timestamptz NOT NULL, path text NOT NULL, visitor uuid NOT NULL
+);
+INSERT INTO page_views
+    SELECT timestamptz '2024-06-01' + g * interval '7 seconds',
+           '/products/' || g % 500, md5(g::text)::uuid
+    FROM generate_series(1, 40000) g;
+CREATE INDEX ON page_views (viewed_at);
+""",
+}
+APP_ROLE_SQL = """
+CREATE ROLE shop_app LOGIN PASSWORD 'demo-app-password' CONNECTION LIMIT 20;
+GRANT USAGE ON SCHEMA shop TO shop_app;
+GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA shop TO shop_app;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA shop TO shop_app;
 """
 
 
@@ -153,23 +189,23 @@ def prefect_env(port: int) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def sample_database() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster with the sample ``shop`` database; yields its URL."""
-    sys.path.insert(0, str(ROOT))  # tests.servers is part of the checkout, not the package
-    from tests.servers.postgres import PgCluster
-
+def sample_server() -> Iterator[tuple[str, str]]:
+    """A throwaway PostgreSQL server with the demo fleet (``shop``, ``crm``, ``analytics``, the
+    ``shop_app`` role); yields (the ``shop`` database's URL, the whole server's ``/*`` URL)."""
     with PgCluster() as cluster:
         cluster.create_database("shop")
         cluster.execute(SAMPLE_SQL, dbname="shop")
-        yield cluster.url("shop")
+        cluster.execute(APP_ROLE_SQL, dbname="shop")
+        for name, sql in FLEET_SQL.items():
+            cluster.create_database(name)
+            cluster.execute(sql, dbname=name)
+        shop = cluster.url("shop")
+        yield shop, shop.rsplit("/", 1)[0] + "/*"
 
 
 @contextlib.contextmanager
 def staging_server() -> Iterator[str]:
     """A second throwaway PostgreSQL cluster, the staging server of restore tests; its URL."""
-    sys.path.insert(0, str(ROOT))
-    from tests.servers.postgres import PgCluster
-
     with PgCluster() as cluster:
         yield cluster.url("postgres")
 
@@ -245,12 +281,16 @@ def _wait_for_deployments(names: list[str], timeout: float) -> None:
 
 def _banner(port: int, backup_dir: str, results: dict[str, str], names: list[str]) -> None:
     ui = f"http://127.0.0.1:{port}"
+    prefect = os.path.relpath(PREFECT) if PREFECT.startswith(f"{Path.cwd()}/") else PREFECT
     lines = [
         "",
         "=" * 78,
         f"pgkeeper demo is running.  Prefect UI: {ui}",
         f"  deployments: {ui}/deployments    runs: {ui}/runs    artifacts: {ui}/artifacts",
         f"  backups in:  {backup_dir}",
+        f"  the fleet:   {ui}/artifacts/key/fleet-inventory  (every database, its newest "
+        "backup, its RPO)",
+        f"  backups:     {ui}/artifacts/key/backup-inventory",
         "",
         "first runs:",
         *[f"  {name:<28} {result}" for name, result in results.items()],
@@ -259,17 +299,17 @@ def _banner(port: int, backup_dir: str, results: dict[str, str], names: list[str
         *[f"  {name}" for name in names],
         "",
         "  export PREFECT_API_URL=" + f"{ui}/api",
-        "  .venv/bin/prefect deployment run 'backup/backup-daily'",
-        "  .venv/bin/prefect deployment run 'restore/restore'          # into a NEW database",
-        "  .venv/bin/prefect deployment run 'restore-test/restore-test'",
+        f"  {prefect} deployment run 'backup/backup-daily'",
+        f"  {prefect} deployment run 'restore/restore'          # into a NEW database",
+        f"  {prefect} deployment run 'restore-test/restore-test'",
         "",
         "alerts print here as [alert] lines. Break something to see one:",
-        "  .venv/bin/prefect deployment run 'backup/backup-daily' -p name='bad name!'",
+        f"  {prefect} deployment run 'backup/backup-daily' -p name='bad name!'",
         "  then a good backup tells it resolved:",
-        "  .venv/bin/prefect deployment run 'backup/backup-daily'",
+        f"  {prefect} deployment run 'backup/backup-daily'",
         f"  automations: {ui}/automations",
         "",
-        "Ctrl-C stops everything (serve, Prefect server, sample database). Logs: .demo/*.log",
+        "Ctrl-C stops everything (serve, Prefect server, sample databases). Logs: .demo/*.log",
         "=" * 78,
     ]
     print("\n".join(lines), flush=True)
@@ -292,14 +332,19 @@ def main() -> int:
             _say(f"starting the Prefect server on port {port} (SQLite in .demo/prefect)...")
             server_log = stack.enter_context((DEMO / "prefect-server.log").open("ab"))
             server = subprocess.Popen(
-                [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                [PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                 "--port", str(port)],
                 env=env, stdout=server_log, stderr=server_log, start_new_session=True,
             )  # fmt: skip
             _wait_http(f"http://127.0.0.1:{port}/api/health", 120)
 
             if not env.get("DATABASE_URL"):
-                _say("DATABASE_URL is unset: starting a sample PostgreSQL with a shop database...")
-                env["DATABASE_URL"] = stack.enter_context(sample_database())
+                _say("DATABASE_URL is unset: starting a sample PostgreSQL server with three "
+                     "databases (shop, crm, analytics) and a role...")  # fmt: skip
+                shop, whole_server = stack.enter_context(sample_server())
+                env["DATABASE_URL"] = shop
+                if not env.get("BACKUP_DATABASES") and not env.get("BACKUP_INVENTORY"):
+                    env["BACKUP_DATABASES"] = whole_server
             if not env.get("STAGING_DATABASE_URL") and not env.get("STAGING_DATABASE_URL_FILE"):
                 _say("STAGING_DATABASE_URL is unset: starting a separate staging PostgreSQL "
                      "for the restore tests...")  # fmt: skip
@@ -317,7 +362,7 @@ def main() -> int:
             _say("serving every deployment (log: .demo/serve.log)...")
             serve_log = stack.enter_context((DEMO / "serve.log").open("ab"))
             serve = subprocess.Popen(
-                [PYTHON, "-m", "deployments.serve"], cwd=ROOT, env=env,
+                [PYTHON, "-m", "deployments.serve"], env=env,
                 stdout=serve_log, stderr=serve_log, start_new_session=True,
             )  # fmt: skip
             from deployments.schedules import plan

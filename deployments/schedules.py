@@ -66,7 +66,25 @@ ENTRYPOINTS: dict[str, str] = {
     "rotate": "flows/rotate.py:rotate",
     "monitor": "flows/monitor.py:monitor",
     "backup-server": "flows/backup_server.py:backup_server",
+    "base-backup": "flows/base_backup.py:base_backup",
+    "pitr-restore-test": "flows/pitr_restore_test.py:pitr_restore_test_flow",
 }
+
+# BACKUP_BASE_SCHEDULE presets: base backups at 01:00, before the day's dumps at 02:00.
+BASE_PRESETS: dict[str, str] = {
+    "hourly": "30 * * * *",
+    "daily": "0 1 * * *",
+    "weekly": "0 1 * * 0",
+    "monthly": "0 1 1 * *",
+}
+
+
+def base_cron(value: str) -> str | None:
+    """``BACKUP_BASE_SCHEDULE``: a preset (hourly, daily, weekly, monthly), a cron, or off."""
+    word = value.strip().lower().removeprefix("@")
+    if word in BASE_PRESETS:
+        return BASE_PRESETS[word]
+    return flow_cron(value, "BACKUP_BASE_SCHEDULE")
 
 
 @dataclass(frozen=True)
@@ -229,6 +247,10 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
     rotate_cron = flow_cron(settings.backup_rotate_schedule, "BACKUP_ROTATE_SCHEDULE")
     test_cron = flow_cron(settings.backup_restore_test_schedule, "BACKUP_RESTORE_TEST_SCHEDULE")
     monitor_cron = flow_cron(settings.backup_monitor_schedule, "BACKUP_MONITOR_SCHEDULE")
+    base = base_cron(settings.backup_base_schedule)
+    pitr_test_cron = flow_cron(
+        settings.backup_pitr_restore_test_schedule, "BACKUP_PITR_RESTORE_TEST_SCHEDULE"
+    )
 
     def scheduled(cron: str | None, **parameters: Any) -> ScheduleSpec | None:
         return _schedule(cron, timezone, enabled, **parameters) if cron else None
@@ -344,6 +366,30 @@ def plan(settings: Settings) -> list[DeploymentSpec]:
                 "One server's share of a fleet backup run (started by the backup runs, one "
                 "task run per database): not scheduled."
             ),
+        )
+    )
+    specs.append(
+        DeploymentSpec(
+            flow="base-backup",
+            name="base-backup",
+            description=(
+                "Base backup of the whole cluster for point-in-time recovery, then verify, "
+                f"upload (with the WAL) and rotate ({base or 'by hand: set BACKUP_BASE_SCHEDULE'})."
+            ),
+            schedule=scheduled(base),
+            cancel_new_when_busy=True,
+        )
+    )
+    specs.append(
+        DeploymentSpec(
+            flow="pitr-restore-test",
+            name="pitr-restore-test",
+            description=(
+                "Restore the newest base backup and all archived WAL on a scratch server, read "
+                f"it back, record the RTO ({pitr_test_cron or 'by hand'})."
+            ),
+            schedule=scheduled(pitr_test_cron),
+            cancel_new_when_busy=True,
         )
     )
     return specs

@@ -2,7 +2,8 @@
 
 Deployments (see ``deployments.schedules`` for schedules and the missed-run policy):
 ``backup/backup-{hourly,daily,weekly,monthly,custom}``, ``verify/verify``, ``upload/upload``,
-``rotate/rotate``, ``restore/restore``, ``restore-test/restore-test``, ``monitor/monitor``.
+``rotate/rotate``, ``restore/restore``, ``restore-test/restore-test``, ``monitor/monitor``,
+``base-backup/base-backup``, ``pitr-restore-test/pitr-restore-test``.
 ``prefect.yaml`` registers the same flows for workers under the names ``<name>-pool``, so the
 two ways of running never overwrite each other's deployments.
 
@@ -56,7 +57,9 @@ def build_deployments(
 
     from flows.backup import backup
     from flows.backup_server import backup_server
+    from flows.base_backup import base_backup
     from flows.monitor import monitor
+    from flows.pitr_restore_test import pitr_restore_test_flow
     from flows.restore import restore
     from flows.restore_test import restore_test
     from flows.rotate import rotate
@@ -72,6 +75,8 @@ def build_deployments(
         "restore-test": restore_test,
         "monitor": monitor,
         "backup-server": backup_server,
+        "base-backup": base_backup,
+        "pitr-restore-test": pitr_restore_test_flow,
     }
     one_at_a_time = ConcurrencyLimitConfig(
         limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW

@@ -8,6 +8,7 @@ from pydantic import Field
 from pgkeeper.upload import UploadReport
 from tasks.alerts import outcome_hooks
 from tasks.inventory import publish_inventory
+from tasks.pitr import upload_wal
 from tasks.upload import (
     clean_offsite_uploads,
     fail_on_upload_errors,
@@ -25,10 +26,12 @@ def upload(
         description="The backup to copy (default: every backup some offsite target is missing).",
     ),
 ) -> list[UploadReport]:
-    """Copy backups to every offsite target (S3, GCS, folders), proven by checksum."""
+    """Copy backups (and archived WAL) to every offsite target, proven by checksum."""
     clean_offsite_uploads()  # 1. abort multipart uploads orphaned by killed uploaders
     reports = upload_backups(backup_id)  # 2. copy and prove (retried while failures are transient)
     report_uploads(reports)  # 3. artifact: what went where
     publish_inventory()  # 4. inventory artifact (where each backup is stored)
-    fail_on_upload_errors(reports)  # 5. fail the run when any copy failed
+    if backup_id is None:
+        upload_wal()  # 5. archived WAL the offsite targets lack (PITR; none: a no-op)
+    fail_on_upload_errors(reports)  # 6. fail the run when any copy failed
     return reports

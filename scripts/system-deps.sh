@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the OS packages pgkeeper and its tests need, when they are missing:
 # PostgreSQL client and server binaries (pg_dump, pg_restore, psql, initdb, pg_ctl), zstd, and
-# age (restoring an encrypted backup by hand, and the tests that do it).
+# age (restoring an encrypted backup by hand, and the tests that do it); with
+# PGKEEPER_BENCH_PITR=1 also pgBackRest (the PITR benchmark's baseline).
 set -euo pipefail
 
 need=()
@@ -12,6 +13,10 @@ elif ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
 fi
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
 command -v age >/dev/null 2>&1 || need+=(age)
+# The PITR benchmark (make bench-pitr) compares with pgBackRest's archive-push: only then.
+if [ "${PGKEEPER_BENCH_PITR:-}" = 1 ]; then
+  command -v pgbackrest >/dev/null 2>&1 || need+=(pgbackrest)
+fi
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

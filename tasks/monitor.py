@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from deployments import schedules
 from pgkeeper import alerts, monitor
 from pgkeeper.monitor import MonitorReport
+from pgkeeper.pitr_status import archive_report
 from pgkeeper.postgres import ConnInfo
 from pgkeeper.retention import parse_duration
 from pgkeeper.rotate import policies_from_settings
@@ -76,6 +77,9 @@ def check_health(
         fleet=fleet,
         unreachable=unreachable,
     )
+    archive = archive_report(settings, storages)  # point-in-time recovery, when archiving
+    if archive is not None:
+        reports.append(archive)
     logger = get_run_logger()
     for report in reports:
         for check in report.checks:

@@ -70,6 +70,14 @@ def _resolve(settings: Settings, options: BackupOptions) -> tuple[str, str, str,
         raise UsageError(f"compression {compression!r} is unknown (use zstd, gzip or none)")
     if options.schema_only and options.data_only:
         raise UsageError("--schema-only and --data-only exclude each other (choose one)")
+    for pattern in [*options.tables, *options.exclude_tables]:
+        if not pattern.strip() or any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) < 0xE000
+                                      for c in pattern):  # fmt: skip
+            shown = pattern.encode("unicode_escape").decode()[:60]
+            raise UsageError(
+                f"table pattern '{shown}' is empty or holds a control character (use names "
+                "like 'public.orders' or 'shop.*')"
+            )
     jobs = options.jobs or settings.backup_jobs
     return name, url, fmt, compression, jobs
 

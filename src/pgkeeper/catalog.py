@@ -111,6 +111,7 @@ def latest(
     BackupNotFoundError. A server's globals (kind ``globals``) are never a database's latest:
     only ``database`` ``*`` names them.
     """
+    # Base backups (kind "base", the whole cluster, for PITR) are never anyone's `latest`.
     kind = "globals" if database == "*" else "dump"
     manifests = [e.manifest for e in entries if e.manifest.kind == kind]
 

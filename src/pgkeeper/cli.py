@@ -99,8 +99,19 @@ def handle_errors(func: F) -> F:
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    env_file: Annotated[
+        Path | None,
+        typer.Option("--env-file", help="Read settings from this file instead of ./.env."),
+    ] = None,
 ) -> None:
     _state["debug"] = debug
+    if env_file is not None:  # archive_command runs in the server's environment, not yours
+        from pgkeeper.settings import use_env_file
+
+        try:
+            use_env_file(env_file)
+        except PgkeeperError as exc:
+            _fail(exc.message, exc.exit_code)
     level = logging.DEBUG if debug else (logging.ERROR if quiet else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
@@ -1092,6 +1103,11 @@ def monitor(as_json: JsonOpt = False) -> None:
         fleet=fleet,
         unreachable=unreachable,
     )
+    from pgkeeper.pitr_status import archive_report
+
+    archive = archive_report(settings, storages)  # point-in-time recovery, when archiving
+    if archive is not None:
+        reports.append(archive)
     report_health(settings, storages[0], reports, route=route)
     failed = [r for r in reports if not r.ok]
     if as_json:
@@ -1259,6 +1275,11 @@ def demo() -> None:
     from deployments.demo import main as demo_main
 
     raise typer.Exit(demo_main())
+
+
+from pgkeeper import cli_pitr  # noqa: E402 - registers on `app`, uses the helpers above
+
+cli_pitr.register(app)
 
 
 def _terminate(signum: int, frame: object) -> None:

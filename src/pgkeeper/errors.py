@@ -21,6 +21,10 @@ Secrets never appear in messages: callers pass redacted URLs (see ``postgres.red
     ├── DumpError                      pg_dump / pg_restore / psql exited with an error
     ├── VerificationError              a stored backup failed a check (names the check)
     ├── RestoreError                   a restore failed; the target was left as it was
+    ├── ArchiveError                   the WAL archive (point-in-time recovery) failed
+    │   ├── WalConflictError           other bytes are archived under that name: never replaced
+    │   ├── WalMissingError            a WAL file is not in the archive (past its end: normal)
+    │   └── WalGapError                a WAL file is missing while later ones exist, or damaged
     └── StorageError                   a storage target failed
         ├── StorageFullError           no space left on the target
         ├── StoragePermissionError     the target refuses access (exit 2: fix permissions)
@@ -121,6 +125,22 @@ class VerificationError(PgkeeperError):
 
 
 class RestoreError(PgkeeperError):
+    pass
+
+
+class ArchiveError(PgkeeperError):
+    """The WAL archive of point-in-time recovery failed (``pgkeeper.wal``)."""
+
+
+class WalConflictError(ArchiveError):
+    http_status = 409
+
+
+class WalMissingError(ArchiveError):
+    http_status = 404
+
+
+class WalGapError(ArchiveError):
     pass
 
 

@@ -69,6 +69,23 @@ class RestoreTest(BaseModel):
     checks: list[CheckResult] = Field(default_factory=list)
 
 
+class BaseBackupInfo(BaseModel):
+    """What a base backup (``kind: base``, point-in-time recovery) needs besides its data: where
+    in the WAL it starts and stops, and which cluster it is of."""
+
+    system_identifier: int = Field(description="the cluster's pg_control system identifier")
+    timeline: int
+    start_lsn: str
+    stop_lsn: str
+    start_wal: str = Field(description="the first WAL segment a restore needs")
+    stop_wal: str = Field(description="the WAL segment that makes it consistent")
+    wal_segment_size: int = 16 * 1024 * 1024
+    checkpoint_lsn: str = ""
+    stopped_at: datetime = Field(description="the earliest moment a restore can target")
+    files: int = Field(default=0, description="files in its backup_manifest")
+    data_directory: str = Field(default="", description="the source server's data folder")
+
+
 class Manifest(BaseModel):
     """Everything known about one complete backup."""
 
@@ -79,10 +96,11 @@ class Manifest(BaseModel):
     server: str = Field(description="host:port of the source server, never credentials")
     server_version: str = ""
     pg_dump_version: str = ""
-    kind: Literal["dump", "globals"] = Field(
+    kind: Literal["dump", "globals", "base"] = Field(
         default="dump",
         description="dump: one database (pg_dump); globals: a server's roles, memberships, "
-        "role settings and tablespaces (pg_dumpall --globals-only), database '*'",
+        "role settings and tablespaces (pg_dumpall --globals-only), database '*'; base: "
+        "pg_basebackup of the whole cluster for point-in-time recovery, database '*'",
     )
     format: Literal["custom", "plain", "directory", "tar"]
     compression: Literal["zstd", "gzip", "none"]
@@ -111,6 +129,9 @@ class Manifest(BaseModel):
         default_factory=dict, description="offsite target URL -> when a proven copy landed there"
     )
     pgkeeper_version: str = ""
+    base: BaseBackupInfo | None = Field(
+        default=None, description="for kind 'base': its WAL range, timeline and cluster"
+    )
 
     # -- derived views -------------------------------------------------------------------------
     @property

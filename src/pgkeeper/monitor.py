@@ -616,6 +616,8 @@ def holdings(
             held.errors[storage.url] = exc.message
             continue
         for manifest in manifests:
+            if manifest.kind == "base":  # the archive checks cover base backups
+                continue
             if database is not None and manifest.database != database:
                 continue
             if server is not None and manifest.server != server:

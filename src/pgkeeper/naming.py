@@ -160,3 +160,77 @@ def id_from_key(key: str) -> str | None:
     """The backup id a storage key belongs to, or None for keys outside the layout."""
     head = key.split("/", 1)[0]
     return head if ID_RE.match(head) else None
+
+
+# --- the WAL archive (point-in-time recovery) ----------------------------------------------------
+#
+# WAL files live outside the backup-id key space ("wal" never has the shape of an id, so the
+# catalog, rotation's plan and incomplete-backup cleanup never take them for backups)::
+#
+#     wal/<system identifier>/<timeline>/<WAL file name>-<sha256 of its bytes>.zst
+#
+# The system identifier (decimal, from the cluster's pg_control) keeps two clusters' archives
+# apart: their segment names collide, their contents never match. The checksum is part of the
+# name, so it is recorded atomically with the object, and an object under a name can only ever
+# hold the bytes that hash to it: a second push of different bytes gets a different key, which
+# the archive refuses (see ``pgkeeper.wal``) instead of overwriting anything.
+
+WAL_ROOT = "wal"
+WAL_NAME_RE = re.compile(
+    r"^(?:(?P<segment>[0-9A-F]{24})(?P<suffix>\.partial|\.[0-9A-F]{8}\.backup)?"
+    r"|(?P<history>[0-9A-F]{8})\.history)\Z"
+)
+_WAL_KEY_RE = re.compile(
+    r"^wal/(?P<system>\d{1,20})/(?P<timeline>[0-9A-F]{8})/"
+    r"(?P<name>[0-9A-F][0-9A-Fa-z.]{7,40})-(?P<sha256>[0-9a-f]{64})\.zst\Z"
+)
+
+
+def validate_wal_name(name: str) -> str:
+    """Return ``name`` if it is a WAL file name PostgreSQL archives (a segment, a ``.partial``
+    segment, a ``.backup`` history file or a timeline ``.history`` file); raise UsageError."""
+    if not isinstance(name, str) or not WAL_NAME_RE.match(name):
+        shown = name if isinstance(name, str) and len(name) < 80 else "<name>"
+        raise UsageError(
+            f"{shown!r} is not a WAL file name (expected e.g. 000000010000000000000002 or "
+            "00000002.history: pass %f / %p as PostgreSQL gives them)"
+        )
+    return name
+
+
+def wal_timeline(name: str) -> str:
+    """The timeline part (8 hex digits) of a WAL file name."""
+    return validate_wal_name(name)[:8]
+
+
+def wal_system_prefix(system_id: int) -> str:
+    return f"{WAL_ROOT}/{int(system_id)}/"
+
+
+def wal_timeline_prefix(system_id: int, timeline: str) -> str:
+    if not re.fullmatch(r"[0-9A-F]{8}", timeline):
+        raise UsageError(f"{timeline!r} is not a timeline (8 hex digits, e.g. 00000002)")
+    return f"{wal_system_prefix(system_id)}{timeline}/"
+
+
+def wal_name_prefix(system_id: int, name: str) -> str:
+    """The prefix every stored copy of WAL file ``name`` starts with (one per checksum)."""
+    return f"{wal_timeline_prefix(system_id, wal_timeline(name))}{name}-"
+
+
+def wal_key(system_id: int, name: str, sha256: str) -> str:
+    """The key of WAL file ``name`` whose bytes hash to ``sha256``."""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+    return f"{wal_name_prefix(system_id, name)}{sha256}.zst"
+
+
+def parse_wal_key(key: str) -> tuple[int, str, str] | None:
+    """``(system id, WAL file name, sha256)`` of an archive key; None for any other key
+    (temporary upload names, foreign files)."""
+    match = _WAL_KEY_RE.match(key)
+    if match is None or not WAL_NAME_RE.match(match.group("name")):
+        return None
+    if match.group("name")[:8] != match.group("timeline"):
+        return None
+    return int(match.group("system")), match.group("name"), match.group("sha256")

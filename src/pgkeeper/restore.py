@@ -743,6 +743,11 @@ def restore_backup(
         backup_id = catalog.latest_backup(settings, storages).id
     found = copies(storages, backup_id)
     manifest = found[0][0]
+    if manifest.kind == "base":  # a whole cluster's files, not a dump: pitr restore builds it
+        raise UsageError(
+            f"backup {backup_id!r} is a base backup of a whole cluster, not a dump: restore it "
+            f"with 'pgkeeper pitr restore --base {backup_id} --to DIR (--latest|--time T)'"
+        )
     if manifest.kind == "globals":  # a server's roles and tablespaces: restored into a server
         from pgkeeper.server_globals import restore_globals_copies
 

@@ -212,7 +212,6 @@ def run_restore_test(
     server (DatabaseUnavailableError is transient), and StorageError when the result cannot be
     recorded.
     """
-    staging_url = staging_url or staging_server(settings)  # refused before anything is read
     storages = storages if storages is not None else targets(settings)
     manifest, storage = choose_backup(settings, storages, backup_id, database)
     if manifest.kind == "globals":
@@ -221,6 +220,7 @@ def run_restore_test(
             "which are not restore-tested: roles are server-wide and a test must not create "
             "them on staging (restore-test a database's backup)"
         )
+    staging_url = staging_url or staging_server(settings)  # refused before anything is restored
     conn = ConnInfo.parse(staging_url)
     checks = check_files(checks_dir if checks_dir is not None else settings.backup_checks_dir)
     scratch = f"{SCRATCH_PREFIX}{secrets.token_hex(4)}"

@@ -17,8 +17,9 @@ Which backups count
 
 Groups
     Backups are planned per *group*: one database on one server (``database``, ``server`` of
-    the manifest), so a target that holds two databases keeps N of each. The size limit is
-    the exception: it is about the target's disk, so it spans every group.
+    the manifest), so a target that holds two databases keeps N of each. A server's base
+    backups (point-in-time recovery) are a group of their own. The size limit is the
+    exception: it is about the target's disk, so it spans every group.
 
 The rules, per group, over the good backups ordered newest first by their own recorded start
 time (``Manifest.started_at``; never a name or a storage timestamp; ties broken by finish time,
@@ -492,7 +493,11 @@ def _sort_key(m: Manifest) -> tuple[datetime, datetime, str]:
 
 
 def group_of(m: Manifest) -> str:
-    return f"{m.database}@{m.server}" if m.server else m.database
+    """Backups of one database on one server; base backups (database '*') are a group of their
+    own beside a server's globals dumps (database '*' too): neither may satisfy the other's
+    rules."""
+    group = f"{m.database}@{m.server}" if m.server else m.database
+    return f"base {group}" if m.kind == "base" else group
 
 
 _BUCKETS: dict[str, Callable[[datetime], tuple[int, ...]]] = {

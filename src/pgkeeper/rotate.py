@@ -199,6 +199,7 @@ class TargetReport:
     warnings: list[str] = field(default_factory=list)
     usage_before: TargetUsage | None = None
     usage_after: TargetUsage | None = None
+    wal_removed: list[str] = field(default_factory=list)  # WAL files no kept base backup needs
 
     def action(self, decision: Decision, dry_run: bool) -> str:
         backup_id = decision.backup_id
@@ -284,6 +285,8 @@ class RotationReport:
             parts = [f"{t.url}: kept {kept}", f"{verb} {len(t.deleted)}"]
             if t.incomplete_removed:
                 parts.append(f"{verb} {len(t.incomplete_removed)} incomplete")
+            if t.wal_removed:
+                parts.append(f"{verb} {len(t.wal_removed)} WAL files")
             if t.kept_by_lock or t.incomplete_kept:
                 parts.append(f"kept-by-lock {len(t.kept_by_lock) + len(t.incomplete_kept)}")
             if t.skipped:
@@ -312,6 +315,7 @@ class RotationReport:
                     "skipped": t.skipped,
                     "incomplete_removed": t.incomplete_removed,
                     "incomplete_kept": t.incomplete_kept,
+                    "wal_removed": t.wal_removed,
                     "notes": t.notes,
                     "errors": t.errors,
                     "warnings": t.warnings,
@@ -523,6 +527,12 @@ def rotate(
         for decision in reversed(result.decisions):
             if not decision.keep:
                 _delete(storage, by_id[decision.backup_id], dry_run, target)
+        kept = [by_id[d.backup_id] for d in result.decisions if d.backup_id not in target.deleted]
+        try:
+            # After the base backups: WAL goes only once no kept base backup needs it.
+            _prune_wal(storage, kept, dry_run, target)
+        except StorageError as exc:
+            target.errors.append(f"removing old WAL from {storage.url} failed: {exc.message}")
         try:
             grace = max(target_policy.failed_grace, MIN_INCOMPLETE_AGE)
             if only is None:  # an incomplete folder's database is not always known
@@ -540,6 +550,33 @@ def rotate(
         for error in target.errors:
             log.error("%s", error)
     return report
+
+
+def _prune_wal(
+    storage: Storage, kept: Sequence[Manifest], dry_run: bool, report: TargetReport
+) -> None:
+    """WAL retention on one target: per database system, remove the archived WAL that lies
+    wholly before the oldest base backup this rotation keeps there (``wal.prune_plan``)."""
+    from pgkeeper import wal  # the WAL archive only matters to deployments that archive
+
+    starts: dict[int, list[int]] = {}
+    sizes: dict[int, int] = {}
+    for manifest in kept:
+        if manifest.kind == "base" and manifest.base is not None:
+            info = manifest.base
+            starts.setdefault(info.system_identifier, []).append(wal.parse_lsn(info.start_lsn))
+            sizes[info.system_identifier] = info.wal_segment_size
+    for system_id in wal.list_systems(storage):
+        archive = wal.list_archive(storage, system_id)
+        doomed = wal.prune_plan(
+            archive, starts.get(system_id, []), sizes.get(system_id, wal.DEFAULT_SEGMENT_SIZE)
+        )
+        if not dry_run:
+            wal.remove(storage, doomed)
+        report.wal_removed.extend(f.name for f in doomed)
+        if doomed:
+            log.info("rotation removed %d WAL files of system %s from %s", len(doomed),
+                     system_id, storage.url)  # fmt: skip
 
 
 def _usage_after(storage: Storage, target: TargetReport, dry_run: bool) -> TargetUsage:

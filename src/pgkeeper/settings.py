@@ -207,6 +207,48 @@ class Settings(BaseSettings):
         default=None, description="folder of .sql files; each must return true after a restore."
     )
 
+    # --- point-in-time recovery: WAL archive, base backups, PITR restores --------------------
+    backup_wal_async: bool = Field(
+        default=True,
+        description=(
+            "wal-push through a background pusher that archives ready WAL ahead, in parallel; "
+            "false: each wal-push archives its own file."
+        ),
+    )
+    backup_wal_push_workers: int = Field(
+        default=2, ge=1, le=32, description="WAL files the background pusher archives at once."
+    )
+    backup_wal_compression_level: int = Field(default=1, ge=-7, le=22)
+    backup_wal_push_timeout: float = Field(
+        default=120.0, gt=0, description="seconds wal-push waits for its file to be archived."
+    )
+    backup_wal_pusher_idle: float = Field(
+        default=120.0,
+        ge=0,
+        description="seconds the background pusher (or restore prefetcher) waits for more work.",
+    )
+    backup_base_schedule: str = Field(
+        default="off", description="base-backup deployment: a preset, a cron, or off."
+    )
+    backup_base_name: str = "base"
+    backup_base_checkpoint: Literal["fast", "spread"] = "fast"
+    backup_base_wal_wait: float = Field(
+        default=300.0, ge=0, description="seconds a base backup waits for its WAL to be archived."
+    )
+    backup_archive_max_lag: str = Field(
+        default="15min",
+        description="monitor: newest archived WAL older than this while the server writes.",
+    )
+    backup_pitr_restore_test_schedule: str = "off"
+    backup_pitr_os_user: str = Field(
+        default="postgres",
+        description="run as root: who owns restored data folders and runs their server.",
+    )
+    backup_pitr_pgkeeper: str | None = Field(
+        default=None,
+        description="the pgkeeper command a restored server's restore_command runs.",
+    )
+
     # --- HTTP API -------------------------------------------------------------------------
     backup_api_token: SecretStr | None = None
     backup_api_read_token: SecretStr | None = None
@@ -297,8 +339,33 @@ class Settings(BaseSettings):
         return self.database_url.get_secret_value()
 
 
+_env_file: list[Path] = []  # set by ``use_env_file`` (the CLI's global --env-file)
+
+
+def use_env_file(path: Path) -> None:
+    """Read settings from ``path`` instead of ``./.env`` from now on (variables in the
+    environment still win, as with ``.env``). Raises ConfigError for an unreadable file."""
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"env file {str(path)!r} cannot be read ({exc.strerror}); check the path and that "
+            "this user may read it"
+        ) from None
+    _env_file[:] = [path.absolute()]
+
+
+def env_file() -> Path | None:
+    """The file ``use_env_file`` chose, if any."""
+    return _env_file[0] if _env_file else None
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read settings from the environment and ``.env``; bad values become one-line ConfigErrors."""
+    """Read settings from the environment and ``.env`` (or the ``use_env_file`` file); bad
+    values become one-line ConfigErrors."""
+    if _env_file and "_env_file" not in overrides:
+        overrides["_env_file"] = _env_file[0]
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

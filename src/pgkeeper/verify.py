@@ -413,6 +413,10 @@ def check_backup(
     Storage failures while reading are reported as failed checks, not raised. An encrypted
     backup without ``identity`` gets the checks that need no key (see the module docstring).
     """
+    if manifest.kind == "base":  # a pg_basebackup tar: checked against its backup_manifest
+        from pgkeeper.basebackup import verify_base
+
+        return verify_base(storage, manifest, level, progress)
     full = level == "full"
     encrypted = manifest.encryption is not None
     if not encrypted:

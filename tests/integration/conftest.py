@@ -7,6 +7,8 @@ one Prefect test server for the whole session (its ~10 s start is paid once).
 - `prefect_server` -> the API URL of a session-wide `prefect_test_harness` server.
 - `prefect_server_process` -> the API URL of a real `prefect server start` (with services:
   proactive automations run there, not in the harness); started by the tests that need it.
+- `server_pgkeeper` -> a `pgkeeper` the PostgreSQL server's user can run (archive_command,
+  restore_command): a venv of this checkout built once per session (~40 s; slow tests only).
 """
 
 from __future__ import annotations
@@ -127,3 +129,17 @@ def prefect_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield server.api_url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def server_pgkeeper() -> Iterator[Path]:
+    """This checkout installed in a venv the `postgres` user can run; its `pgkeeper`."""
+    import shutil
+
+    from tests.support.pitr import build_server_venv, shared_dir
+
+    folder = shared_dir("pgkeeper-server-venv-")
+    try:
+        yield build_server_venv(folder / "venv")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

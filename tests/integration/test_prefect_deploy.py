@@ -48,7 +48,7 @@ def _cli(*args: str, api_url: str) -> subprocess.CompletedProcess[str]:
 def test_prefect_deploy_all_registers_every_deployment_with_its_schedules(
     prefect_server: str,
 ) -> None:
-    """Against a Prefect server, `prefect deploy --all --no-prompt` creates all twelve pool
+    """Against a Prefect server, `prefect deploy --all --no-prompt` creates all fourteen pool
     deployments: crons, timezone, active flags, missed-run parameters, CANCEL_NEW limits."""
     pool = _cli("work-pool", "create", "pgkeeper", "--type", "process", api_url=prefect_server)
     assert pool.returncode == 0 or "already exists" in pool.stdout + pool.stderr, pool.stderr
@@ -58,7 +58,7 @@ def test_prefect_deploy_all_registers_every_deployment_with_its_schedules(
 
     expected = {f"{s.flow}/{s.name}-pool": s for s in plan(load_settings(_env_file=None))}
     assert {"upload/upload-pool", "rotate/rotate-pool", "monitor/monitor-pool"} <= set(expected)
-    assert len(expected) == 12
+    assert len(expected) == 14
     with get_client(sync_client=True) as client:
         for full_name, spec in expected.items():
             deployment = client.read_deployment_by_name(full_name)

@@ -1,7 +1,7 @@
 """Table patterns pg_dump cannot take (found by the API's schemathesis run: 500s): a pattern with
-a control character (a NUL cannot even be passed to a process) or one pg_dump refuses as a
-regular expression is the user's error, in one line: 400 over the API, exit 2 on the CLI, and
-no backup is made."""
+a control character (a NUL cannot even be passed to a process; refused by backup's own check)
+or one pg_dump refuses as a regular expression (``dumpfilter.pattern_error``) is the user's
+error, in one line: 400 over the API, exit 2 on the CLI, and no backup is made."""
 
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ PostgreSQL (a daemon started by pg_ctl) gets a small reaper process that does th
 
 from __future__ import annotations
 
-import socket
 import sys
+
+from pgkeeper.sandbox import free_port
 
 # Runs `python -m <module> <args>` (or `python <script.py> <args>`) in-process, plus a daemon
 # thread that exits the process once its parent (the test process) is gone. SIGINT is left
@@ -36,12 +37,7 @@ else:
 """
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free on `host` a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+__all__ = ["free_port", "guarded_module_argv", "guarded_script_argv"]
 
 
 def guarded_module_argv(module: str, *args: str) -> list[str]:

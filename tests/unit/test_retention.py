@@ -897,3 +897,16 @@ def test_a_restore_test_passing_again_makes_the_backup_count_again() -> None:
         True, False, "verified",
     )  # fmt: skip
     assert reasons(plan([passed], only(keep_last=1), NOW))[passed.id][0] == "newest verified"
+
+
+def test_base_backups_are_a_group_of_their_own_beside_globals_dumps() -> None:
+    """A server's base backups (PITR, database '*') and its globals dumps (database '*' too)
+    are planned apart: keep_last 1 keeps the newest of each, never one for the other."""
+    globals_dump = backup("2025-03-02T00:00:00").model_copy(
+        update={"database": "*", "kind": "globals"}
+    )
+    old_base = backup("2025-03-01T00:00:00").model_copy(update={"database": "*", "kind": "base"})
+    new_base = backup("2025-03-01T12:00:00").model_copy(update={"database": "*", "kind": "base"})
+    result = plan([globals_dump, old_base, new_base], only(keep_last=1), NOW)
+    assert kept(result) == {globals_dump.id, new_base.id}
+    assert result.decision(new_base.id).group == "base *@db:5432"

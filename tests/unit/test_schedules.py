@@ -23,6 +23,7 @@ from pgkeeper.settings import Settings, load_settings
 ALL_NAMES = [
     "backup-hourly", "backup-daily", "backup-weekly", "backup-monthly", "backup-custom",
     "verify", "upload", "rotate", "restore", "restore-test", "monitor", "backup-server",
+    "base-backup", "pitr-restore-test",
 ]  # fmt: skip
 # Scheduled whatever BACKUP_SCHEDULE says (while BACKUP_ENABLED is true).
 HOUSEKEEPING = {
@@ -104,8 +105,31 @@ def test_backups_cancel_a_new_run_while_one_runs_and_others_do_not() -> None:
 
     assert {n for n, s in specs.items() if s.cancel_new_when_busy} == {
         "backup-hourly", "backup-daily", "backup-weekly", "backup-monthly", "backup-custom",
-        "restore-test", "rotate", "monitor",
+        "restore-test", "rotate", "monitor", "base-backup", "pitr-restore-test",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "cron"),
+    [("off", None), ("weekly", "0 1 * * 0"), ("daily", "0 1 * * *"), ("15 3 * * 6", "15 3 * * 6")],
+)
+def test_base_backup_schedule_is_a_preset_a_cron_or_off(value: str, cron: str | None) -> None:
+    """BACKUP_BASE_SCHEDULE schedules the base-backup deployment (off: by hand only); the
+    PITR restore test has its own BACKUP_PITR_RESTORE_TEST_SCHEDULE, off by default."""
+    specs = _by_name(plan(_settings(backup_base_schedule=value)))
+
+    schedule = specs["base-backup"].schedule
+    assert (schedule.cron if schedule else None) == cron
+    assert schedule is None or schedule.active
+    assert specs["pitr-restore-test"].schedule is None
+    tested = _by_name(plan(_settings(backup_pitr_restore_test_schedule="0 4 * * 0")))
+    assert tested["pitr-restore-test"].schedule is not None
+
+
+def test_a_malformed_base_backup_schedule_is_one_line_naming_the_setting() -> None:
+    """A bad BACKUP_BASE_SCHEDULE fails at start-up with the setting's name."""
+    with pytest.raises(ConfigError, match="BACKUP_BASE_SCHEDULE"):
+        plan(_settings(backup_base_schedule="fortnightly"))
 
 
 @pytest.mark.parametrize(

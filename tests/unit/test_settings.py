@@ -186,3 +186,26 @@ def test_secret_files_are_read_from_dotenv_too(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(f"BACKUP_API_TOKEN_FILE={secret}\n")
     token = load_settings().backup_api_token
     assert token is not None and token.get_secret_value() == "dotenv-token-0123456789"
+
+
+def test_env_file_replaces_dotenv_and_the_environment_still_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--env-file FILE (what archive_command passes): settings come from FILE instead of
+    ./.env, a variable set in the environment still wins, and an unreadable file is one
+    ConfigError naming it."""
+    from pgkeeper import settings as settings_module
+
+    env_file = tmp_path / "pgkeeper.env"
+    env_file.write_text("BACKUP_DIR=/from/file\nBACKUP_NAME=filed\n")
+    monkeypatch.setenv("BACKUP_NAME", "from_env")
+    monkeypatch.chdir(tmp_path)
+    try:
+        settings_module.use_env_file(env_file)
+        loaded = settings_module.load_settings()
+        assert (loaded.backup_dir, loaded.backup_name) == ("/from/file", "from_env")
+        assert settings_module.env_file() == env_file
+        with pytest.raises(ConfigError, match=r"missing\.env"):
+            settings_module.use_env_file(tmp_path / "missing.env")
+    finally:
+        settings_module._env_file.clear()

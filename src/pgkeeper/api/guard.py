@@ -422,6 +422,7 @@ class RequestGuard:
                 403,
             )
         access = self.access_of(scope)
+        _one_of_each(scope.get("query_string", b""))
         authorization = _headers(scope, b"authorization")
         scheme, credentials = get_authorization_scheme_param(
             authorization[0] if authorization else None
@@ -510,3 +511,17 @@ __all__ = [
     "RequestGuard", "Tokens", "allowed_hosts", "host_name", "is_loopback", "is_own_origin",
     "json_body", "media_type", "parse_authority",
 ]  # fmt: skip
+
+
+def _one_of_each(query: bytes) -> None:
+    """A query parameter given twice (``?database=a&database=b``) is ambiguous: the API would
+    silently take one. Refuse it (400) naming the parameter."""
+    from urllib.parse import parse_qsl
+
+    seen: set[str] = set()
+    for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if name in seen:
+            raise GuardError(
+                f"query parameter {name[:40]!r} is given more than once (give it once)", 400
+            )
+        seen.add(name)

@@ -242,7 +242,18 @@ class LocalStorage:
         descended into."""
         if not self.root.is_dir():
             return
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        # Walk only the deepest folder the prefix names (a WAL fetch lists one timeline's
+        # folder, not every backup); local_path refuses a link on the way down.
+        start = self.root
+        if "/" in prefix:
+            try:
+                folder = self.local_path(prefix.rsplit("/", 1)[0])
+            except StorageError:  # a link or an unsafe part: nothing is listed through it
+                return
+            if folder is None or not folder.is_dir() or folder.is_symlink():
+                return
+            start = folder
+        for dirpath, dirnames, filenames in os.walk(start):
             dirnames.sort()
             for filename in sorted(filenames):
                 full = Path(dirpath, filename)
