@@ -12,17 +12,24 @@ concurrency limit of 1 with CANCEL_NEW: a run that comes due while one runs is c
 queued behind it.
 The engine's per-database advisory lock also stops two backups from different deployments.
 
+Schedules: the environment's schedule of a deployment is applied at start only when it changed
+since serve last applied it; otherwise the schedule on the server (edited in the UI, with
+``pgkeeper schedule set`` or ``PUT /api/schedule``) is kept (``pgkeeper.schedule``).
+
 Shutdown: on SIGTERM or Ctrl-C Prefect's runner cancels in-flight runs: their flow processes
 get SIGTERM, which the backup engine turns into cleanup (pg_dump terminated and reaped, the
 partial object and backup folder removed, the lock released), and the runs end Cancelled.
 Then the deployments are paused, which also deletes their queued scheduled runs, so a later
 restart does not replay what came due while it was down; ``serve`` unpauses them on start.
+The stop is bounded (``deployments.serving``): with the Prefect server gone it takes at most
+about 25 s and says in one line what it could not do.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from deployments.schedules import plan
 from pgkeeper.errors import PgkeeperError
@@ -31,11 +38,18 @@ from pgkeeper.settings import Settings, load_settings
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
+    from pgkeeper.prefect_api import PrefectLink
+
 TAGS = ["pgkeeper"]
 
 
-def build_deployments(settings: Settings) -> list[RunnerDeployment]:
-    """Every deployment as a RunnerDeployment; raises ConfigError for a malformed schedule."""
+def build_deployments(
+    settings: Settings, kept: Mapping[str, list[Any]] | None = None
+) -> list[RunnerDeployment]:
+    """Every deployment as a RunnerDeployment; raises ConfigError for a malformed schedule.
+
+    ``kept``: deployment name -> the schedules it keeps from the server instead of the
+    environment's (``deployments.schedule_edits.at_start``)."""
     specs = plan(settings)  # validate before importing Prefect: bad config fails fast
 
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -75,7 +89,9 @@ def build_deployments(settings: Settings) -> list[RunnerDeployment]:
                 name=spec.name,
                 description=spec.description,
                 tags=TAGS,
-                schedules=[
+                schedules=kept[spec.name]
+                if kept is not None and spec.name in kept
+                else [
                     Cron(
                         schedule.cron,
                         timezone=schedule.timezone,
@@ -111,13 +127,39 @@ def install_alerts(settings: Settings) -> None:
         print(f"warning: {report.problem}", file=sys.stderr)
 
 
+def refresh_restore_form(settings: Settings, link: PrefectLink) -> None:
+    """The restore form lists the newest verified backups (``pgkeeper.restore_form``); a
+    storage target or server that fails only costs the list, with a warning."""
+    from pgkeeper import catalog, restore_form
+    from pgkeeper.storage import targets
+
+    try:
+        restore_form.refresh(link, catalog.list_all(targets(settings)))
+    except PgkeeperError as exc:
+        print(f"warning: the restore form's list of backups is not refreshed: {exc}",
+              file=sys.stderr)  # fmt: skip
+
+
 def serve_all(settings: Settings) -> None:
     """Register every deployment and run their scheduled and manual runs until stopped."""
-    from prefect import serve
+    from deployments import schedule_edits, serving
+    from pgkeeper.schedule import write_record
 
-    deployments = build_deployments(settings)
+    link = serving.prefect_link()
+    # The schedule rule (pgkeeper.schedule) needs a server that outlives this process: without
+    # PREFECT_API_URL Prefect starts a temporary one, and the environment's schedules apply.
+    start = schedule_edits.at_start(settings, link) if link.api_url else None
+    deployments = build_deployments(settings, start.kept if start else None)
     install_alerts(settings)
-    serve(*deployments, pause_on_shutdown=True)
+
+    def registered() -> None:
+        if start is not None:
+            write_record(link, start.record)
+            for line in start.lines:
+                print(line, flush=True)
+            refresh_restore_form(settings, link)
+
+    serving.run(deployments, after_registration=registered)
 
 
 def main() -> int:

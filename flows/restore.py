@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import Field
 
+from pgkeeper import restore_form
 from pgkeeper.restore import RestoreResult
 from tasks.restore import report_restore, restore_database
 
@@ -13,8 +14,8 @@ TIMEOUT_SECONDS = 12 * 3600
 
 @flow(name="restore", timeout_seconds=TIMEOUT_SECONDS)
 def restore(
-    backup_id: str | None = Field(
-        default=None, description="The backup to restore (default: the newest verified one)."
+    backup_id: str | None = Field(  # serve lists the newest backups here (restore_form)
+        default=None, description=restore_form.BASE
     ),
     target: str | None = Field(
         default=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from pgkeeper import catalog
@@ -71,4 +71,17 @@ def publish_inventory() -> int:
         key="backup-inventory",
         description=f"{len(rows)} backups, {total} per copy",
     )
+    refresh_restore_form(entries)
     return len(rows)
+
+
+def refresh_restore_form(entries: list[Entry]) -> None:
+    """The restore form lists what the inventory lists (``pgkeeper.restore_form``); a failure
+    costs only the list, never the run."""
+    from pgkeeper import restore_form
+    from tasks.alerts import prefect_link
+
+    try:
+        restore_form.refresh(prefect_link(), entries)
+    except Exception as exc:
+        get_run_logger().warning("restore form not refreshed: %s: %s", type(exc).__name__, exc)

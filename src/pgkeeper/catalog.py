@@ -19,7 +19,13 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from pgkeeper import naming
-from pgkeeper.errors import BackupNotFoundError, PgkeeperError, StorageError, UsageError
+from pgkeeper.errors import (
+    BackupExistsError,
+    BackupNotFoundError,
+    PgkeeperError,
+    StorageError,
+    UsageError,
+)
 from pgkeeper.manifest import Manifest, utcnow
 from pgkeeper.storage.base import ObjectInfo, Storage, get_bytes, put_bytes
 
@@ -268,14 +274,39 @@ class Reservation:
         self.manifest = manifest
 
 
+def claim_id(
+    storage: Storage, name: str, at: datetime, database: str, server: str
+) -> tuple[str, datetime]:
+    """Claim exactly the id ``<name>_<at>`` (a backup made elsewhere at ``at``, imported now),
+    as ``reserve_id`` claims a new one. Raises BackupExistsError when anything holds it."""
+    backup_id = naming.make_id(name, at, millis=bool(at.microsecond))
+    body = {"id": backup_id, "database": database, "server": server,
+            "since": utcnow().isoformat(), "token": secrets.token_hex(8)}  # fmt: skip
+    taken = any(True for _ in storage.list(naming.backup_prefix(backup_id)))
+    if taken or not storage.create_exclusive(
+        naming.pending_key(backup_id), json.dumps(body).encode()
+    ):
+        raise BackupExistsError(
+            f"backup {backup_id!r} already exists in {storage.url} (or is being written): it "
+            "is not overwritten"
+        )
+    return backup_id, at
+
+
 @contextmanager
-def new_backup(storage: Storage, name: str, database: str, server: str) -> Iterator[Reservation]:
+def new_backup(
+    storage: Storage, name: str, database: str, server: str, *, at: datetime | None = None
+) -> Iterator[Reservation]:
     """The one way a backup comes to exist (pgkeeper's own dumps and imports alike): reserve
-    an id (``reserve_id``), let the block write the objects under it and ``commit`` the
-    manifest last, then drop ``pending.json``. On any exception, or a block that never
+    an id (``reserve_id``; with ``at``, exactly the one of that time, ``claim_id``), let the
+    block write the objects under it and ``commit`` the manifest last, then drop
+    ``pending.json``. On any exception, or a block that never
     committed, everything written under the id is removed before the error propagates (best
     effort: what a crash leaves is cleaned by the next backup, see ``clean_incomplete``)."""
-    backup_id, started = reserve_id(storage, name, database, server)
+    if at is None:
+        backup_id, started = reserve_id(storage, name, database, server)
+    else:  # raises before the try: an id that is taken is someone else's, never discarded
+        backup_id, started = claim_id(storage, name, at, database, server)
     reservation = Reservation(storage, backup_id, started)
     try:
         yield reservation

@@ -789,24 +789,69 @@ def download(
 @handle_errors
 def import_(
     file: Annotated[
-        Path, typer.Argument(help="A pg_dump file: custom, plain, tar, directory tar.")
-    ],
+        Path | None, typer.Argument(help="A pg_dump file: custom, plain, tar, directory tar.")
+    ] = None,
     name: Annotated[str, typer.Option(help="Backup name for the id.")] = "imported",
+    from_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-dir",
+            help="A folder of the seed's backups (<name>_<YYYY-MM-DDTHH-MM-SS>.sql.gz): each "
+            "is imported keeping its name and time.",
+        ),
+    ] = None,
+    database: Annotated[
+        str | None, typer.Option(help="The database the dumps are of (plain SQL does not say).")
+    ] = None,
     as_json: JsonOpt = False,
     identity: IdentityOpt = None,
 ) -> None:
-    """Bring an external dump in as a backup (detected by content; verified)."""
+    """Bring an external dump in as a backup (detected by content; verified), or a folder of
+    the seed's backups with --from-dir."""
     from pgkeeper.importing import import_file
 
     settings = settings_from_env(backup_encryption_identity_file=identity)
+    if from_dir is not None:
+        if file is not None:
+            raise UsageError("give a dump FILE or --from-dir DIR, not both")
+        _import_folder(settings, from_dir, database, as_json)
+        return
+    if file is None:
+        raise UsageError("give a dump FILE to import, or --from-dir DIR (see 'pgkeeper import "
+                         "--help')")  # fmt: skip
     if not file.exists():
         raise UsageError(f"{file} does not exist (check the path)")
     with progress_bar("import", file.stat().st_size if file.is_file() else None) as progress:
-        manifest = import_file(settings, file, name=name, progress=progress)
+        manifest = import_file(settings, file, name=name, progress=progress, database=database)
     if as_json:
         print_json(manifest.to_public())
     else:
         _print_manifest(manifest)
+
+
+def _import_folder(settings: Settings, folder: Path, database: str | None, as_json: bool) -> None:
+    """``import --from-dir``: one line per file as it is done, then the summary."""
+    from pgkeeper.folder_import import FileOutcome, import_folder
+
+    labels = {"imported": "imported", "already imported": "already", "skipped": "skipped",
+              "failed": "FAILED"}  # fmt: skip
+
+    def told(outcome: FileOutcome) -> None:
+        arrow = f" -> {outcome.backup_id}" if outcome.status == "imported" else ""
+        typer.echo(f"{labels[outcome.status]:<8}  {outcome.file}{arrow}: {outcome.reason}")
+
+    report = import_folder(
+        settings, folder, database=database,
+        progress=lambda path, size: progress_bar(path.name, size),
+        told=None if as_json else told,
+    )  # fmt: skip
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        typer.echo(report.summary())
+    if not report.ok:
+        _fail(f"{report.count('failed')} of the files named like backups could not be imported "
+              "(see above); the others are in place", 1)  # fmt: skip
 
 
 @app.command("restore-test")
@@ -1136,6 +1181,62 @@ def alerts_test() -> None:
     if not route.deliver(message):
         _fail(f"the test alert was not delivered to {where} (see the warning above)", 1)
     typer.echo(f"test alert sent to {where}")
+
+
+schedule_app = typer.Typer(
+    help="The deployments' schedules on the Prefect server, changed at run time "
+    "(an edit stays until the environment's value changes)."
+)
+app.add_typer(schedule_app, name="schedule")
+
+
+def _print_schedules(report: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(report.to_dict())
+        return
+    print_table(report.as_table(), ["deployment", "schedule", "environment's", "source"])
+    for name in report.changed:
+        typer.echo(f"changed {name}")
+    typer.echo(f"\nrule: {report.to_dict()['rule']}")
+
+
+@schedule_app.command("show")
+@handle_errors
+def schedule_show(as_json: JsonOpt = False) -> None:
+    """Every pgkeeper deployment's schedule on the Prefect server, beside the environment's."""
+    from pgkeeper.prefect_api import PrefectLink
+    from pgkeeper.schedule import show
+
+    _print_schedules(show(PrefectLink.from_environment()), as_json)
+
+
+@schedule_app.command("set")
+@handle_errors
+def schedule_set(
+    value: Annotated[
+        str,
+        typer.Argument(
+            help="Like BACKUP_SCHEDULE (hourly, daily, weekly, monthly, a comma list, a cron) or "
+            "off; with --deployment: a cron, off or on."
+        ),
+    ],
+    deployment: Annotated[
+        str | None,
+        typer.Option(help="One deployment (verify, rotate, backup-daily, ...) instead of backups."),
+    ] = None,
+    timezone: Annotated[
+        str | None, typer.Option(help="IANA timezone (default: the schedule's current one).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change schedules on the Prefect server now (serve keeps them over restarts)."""
+    from deployments.schedule_edits import requested
+    from pgkeeper.prefect_api import PrefectLink
+    from pgkeeper.schedule import set_schedules
+
+    link = PrefectLink.from_environment()
+    wanted = requested(settings_from_env(), link, value, deployment, timezone)
+    _print_schedules(set_schedules(link, wanted), as_json)
 
 
 @app.command()

@@ -37,6 +37,7 @@ PG_EXTENSION = 3079
 FIRST_NORMAL_OID = 16384  # below: objects of initdb (pg_catalog, the public schema, ...)
 _TOC_LINE = re.compile(r"^\s*\d+;\s+(\d+)\s+(\d+)\s+(.*)$")
 _NO_MATCH = re.compile(r'no matching (?:tables|schemas) were found(?: for pattern "(.*)")?')
+_BAD_PATTERN = re.compile(r"invalid regular expression: (.*)")
 
 # Everything the dumped relations (and their defaults, constraints, indexes, triggers, rules and
 # policies) depend on, normalised: an index to its table, an array type to its element, a row
@@ -133,8 +134,10 @@ def _toc(pg_dump: postgres.Client, pg_restore: postgres.Client, argv: list[str],
         full = [*argv, "--schema-only", "--format=custom", f"--file={archive.name}"]
         with ClientProcess(full, env, stdout=subprocess.DEVNULL) as proc:
             if proc.wait() != 0:
-                raise no_match_error(proc.stderr_lines) or DumpError(
-                    f"pg_dump failed listing the filtered tables: {proc.last_error()}"
+                raise (
+                    no_match_error(proc.stderr_lines)
+                    or pattern_error(proc.stderr_lines)
+                    or DumpError(f"pg_dump failed listing the filtered tables: {proc.last_error()}")
                 )
         listing = subprocess.run(
             [pg_restore.argv0, "--list", archive.name],
@@ -164,6 +167,19 @@ def no_match_error(stderr_lines: Sequence[str]) -> UsageError | None:
     return None
 
 
+def pattern_error(stderr_lines: Sequence[str]) -> UsageError | None:
+    """pg_dump refusing a -t/-T pattern as a regular expression, as a user error, or None."""
+    for line in stderr_lines:
+        match = _BAD_PATTERN.search(line)
+        if match:
+            return UsageError(
+                f"a table pattern is not valid ({match.group(1).strip()[:80]}): patterns are as "
+                "in psql, e.g. 'public.orders' or 'shop.*'; double-quote a name with special "
+                "characters"
+            )
+    return None
+
+
 def plan_filters(
     connection: psycopg.Connection[Any],
     pg_dump: postgres.Client,
@@ -178,7 +194,7 @@ def plan_filters(
     ``-t`` (only when the filters already use -t: with -T alone, one -t would narrow the
     whole dump to it).
 
-    Raises UsageError naming every missing object (or an unmatched -t pattern).
+    Raises UsageError naming every missing object (or an unmatched or malformed pattern).
     """
     added: dict[int, tuple[str, str]] = {}
     for _ in range(3):  # added sequences may need their own schema: look again

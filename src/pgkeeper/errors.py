@@ -10,6 +10,7 @@ Secrets never appear in messages: callers pass redacted URLs (see ``postgres.red
     │   ├── BackupNotFoundError        no backup with that id on any target
     │   ├── NotADumpError              an imported file is not a PostgreSQL dump
     │   ├── ConfirmationRequiredError  restoring over a database with data without --confirm
+    │   ├── BackupExistsError          a backup id that must be new is taken (an import's own)
     │   ├── AuthenticationError        the server rejected the credentials
     │   ├── DatabaseMissingError       the database named in the URL does not exist
     │   ├── ClientVersionError         pg_dump/pg_restore older than the server
@@ -75,6 +76,10 @@ class NotADumpError(UsageError):
 
 
 class ConfirmationRequiredError(UsageError):
+    http_status = 409
+
+
+class BackupExistsError(UsageError):
     http_status = 409
 
 

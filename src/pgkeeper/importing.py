@@ -26,6 +26,7 @@ import struct
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -216,11 +217,21 @@ def import_stream(
     storage: Storage | None = None,
     progress: Progress | None = None,
     max_bytes: int | None = None,
+    at: datetime | None = None,
+    database: str | None = None,
+    source: dict[str, str] | None = None,
 ) -> Manifest:
     """Import a dump read from ``read`` as a new backup on the primary target.
 
+    ``at``: the backup's own time, for a backup made elsewhere earlier (``folder_import``): its
+    id is exactly ``<name>_<at>`` and the manifest's start and finish times are ``at``, so
+    listings and retention see its real age. ``database``: what the dump is of, when it does
+    not say (plain SQL). ``source``: where it came from (file name, its sha256), recorded in
+    the manifest's options (``imported_from``, ``imported_sha256``).
+
     Raises NotADumpError for anything that is not a dump (or a dump that fails verification),
-    StorageError when the target fails, UsageError when it exceeds ``max_bytes``.
+    StorageError when the target fails, UsageError when it exceeds ``max_bytes``,
+    BackupExistsError when the id ``at`` asks for is taken.
     """
     naming.validate_name(name)
     primary = storage if storage is not None else targets(settings)[0]
@@ -251,8 +262,10 @@ def import_stream(
         recipients = crypto.recipients_of(settings)
         encryption = crypto.encryption_record(recipients)
         identity = crypto.configured_identity(settings) if recipients is not None else None
+    if database is not None and kind.kind != "globals":  # a server's globals are of no database
+        kind.database = database
     stream = _Head(head, _limited(read, max_bytes))
-    with catalog.new_backup(primary, name, kind.database, "import") as reservation:
+    with catalog.new_backup(primary, name, kind.database, "import", at=at) as reservation:
         backup_id, started = reservation.backup_id, reservation.started
         if kind.format == "directory":
             objects = _store_directory_tar(primary, backup_id, stream, kind, progress, recipients)
@@ -278,8 +291,9 @@ def import_stream(
             objects=objects,
             size=sum(o.size for o in objects),
             started_at=started,
-            finished_at=utcnow(),
+            finished_at=started if at is not None else utcnow(),
             trigger="import",
+            options={**source, "imported_at": utcnow().isoformat()} if source else {},
             pgkeeper_version=__version__,
         )
         result = check_backup(primary, manifest, "full", settings.pg_bin_dir, identity=identity)
@@ -458,6 +472,7 @@ def import_file(
     *,
     name: str = "imported",
     progress: Progress | None = None,
+    database: str | None = None,
 ) -> Manifest:
     """Import a dump file (see ``import_stream``). A directory is refused: tar it first."""
     if path.is_dir():
@@ -470,4 +485,4 @@ def import_file(
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror} (check the path)") from exc
     with handle:
-        return import_stream(settings, handle.read, name=name, progress=progress)
+        return import_stream(settings, handle.read, name=name, progress=progress, database=database)

@@ -16,6 +16,11 @@ Storage layout under a target's prefix, one folder per backup::
                               .globals.sql.gz / .globals.sql
     <id>/<id>.dump.zst.age    encrypted (age): the same names plus ``.age``, each file of a
                               directory backup too (``<id>.dir/toc.dat.age``)
+
+and, outside every backup folder (so rotation never deletes it)::
+
+    imports/<id>.json         a backup imported from a folder (``folder_import``): that file's
+                              name and sha256, so a re-run never imports it again
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ ID_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,62})_" + _TS + r"\Z")
 
 MANIFEST = "manifest.json"
 PENDING = "pending.json"
+IMPORTS = "imports/"
 
 FORMATS = ("custom", "plain", "directory")
 COMPRESSIONS = ("zstd", "gzip", "none")
@@ -143,6 +149,11 @@ def object_key(backup_id: str, relative: str) -> str:
     if relative.startswith("/") or ".." in relative.split("/") or not relative:
         raise InvalidBackupIdError(f"object name {relative!r} in backup {backup_id!r} is unsafe")
     return backup_prefix(backup_id) + relative
+
+
+def import_record_key(backup_id: str) -> str:
+    """Where the primary target records that ``backup_id`` was imported from a folder."""
+    return IMPORTS + validate_id(backup_id) + ".json"
 
 
 def id_from_key(key: str) -> str | None:

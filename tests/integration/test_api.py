@@ -161,7 +161,7 @@ def test_openapi_docs_list_every_endpoint(client: TestClient) -> None:
     assert set(schema["paths"]) == {
         "/api/health", "/api/backups", "/api/backups/restore", "/api/backups/download",
         "/api/backups/import", "/api/backups/{backup_id}", "/api/runs/{run_id}", "/metrics",
-        "/api/databases",
+        "/api/databases", "/api/schedule",
     }  # fmt: skip
     assert set(schema["paths"]["/api/backups"]) == {"get", "post", "delete"}
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
@@ -334,6 +334,8 @@ PROTECTED = [
     ("DELETE", f"/api/backups?id={UNKNOWN_ID}", None),
     ("POST", "/api/backups/restore", {"backupId": UNKNOWN_ID}),
     ("POST", "/api/backups/import", None),
+    ("GET", "/api/schedule", None),
+    ("PUT", "/api/schedule", {"schedule": "daily"}),
 ]
 WRITES = [p for p in PROTECTED if p[0] != "GET"]
 

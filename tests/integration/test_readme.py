@@ -124,7 +124,8 @@ def test_http_api_examples_work_as_written(
     each JSON answer says success, the downloads land, the import works; the "wait": false
     one-liner without a Prefect server stops with the API's one-line error, no traceback."""
     backups = tmp_path / "backups"
-    blocks = code_blocks(section("## HTTP API"))
+    # The schedule examples need a Prefect server with deployments: the next test runs them.
+    blocks = [b for b in code_blocks(section("## HTTP API")) if "/api/schedule" not in b]
     copy = f"shop_copy_{uuid.uuid4().hex[:6]}"
     with live_api_server(tmp_path, backups, DATABASE_URL=sample_db) as server:
         env = reader_env(sample_db, backups, pg_cluster) | {
@@ -158,6 +159,40 @@ def test_http_api_examples_work_as_written(
     assert shutil.which("pg_dump", path=env["PATH"]) is not None
     assert "from_prod_" in outputs[-1]
     assert os.environ.get("BACKUP_API_TOKEN") is None  # the test did not leak its token
+
+
+def test_http_api_schedule_examples_work_as_written(
+    prefect_server_process: str, tmp_path: Path
+) -> None:
+    """The HTTP API section's schedule examples (after its setup block), against a live
+    `pgkeeper api` whose Prefect server has serve's deployments: each answers success, and the
+    PUT example's schedules are what the server then has."""
+    from pgkeeper.prefect_api import PrefectLink
+    from tests.support.schedules import clear_pgkeeper, register_all
+
+    blocks = code_blocks(section("## HTTP API"))
+    setup = next(b for b in blocks if b.startswith("API="))
+    examples = [b for b in blocks if "/api/schedule" in b]
+    assert [("-X PUT" in b) for b in examples] == [False, True]
+    link = PrefectLink(api_url=prefect_server_process, ui_url=None, timeout=30)
+    clear_pgkeeper(link)
+    register_all(link, load_settings(_env_file=None))
+    try:
+        with live_api_server(tmp_path, tmp_path / "backups",
+                             PREFECT_API_URL=prefect_server_process) as server:  # fmt: skip
+            env = cli_env(None, tmp_path / "backups", BACKUP_API_TOKEN=ADMIN)
+            for block in examples:
+                script = (setup + block).replace("http://127.0.0.1:8080", server.url)
+                proc = bash(script, env, tmp_path)
+                assert proc.returncode == 0, proc.stderr
+                assert json.loads(proc.stdout)["success"] is True, proc.stdout
+        active = {
+            d["name"] for d in link.deployments_of("backup")
+            if any(s["active"] for s in d["schedules"])
+        }  # fmt: skip
+        assert active == {"backup-hourly", "backup-weekly"}
+    finally:
+        clear_pgkeeper(link)
 
 
 def test_checking_a_backup_by_hand_works_as_written(sample_db: str, tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ Paths and shapes are the seed's compatibility contract::
     POST   /api/backups/import?name=NAME    an external dump as the request body, streamed
     GET    /api/backups/{id}                one backup's record
     GET    /api/runs/{id}                   state of a Prefect flow run started here
+    GET    /api/schedule                    the deployments' schedules on the Prefect server
+    PUT    /api/schedule                    change them now (kept until the environment changes)
     GET    /metrics                         Prometheus metrics (the read token's rule)
 
 Auth: ``Authorization: Bearer <token>``. ``BACKUP_API_TOKEN`` (admin) may do everything,

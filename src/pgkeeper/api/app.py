@@ -39,6 +39,7 @@ from pgkeeper.api.models import (
     RestoreResponse,
     RunAccepted,
     RunResponse,
+    ScheduleResponse,
     _errors,
 )
 from pgkeeper.errors import ConfigError
@@ -234,6 +235,18 @@ def create_app(settings: Settings, prefect: PrefectLink | None = None) -> FastAP
         "/metrics", handlers.metrics, "GET", read, tags=["metrics"],
         response_class=Response, responses=_errors(*AUTH_ERRORS),
         summary="Prometheus metrics",
+    )  # fmt: skip
+    add(
+        "/api/schedule", handlers.show_schedule, "GET", read, tags=["schedule"],
+        response_model=ScheduleResponse, responses=_errors(*AUTH_ERRORS, 404, 503),
+        summary="Show the schedules",
+    )  # fmt: skip
+    add(
+        "/api/schedule", handlers.set_schedule, "PUT",
+        Access("admin", json_body("PUT /api/schedule")), tags=["schedule"],
+        response_model=ScheduleResponse,
+        responses=_errors(*AUTH_ERRORS, *BODY_ERRORS, 404, 422, 503),
+        summary="Change a schedule",
     )  # fmt: skip
     add(
         "/api/runs/{run_id}", handlers.read_run, "GET", read, tags=["runs"],

@@ -228,6 +228,32 @@ class RunResponse(BaseModel):
     run: RunState
 
 
+class ScheduleRequest(StrictRequest):
+    schedule: str = Field(
+        min_length=1, max_length=200, examples=["daily"],
+        description="like BACKUP_SCHEDULE: hourly, daily, weekly, monthly, a comma list of "
+        "them, a 5-field cron, or off; with deployment: a cron, off or on",
+    )  # fmt: skip
+    deployment: str | None = Field(
+        default=None, max_length=200, examples=["verify"],
+        description="one deployment (verify, rotate, backup-daily, ...); default: the backups",
+    )  # fmt: skip
+    timezone: str | None = Field(
+        default=None, max_length=64, examples=["Europe/Berlin"],
+        description="IANA timezone; default: the schedule's current one",
+    )  # fmt: skip
+
+
+class ScheduleResponse(BaseModel):
+    success: Literal[True] = True
+    rule: str = Field(description="when serve applies the environment's schedule again")
+    deployments: list[dict[str, Any]] = Field(
+        description="each pgkeeper deployment: schedules on the server, the environment's, "
+        "edited, source"
+    )
+    changed: list[str] = Field(description="deployments whose schedule this request changed")
+
+
 class HealthResponse(BaseModel):
     success: Literal[True] = True
     status: Literal["ok"] = "ok"

@@ -25,6 +25,7 @@ from pgkeeper.api.models import (
     ImportTooLargeError,
     RestoreRequest,
     RunAccepted,
+    ScheduleRequest,
 )
 from pgkeeper.download import RangeNotSatisfiableError
 from pgkeeper.download import serve as serve_download
@@ -334,6 +335,25 @@ def read_run(ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:
                 if e.manifest.flow_run_id == state.id]  # fmt: skip
         state.backupId = made[0] if made else None
     return {"success": True, "run": state}
+
+
+def show_schedule(ctx: Ctx) -> dict[str, Any]:
+    """Every pgkeeper deployment's schedule on the Prefect server, beside the environment's."""
+    from pgkeeper.schedule import show
+
+    return {"success": True, **show(ctx.prefect).to_dict()}
+
+
+def set_schedule(ctx: Ctx, body: ScheduleRequest) -> dict[str, Any]:
+    """Change schedules on the Prefect server now; serve keeps them until the environment's
+    value changes (``pgkeeper.schedule``)."""
+    # The one route that imports Prefect: its cron arithmetic (what the scheduler fires by)
+    # validates the value and sets each schedule's max lateness; ~1.5 s once per process.
+    from deployments.schedule_edits import requested
+    from pgkeeper.schedule import set_schedules
+
+    wanted = requested(ctx.settings, ctx.prefect, body.schedule, body.deployment, body.timezone)
+    return {"success": True, **set_schedules(ctx.prefect, wanted).to_dict()}
 
 
 def download(request: Request, ctx: Ctx, backup_id: BackupIdQuery) -> Response:
