@@ -29,8 +29,19 @@ def restore(
         description="Only to replace a database that has data: type its name here.",
     ),
     safety_backup: bool = Field(default=True, description="Back up the data being replaced first."),
+    no_owner: bool = Field(
+        default=False,
+        description="Leave the backup's owners out (pg_restore --no-owner): for a server "
+        "without its roles.",
+    ),
+    no_privileges: bool = Field(
+        default=False,
+        description="Leave the backup's grants out (pg_restore --no-privileges).",
+    ),
 ) -> RestoreResult:
     """Restore a backup into a new database, or over one you name and confirm."""
-    result = restore_database(backup_id, target, confirm, safety_backup)  # 1. restore, swap
+    result = restore_database(  # 1. restore, swap
+        backup_id, target, confirm, safety_backup, no_owner, no_privileges
+    )
     report_restore(result)  # 2. report artifact
     return result

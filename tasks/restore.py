@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from pgkeeper.errors import ConfigError
 from pgkeeper.postgres import ConnInfo
-from pgkeeper.restore import RestoreResult, restore_backup
+from pgkeeper.restore import LeaveOut, RestoreResult, restore_backup
 from pgkeeper.settings import Settings, load_settings
 from tasks.retry import TRANSIENT_RETRIES
 
@@ -33,7 +33,12 @@ def target_url(settings: Settings, target: str | None) -> str | None:
 
 @task(name="restore", **TRANSIENT_RETRIES)
 def restore_database(
-    backup_id: str | None, target: str | None, confirm: str | None, safety_backup: bool
+    backup_id: str | None,
+    target: str | None,
+    confirm: str | None,
+    safety_backup: bool,
+    no_owner: bool = False,
+    no_privileges: bool = False,
 ) -> RestoreResult:
     """Restore a backup into a scratch database, then swap it in; the target is safe on error."""
     settings = load_settings()
@@ -43,6 +48,7 @@ def restore_database(
         target_url(settings, target),
         confirm=confirm or None,
         safety_backup=safety_backup,
+        leave_out=LeaveOut(owner=no_owner, privileges=no_privileges),
     )
     get_run_logger().info(
         "restored %s into %s in %.1fs", result.backup_id, result.target, result.duration_seconds

@@ -29,11 +29,14 @@ def restore_test_backup(backup_id: str, checks_dir: str | None) -> RestoreTest:
     result = restore_test.run_restore_test(
         load_settings(), backup_id, checks_dir=Path(checks_dir) if checks_dir else None
     )
-    get_run_logger().info(
+    logger = get_run_logger()
+    logger.info(
         "restore-test of %s %s: restore took %.1fs, %d tables compared, %d mismatches",
         backup_id, "passed" if result.ok else "FAILED", result.duration_seconds,
         result.tables_compared, len(result.mismatches),
     )  # fmt: skip
+    if result.untested_note:
+        logger.warning("%s (%s)", result.untested_note, restore_test.GLOBALS_ADVICE)
     return result
 
 
@@ -47,12 +50,15 @@ def report_markdown(backup_id: str, result: RestoreTest) -> str:
         f"- mismatches: **{len(result.mismatches)}**",
         f"- tested at: {result.at.isoformat(timespec='seconds')}",
     ]
+    if result.untested_note:
+        lines.append(f"- **{result.untested_note}** ({restore_test.GLOBALS_ADVICE})")
     if result.mismatches:
         lines += ["", "## Mismatches", ""] + [f"- {m}" for m in result.mismatches]
     lines += ["", "## Checks", "", "| check | result | detail |", "|---|---|---|"]
     for check in result.checks:
         detail = check.detail.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {check.name} | {'ok' if check.ok else '**FAILED**'} | {detail} |")
+        verdict = "not tested" if check.skipped else "ok" if check.ok else "**FAILED**"
+        lines.append(f"| {check.name} | {verdict} | {detail} |")
     return "\n".join(lines)
 
 

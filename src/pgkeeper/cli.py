@@ -224,7 +224,8 @@ def _print_manifest(manifest: Manifest, locations: list[str] | None = None) -> N
             (
                 "restore test",
                 f"{'passed' if test.ok else 'FAILED'} {test.at:%Y-%m-%d %H:%M}Z, "
-                f"{test.duration_seconds:.1f}s",
+                f"{test.duration_seconds:.1f}s"
+                + (f"; {test.untested_note}" if test.untested_note else ""),
             )
         )
     if locations:
@@ -668,12 +669,28 @@ def restore(
     no_safety_backup: Annotated[
         bool, typer.Option("--no-safety-backup", help="Do not back up the target first.")
     ] = False,
+    no_owner: Annotated[
+        bool,
+        typer.Option(
+            "--no-owner",
+            help="Leave the backup's owners out (objects and the database are owned by the "
+            "restoring user), as pg_restore --no-owner: for a server without the roles.",
+        ),
+    ] = False,
+    no_privileges: Annotated[
+        bool,
+        typer.Option(
+            "--no-privileges",
+            help="Leave the backup's grants out (GRANT/REVOKE, default privileges, the "
+            "database's access), as pg_restore --no-privileges.",
+        ),
+    ] = False,
     database: DatabaseOpt = None,
     as_json: JsonOpt = False,
     identity: IdentityOpt = None,
 ) -> None:
     """Restore a backup; a failed restore leaves the target as it was."""
-    from pgkeeper.restore import restore_backup
+    from pgkeeper.restore import LeaveOut, restore_backup
 
     settings = settings_from_env(backup_encryption_identity_file=identity)
     storages = targets(settings)
@@ -689,6 +706,7 @@ def restore(
             safety_backup=not no_safety_backup,
             storages=storages,
             progress=progress,
+            leave_out=LeaveOut(owner=no_owner, privileges=no_privileges),
         )
     from pgkeeper.server_globals import GlobalsRestore
 
@@ -890,7 +908,8 @@ def restore_test(
         for mismatch in result.mismatches:
             typer.echo(f"  mismatch: {mismatch}")
         for check in result.checks:
-            typer.echo(f"  {'ok  ' if check.ok else 'FAIL'} {check.name} {check.detail}")
+            mark = "skip" if check.skipped else "ok  " if check.ok else "FAIL"
+            typer.echo(f"  {mark} {check.name} {check.detail}")
     if not result.ok:
         _fail(failed_summary(result, resolved or "the newest backup"), 1)
 

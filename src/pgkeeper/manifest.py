@@ -30,6 +30,10 @@ class CheckResult(BaseModel):
     name: str
     ok: bool
     detail: str = ""
+    skipped: bool = Field(
+        default=False,
+        description="true: not checked, and the detail says why; never a failure (ok is true)",
+    )
 
 
 class Verification(BaseModel):
@@ -67,6 +71,32 @@ class RestoreTest(BaseModel):
     tables_compared: int = 0
     mismatches: list[str] = Field(default_factory=list)
     checks: list[CheckResult] = Field(default_factory=list)
+    missing_roles: list[str] = Field(
+        default_factory=list,
+        description="roles the backup names (owners, grantees) that the staging server lacks",
+    )
+    untested: list[str] = Field(
+        default_factory=list,
+        description="what the restore left out because of missing_roles ('ownership', "
+        "'grants'): not tested, and no failure; the rest was tested",
+    )
+
+    @property
+    def untested_note(self) -> str:
+        """``grants not tested: staging (host:port) has no role shop_app`` ('' when nothing
+        was left out)."""
+        return untested_note(self.untested, self.missing_roles, self.server)
+
+
+def untested_note(untested: list[str], missing_roles: list[str], server: str) -> str:
+    """One line: what a restore test left out, because staging ``server`` lacks which roles."""
+    if not untested:
+        return ""
+    plural = "s" if len(missing_roles) > 1 else ""
+    return (
+        f"{' and '.join(untested)} not tested: staging ({server}) has no role{plural} "
+        f"{', '.join(missing_roles)}"
+    )
 
 
 class BaseBackupInfo(BaseModel):

@@ -188,17 +188,69 @@ def _scratch_dir(storage: Storage, private: bool = False) -> Iterator[Path]:
 # --- running pg_restore / psql ----------------------------------------------------------------
 
 
-_MISSING_ROLE = re.compile(r'role ".*" does not exist')
+_MISSING_ROLE = re.compile(r'role "(.*)" does not exist')
+LEAVE_OUT_OPTIONS = "--no-owner --no-privileges"
+
+
+class MissingRoleError(RestoreError):
+    """A restore stopped at a role the target server lacks (an owner, a grantee, a policy's
+    role): the server is missing its globals, the backup is not at fault. ``options`` are the
+    front door's words for restoring without ownership and grants (None: they would not help,
+    or were given)."""
+
+    def __init__(self, failure: str, role: str, options: str | None = LEAVE_OUT_OPTIONS) -> None:
+        self.failure = failure
+        self.role = role
+        self.options = options
+        without = (
+            f", or restore without the backup's ownership and grants: {options}"
+            if options
+            else ""
+        )
+        super().__init__(
+            f"{failure} (restore the server's globals first, e.g. pgkeeper restore latest "
+            f"--database '*'; see 'Whole-server disaster' in the README{without})"
+        )
+
+    def with_options(self, options: str | None) -> MissingRoleError:
+        """The same error, naming ``options`` as the way to restore without the roles."""
+        return MissingRoleError(self.failure, self.role, options)
 
 
 def _restore_failed(proc: ClientProcess) -> RestoreError:
     error = proc.last_error()
-    if _MISSING_ROLE.search(error):  # owners and grants name roles: a new server lacks them
-        return RestoreError(
-            f"{proc.name} failed: {error} (restore the server's globals first, e.g. "
-            "pgkeeper restore latest --database '*'; see 'Whole-server disaster' in the README)"
-        )
+    missing = _MISSING_ROLE.search(error)
+    if missing:  # owners and grants name roles: a new server lacks them
+        # psql replays a plain dump as written: it has no way to leave them out
+        options = None if proc.name == "psql" else LEAVE_OUT_OPTIONS
+        return MissingRoleError(f"{proc.name} failed: {error}", missing.group(1), options)
     return RestoreError(f"{proc.name} failed: {error}")
+
+
+@dataclass(frozen=True)
+class LeaveOut:
+    """What a restore leaves out of the backup, as pg_restore's options of the same names."""
+
+    owner: bool = False  # --no-owner: objects are owned by the restoring user
+    privileges: bool = False  # --no-privileges: no GRANT/REVOKE (ACL, DEFAULT ACL entries)
+
+    @property
+    def options(self) -> list[str]:
+        return [flag for flag, on in (("--no-owner", self.owner),
+                                      ("--no-privileges", self.privileges)) if on]  # fmt: skip
+
+    def __bool__(self) -> bool:
+        return self.owner or self.privileges
+
+
+def _refuse_leave_out(manifest: Manifest, leave_out: LeaveOut) -> None:
+    """Only pg_restore can leave owners and grants out: a plain dump is replayed by psql."""
+    if leave_out and manifest.format == "plain":
+        raise UsageError(
+            f"backup {manifest.id!r} is a plain SQL dump, which is replayed as written: "
+            f"{' '.join(leave_out.options)} need a custom or directory backup (create the "
+            "roles it names on the target server, or restore the server's globals first)"
+        )
 
 
 def _load(
@@ -209,13 +261,36 @@ def _load(
     dbname: str,
     jobs: int,
     progress: Progress | None,
+    leave_out: LeaveOut = LeaveOut(),
 ) -> None:
-    """Load a stored backup into the (new, empty) database ``dbname``.
+    """Load a stored backup into the (new, empty) database ``dbname``, without what
+    ``leave_out`` says (custom, directory and tar backups).
 
     Raises VerificationError when the stored bytes do not match the manifest (the database may
-    then hold a partial load: callers drop it), RestoreError when pg_restore/psql fail,
-    IdentityError when an encrypted backup has no identity that opens it.
+    then hold a partial load: callers drop it), RestoreError when pg_restore/psql fail
+    (MissingRoleError when the server lacks a role the backup names), IdentityError when an
+    encrypted backup has no identity that opens it, UsageError for ``leave_out`` on a plain
+    dump.
     """
+    _refuse_leave_out(manifest, leave_out)
+    try:
+        _load_as_is(settings, manifest, storage, conn, dbname, jobs, progress, leave_out)
+    except MissingRoleError as exc:
+        if leave_out.owner and leave_out.privileges and exc.options:
+            raise exc.with_options(None) from None  # they were given: something else names it
+        raise
+
+
+def _load_as_is(
+    settings: Settings,
+    manifest: Manifest,
+    storage: Storage,
+    conn: ConnInfo,
+    dbname: str,
+    jobs: int,
+    progress: Progress | None,
+    leave_out: LeaveOut,
+) -> None:
     identity = crypto.identity_for(settings, manifest, "restoring it")
     encrypted = identity is not None
     env = conn.with_dbname(dbname).env()
@@ -244,7 +319,8 @@ def _load(
         return
     pg_restore = postgres.find_client("pg_restore", settings.pg_bin_dir)
     _check_archive_version(pg_restore, manifest)
-    base = [pg_restore.argv0, "--no-password", "--exit-on-error", f"--dbname={dbname}"]
+    base = [pg_restore.argv0, "--no-password", "--exit-on-error", f"--dbname={dbname}",
+            *leave_out.options]  # fmt: skip
     if manifest.format == "directory":
         folder = naming.data_name(manifest.id, manifest.format, manifest.compression)
         local = storage.local_path(naming.object_key(manifest.id, folder))
@@ -276,8 +352,9 @@ def _load(
             return
         with _scratch_dir(storage, private=encrypted) as tmp:
             _ParallelLoad(
-                manifest, storage, conn, dbname, jobs, pg_restore, tmp, progress, identity
-            ).run()
+                manifest, storage, conn, dbname, jobs, pg_restore, tmp, progress, identity,
+                leave_out,
+            ).run()  # fmt: skip
         return
     _pipe_into(base, env, settings, manifest, storage, progress, None, identity)
 
@@ -296,6 +373,7 @@ class _ParallelLoad:
     tmp: Path
     progress: Progress | None
     identity: crypto.Identity | None = None
+    leave_out: LeaveOut = LeaveOut()
 
     @property
     def env(self) -> dict[str, str]:
@@ -305,7 +383,7 @@ class _ParallelLoad:
     def base(self) -> list[str]:
         """pg_restore into the new database."""
         return [self.pg_restore.argv0, "--no-password", "--exit-on-error",
-                f"--dbname={self.dbname}"]  # fmt: skip
+                f"--dbname={self.dbname}", *self.leave_out.options]  # fmt: skip
 
     def run(self) -> None:
         manifest, storage, obj = self.manifest, self.storage, self.manifest.objects[0]
@@ -522,6 +600,13 @@ def _admin(conn: ConnInfo) -> psycopg.Connection[Any]:
         return postgres.connect(conn, dbname="template1")
 
 
+def server_roles(server_url: str) -> set[str]:
+    """The names of every role of the server at ``server_url`` (pg_roles: readable by any
+    user). Raises the connection errors of ``postgres.connect``."""
+    with _admin(ConnInfo.parse(server_url)) as admin:
+        return {str(row[0]) for row in admin.execute("SELECT rolname FROM pg_roles")}
+
+
 def _create_database(
     admin: psycopg.Connection[Any], dbname: str, owner: str | None, encoding: str | None
 ) -> None:
@@ -652,11 +737,14 @@ def restore_into_new_database(
     dbname: str,
     jobs: int | None = None,
     progress: Progress | None = None,
+    leave_out: LeaveOut = LeaveOut(),
 ) -> float:
-    """Restore a copy into a new database ``dbname`` on ``server_url``; return the seconds taken.
+    """Restore a copy into a new database ``dbname`` on ``server_url`` (without what
+    ``leave_out`` says); return the seconds taken.
 
     The database must not exist. On failure it is dropped and the error propagates.
     """
+    _refuse_leave_out(manifest, leave_out)
     conn = ConnInfo.parse(server_url)
     identity = crypto.identity_for(settings, manifest, "restoring it")
     if identity is not None:  # before anything is created: the key opens this backup
@@ -679,6 +767,7 @@ def restore_into_new_database(
                 dbname,
                 jobs or settings.backup_restore_jobs,
                 progress,
+                leave_out,
             )
         except BaseException:
             postgres.drop_database(admin, dbname)
@@ -728,15 +817,20 @@ def restore_backup(
     safety_backup: bool = True,
     storages: list[Storage] | None = None,
     progress: Progress | None = None,
+    leave_out: LeaveOut = LeaveOut(),
 ) -> RestoreResult:
     """Restore a backup (default: the newest verified) into ``target_url`` (default: a new
     database on the source server). See the module docstring for the procedure. A globals
     backup goes into the server of ``target_url`` (default: DATABASE_URL's) instead, and the
     result is a ``server_globals.GlobalsRestore`` (see ``server_globals.restore_globals``).
+    ``leave_out`` restores a database's backup without its owners and/or grants (the
+    database's own owner and access privileges included), as pg_restore's ``--no-owner`` and
+    ``--no-privileges``: for a server that lacks the roles the backup names.
 
     Raises BackupNotFoundError/InvalidBackupIdError, ConfirmationRequiredError, connection
-    errors, VerificationError (every copy is bad), RestoreError. The target is unchanged on
-    any error.
+    errors, VerificationError (every copy is bad), RestoreError (MissingRoleError: the server
+    lacks a role the backup names), UsageError for ``leave_out`` on a plain dump, a globals
+    or a base backup. The target is unchanged on any error.
     """
     storages = storages if storages is not None else targets(settings)
     if backup_id is None:
@@ -751,8 +845,15 @@ def restore_backup(
     if manifest.kind == "globals":  # a server's roles and tablespaces: restored into a server
         from pgkeeper.server_globals import restore_globals_copies
 
+        if leave_out:
+            raise UsageError(
+                f"backup {backup_id!r} holds a server's globals (its roles): "
+                f"{' '.join(leave_out.options)} apply to a database's backup"
+            )
+
         server_url = target_url or settings.require_database_url()
         return restore_globals_copies(settings, found, server_url, progress)
+    _refuse_leave_out(manifest, leave_out)
     target_url = target_url or _default_target(settings, manifest)
     conn = ConnInfo.parse(target_url)
     target = conn.dbname
@@ -792,7 +893,7 @@ def restore_backup(
             _create_database(admin, scratch, owner, copy_manifest.options.get("encoding"))
             try:
                 log.info("restoring %s from %s into %s", backup_id, storage.url, conn.display())
-                _load(settings, copy_manifest, storage, conn, scratch, jobs, progress)
+                _load(settings, copy_manifest, storage, conn, scratch, jobs, progress, leave_out)
             except VerificationError as exc:
                 postgres.drop_database(admin, scratch)
                 last_error = exc
@@ -806,7 +907,11 @@ def restore_backup(
                 # The database's own owner, access, settings and comment (not in its contents),
                 # before the swap: it is never live without its REVOKE CONNECT.
                 props = database_properties.read_properties(settings, copy_manifest, storage)
-                database_properties.apply_properties(admin, props, scratch, with_owner=not exists)
+                if leave_out.privileges:  # GRANT/REVOKE ... ON DATABASE are grants too
+                    props.items = [item for item in props.items if item.what != "access"]
+                database_properties.apply_properties(
+                    admin, props, scratch, with_owner=not exists and not leave_out.owner
+                )
                 safety_id = None
                 if has_data and safety_backup:
                     safety_id = take_safety_backup(settings, target_url, backup_id, storages[0]).id

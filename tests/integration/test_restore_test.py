@@ -54,7 +54,7 @@ def test_a_good_backup_passes_and_the_result_is_recorded(
     assert result.tables_compared == len(SHOP_TABLES)
     assert result.mismatches == []
     assert [c.name for c in result.checks] == [
-        "restore", "row counts", "10_customers.sql", "20_orders.sql",
+        "restore", "ownership and grants", "row counts", "10_customers.sql", "20_orders.sql",
     ]  # fmt: skip
     assert result.duration_seconds > 0
     assert result.server == f"127.0.0.1:{pg_cluster.port}"
@@ -105,7 +105,7 @@ def test_a_check_that_is_not_true_fails_the_test(
     assert not result.ok
     verdicts = {c.name: c.ok for c in result.checks}
     assert verdicts == {
-        "restore": True, "row counts": True,
+        "restore": True, "ownership and grants": True, "row counts": True,
         "a_false.sql": False, "b_rows.sql": False, "c_error.sql": False, "d_ok.sql": True,
     }  # fmt: skip
     assert "does not exist" in next(c.detail for c in result.checks if c.name == "c_error.sql")

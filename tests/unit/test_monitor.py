@@ -197,6 +197,27 @@ def test_a_recent_passed_restore_test_of_any_backup_passes() -> None:
     assert check.status == "ok" and "passed a restore test 2d ago" in check.detail
 
 
+def test_a_restore_test_that_left_grants_out_passes_and_says_what_was_not_tested() -> None:
+    """Staging lacking a role the backup names is staging's gap, not the backup's: the test
+    passed on what it tested, the backup stays verified, and the check's line says that its
+    grants were not tested and which role staging lacks."""
+    partial = RestoreTest(
+        ok=True, at=NOW - timedelta(hours=2), duration_seconds=3.0, server="staging:5432",
+        missing_roles=["shop_app"], untested=["grants"],
+        checks=[CheckResult(name="ownership and grants", ok=True, skipped=True, detail="...")],
+    )  # fmt: skip
+    newest = backup(timedelta(hours=3)).model_copy(update={"restore_tests": [partial]})
+
+    tested = check_restore_test([newest], DAILY, NOW)
+    verified = check_verified([newest], DAILY, NOW)
+
+    assert tested.status == "ok", tested.detail
+    assert tested.detail.endswith(
+        "; grants not tested: staging (staging:5432) has no role shop_app"
+    ), tested.detail
+    assert verified.status == "ok" and newest.state == "verified"
+
+
 def test_the_newest_restore_test_failing_fails_even_after_an_older_pass() -> None:
     """A failed newest restore test fails the check, with its mismatches."""
     backups = [

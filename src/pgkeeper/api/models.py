@@ -171,6 +171,16 @@ class RestoreRequest(StrictRequest):
     safetyBackup: bool = Field(
         default=True, description="back up a target with data before replacing it"
     )
+    noOwner: bool = Field(
+        default=False,
+        description="leave the backup's owners out (pg_restore --no-owner): objects and the "
+        "database are owned by the restoring user; for a server without the roles",
+    )
+    noPrivileges: bool = Field(
+        default=False,
+        description="leave the backup's grants out (pg_restore --no-privileges), the "
+        "database's access privileges too",
+    )
     wait: bool = Field(
         default=True, description="false: start a Prefect flow run and answer 202 at once"
     )

@@ -242,7 +242,7 @@ def _target_has_password(target: str) -> bool:
 
 def restore(ctx: Ctx, body: RestoreRequest) -> Any:
     """Restore a backup; an existing database with data is replaced only when confirm names it."""
-    from pgkeeper.restore import restore_backup
+    from pgkeeper.restore import LeaveOut, MissingRoleError, restore_backup
     from pgkeeper.server_globals import GlobalsRestore
 
     settings = ctx.settings
@@ -271,6 +271,11 @@ def restore(ctx: Ctx, body: RestoreRequest) -> Any:
             "confirm": confirm,
             "safety_backup": body.safetyBackup,
         }
+        # Only when asked for: a deployment registered before these parameters still runs.
+        if body.noOwner:
+            parameters["no_owner"] = True
+        if body.noPrivileges:
+            parameters["no_privileges"] = True
         handle = ctx.prefect.start_run("restore", parameters)
         return _accepted(f"restore started as Prefect run {handle.name}", handle)
     target_url = _restore_target(settings, body.target)
@@ -283,7 +288,10 @@ def restore(ctx: Ctx, body: RestoreRequest) -> Any:
             jobs=body.jobs,
             safety_backup=body.safetyBackup,
             storages=storages,
+            leave_out=LeaveOut(owner=body.noOwner, privileges=body.noPrivileges),
         )
+    except MissingRoleError as exc:  # the core names the CLI's options: say it in ours
+        raise exc.with_options(exc.options and '"noOwner": true, "noPrivileges": true') from exc
     except ConfirmationRequiredError as exc:
         # The core's text names the CLI flag; say it in this front door's words.
         database = ConnInfo.parse(target_url).dbname if target_url else "the target"
