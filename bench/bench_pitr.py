@@ -7,6 +7,7 @@ segment per 0.1 s), with archive_command =
   cp                 `test ! -f DIR/%f && cp %p DIR/%f` (the classic recipe; no compression)
   pgbackrest-async   pgBackRest 2.45 `archive-push` with archive-async=y, process-max=2, zst
   pgkeeper           `pgkeeper --env-file F wal-push %p` (defaults: the background pusher)
+  pgkeeper-age       the same with BACKUP_ENCRYPTION_RECIPIENTS (the pusher encrypts, age)
   pgkeeper-sync      the same with BACKUP_WAL_ASYNC=false (one process archives each file)
 For each: segments written, archived when the load ended, waiting then (lag), seconds until
 none waits, segments/s over load + catch-up, and the CPU seconds archiving cost (the
@@ -22,6 +23,8 @@ back, then the same load runs and is archived. Timed until the restored server h
 everything and promoted:
   pg_basebackup+cp   copy the plain base backup, restore_command = 'cp DIR/%f %p', start
   pgkeeper           `pgkeeper pitr restore --latest --to DIR --start --port P`
+  pgkeeper-age       the same from a second cluster whose base backup and WAL are encrypted
+                     (the identity decrypts them; only when pgkeeper-age is among --cases)
 
     make bench-pitr PITR_BENCH_ARGS="--scale 30 --rounds 3"
     .venv/bin/python bench/bench_pitr.py --scale 10 --rounds 1        # a quick look
@@ -34,6 +37,7 @@ Runs as root (the servers run as the `postgres` user) with pgBackRest installed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -61,7 +65,7 @@ PGKEEPER = Path(sys.executable).with_name("pgkeeper")
 BENCH = ROOT / ".bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 AS_ROOT = os.geteuid() == 0
-CASES = ("cp", "pgbackrest-async", "pgkeeper", "pgkeeper-sync")
+CASES = ("cp", "pgbackrest-async", "pgkeeper", "pgkeeper-age", "pgkeeper-sync")
 
 
 def server_pgkeeper() -> Path:
@@ -80,6 +84,36 @@ def server_pgkeeper() -> Path:
         print(f"built the server venv in {time.monotonic() - started:.0f}s", file=sys.stderr)
         stamp.write_text(digest.hexdigest())
     return folder / "venv" / "bin" / "pgkeeper"
+
+
+def age_keys(folder: Path) -> tuple[Path, str]:
+    """An age identity file the server's user can read (restore_command decrypts with it) and
+    its public key, made once per run."""
+    from pyrage import x25519
+
+    key = x25519.Identity.generate()
+    path = folder / "restore-key.txt"
+    path.write_text(f"{key}\n")
+    path.chmod(0o600)
+    chown(path)
+    return path, str(key.to_public())
+
+
+AGE_MAGIC = b"age-encryption.org/v1\n"
+
+
+def check_sealed(backups: Path, base: bool = False) -> int:
+    """The encrypted cases must have measured encryption: every archived WAL file (and the base
+    backup, when one was taken) is an age file. Returns the number of WAL files checked."""
+    wal_files = [p for p in (backups / "wal").rglob("*") if p.is_file()]
+    bases = [p for p in backups.glob("base_*/*") if p.name != "manifest.json"] if base else []
+    if not wal_files or (base and not bases):
+        raise RuntimeError(f"nothing archived under {backups}")
+    for path in (*wal_files, *bases):
+        with path.open("rb") as stream:
+            if not (path.name.endswith(".age") and stream.read(len(AGE_MAGIC)) == AGE_MAGIC):
+                raise RuntimeError(f"{path} is not an age file: the encrypted case was not")
+    return len(wal_files)
 
 
 def chown(path: Path) -> Path:
@@ -218,6 +252,8 @@ def archive_command(case: str, work: Path, server: Path) -> str:
     lines = {"BACKUP_DIR": str(backups)}
     if case == "pgkeeper-sync":
         lines["BACKUP_WAL_ASYNC"] = "false"
+    if case == "pgkeeper-age":
+        lines["BACKUP_ENCRYPTION_RECIPIENTS"] = age_keys(work)[1]
     env_file = make_env_file(work, lines)
     return f"{server} --env-file {env_file} wal-push %p"
 
@@ -262,6 +298,8 @@ def run_drain_case(case: str, scale: int, server: Path) -> DrainRun:
             _set_command(cluster, command)
             seconds = _wait_idle(cluster, 600)
             cpu = archiver_cpu(cluster) - cpu_before + helpers.seconds()
+            if case == "pgkeeper-age":
+                check_sealed(work / "backups")
             return DrainRun(case, backlog, seconds, backlog / seconds, cpu)
         finally:
             cluster.stop()
@@ -297,6 +335,8 @@ def run_archive_case(case: str, scale: int, server: Path) -> ArchiveRun:
             caught = _wait_idle(cluster, 600)
             total = time.monotonic() - started
             cpu = archiver_cpu(cluster) - cpu_before + helpers.seconds()
+            if case == "pgkeeper-age":
+                check_sealed(work / "backups")
             return ArchiveRun(case, load, segments, archived_end, waiting_end,
                               caught, segments / total, cpu)  # fmt: skip
         finally:
@@ -345,14 +385,19 @@ def _read(path: Path) -> str:
 
 
 @contextmanager
-def restore_bench_cluster(scale: int, server: Path) -> Iterator[dict[str, Any]]:
+def restore_bench_cluster(
+    scale: int, server: Path, encrypted: bool = False
+) -> Iterator[dict[str, Any]]:
     work = shared_dir("pgkeeper-bench-restore-")
     cp_dir, backups = work / "cp-archive", work / "backups"
     for folder in (cp_dir, backups):
         folder.mkdir()
         chown(folder)
-    env_file = make_env_file(work, {"BACKUP_DIR": str(backups),
-                                    "BACKUP_PITR_PGKEEPER": str(server)})  # fmt: skip
+    lines = {"BACKUP_DIR": str(backups), "BACKUP_PITR_PGKEEPER": str(server)}
+    identity = None
+    if encrypted:
+        identity, lines["BACKUP_ENCRYPTION_RECIPIENTS"] = age_keys(work)
+    env_file = make_env_file(work, lines)
     command = f"'cp %p {cp_dir}/%f && {server} --env-file {env_file} wal-push %p'"
     cluster = PgCluster(settings={"wal_level": "replica", "archive_mode": "on",
                                   "archive_command": command, "max_wal_size": "4GB"},
@@ -374,8 +419,10 @@ def restore_bench_cluster(scale: int, server: Path) -> Iterator[dict[str, Any]]:
                        env=env, check=True, capture_output=True)  # fmt: skip
         cluster.execute("SELECT pg_switch_wal()")
         _wait_idle(cluster, 600)
+        if encrypted:
+            check_sealed(backups, base=True)
         yield {"work": work, "cp_dir": cp_dir, "plain": plain, "env_file": env_file,
-               "segments": segment_number(cluster) - first}  # fmt: skip
+               "segments": segment_number(cluster) - first, "identity": identity}  # fmt: skip
     finally:
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -410,16 +457,19 @@ def restore_baseline(setup: dict[str, Any]) -> RestoreRun:
 def restore_pgkeeper(setup: dict[str, Any]) -> RestoreRun:
     folder = setup["work"] / "restore-pgkeeper"
     port = free_port("127.0.0.1")
+    identity = setup["identity"]
+    extra = ["--identity", str(identity)] if identity is not None else []
     started = time.monotonic()
     try:
         done = subprocess.run(
             [str(PGKEEPER), "--env-file", str(setup["env_file"]), "pitr", "restore", "--latest",
-             "--to", str(folder), "--start", "--port", str(port)],
+             "--to", str(folder), "--start", "--port", str(port), *extra],
             env=_clean(), capture_output=True, text=True,
         )  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(done.stderr + done.stdout)
-        return RestoreRun("pgkeeper", time.monotonic() - started, setup["segments"])
+        case = "pgkeeper-age" if identity is not None else "pgkeeper"
+        return RestoreRun(case, time.monotonic() - started, setup["segments"])
     finally:
         stop_data_dir(folder)
         shutil.rmtree(folder, ignore_errors=True)
@@ -430,6 +480,11 @@ def restore_pgkeeper(setup: dict[str, Any]) -> RestoreRun:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def ratio(value: float, baseline: float) -> str:
+    """value / baseline as `1.23x`, or `—` when the baseline was not among the cases run."""
+    return f"{value / baseline:.2f}x" if baseline == baseline and baseline > 0 else "—"
 
 
 def main() -> int:
@@ -459,18 +514,25 @@ def main() -> int:
             drains.append(drain)
     restores: list[RestoreRun] = []
     if not args.no_restore:
-        with restore_bench_cluster(args.scale, server) as setup:
+        with contextlib.ExitStack() as stack:
+            setup = stack.enter_context(restore_bench_cluster(args.scale, server))
+            steps = [(restore_baseline, setup), (restore_pgkeeper, setup)]
+            if "pgkeeper-age" in cases:
+                sealed = stack.enter_context(restore_bench_cluster(args.scale, server, True))
+                steps.append((restore_pgkeeper, sealed))
             for round_ in range(args.rounds):
-                for function in (restore_baseline, restore_pgkeeper):
-                    result = function(setup)
+                for function, chosen in steps:
+                    result = function(chosen)
                     print(f"round {round_ + 1} restore {asdict(result)}", file=sys.stderr)
                     restores.append(result)
     print(f"\nArchiving under `pgbench -i -s {args.scale}` (medians of {args.rounds}):\n")
     print("| archive_command | load | segments | archived at end | waiting at end | "
-          "caught up after | segments/s | CPU |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "caught up after | segments/s | CPU | CPU vs pgkeeper |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    cpu_base = median([r.cpu_s for r in runs if r.case == "pgkeeper"])
     for case in cases:
         mine = [r for r in runs if r.case == case]
+        cpu = median([r.cpu_s for r in mine])
         print(
             f"| {case} | {median([r.load_s for r in mine]):.2f} s "
             f"| {median([r.segments for r in mine]):.0f} "
@@ -478,25 +540,33 @@ def main() -> int:
             f"| {median([r.waiting_at_end for r in mine]):.0f} "
             f"| {median([r.catch_up_s for r in mine]):.2f} s "
             f"| {median([r.rate for r in mine]):.1f} "
-            f"| {median([r.cpu_s for r in mine]):.2f} s |"
+            f"| {cpu:.2f} s | {ratio(cpu, cpu_base)} |"
         )
     print(f"\nDraining a backlog (the load ran with no archive_command; medians of "
           f"{args.rounds}):\n")  # fmt: skip
-    print("| archive_command | backlog | archived in | segments/s | CPU |\n|---|---|---|---|---|")
+    print("| archive_command | backlog | archived in | segments/s | rate vs pgkeeper | CPU | "
+          "CPU vs pgkeeper |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    rate_base = median([d.rate for d in drains if d.case == "pgkeeper"])
+    cpu_base = median([d.cpu_s for d in drains if d.case == "pgkeeper"])
     for case in cases:
         mine_d = [d for d in drains if d.case == case]
+        rate, cpu = median([d.rate for d in mine_d]), median([d.cpu_s for d in mine_d])
         print(
             f"| {case} | {median([d.backlog for d in mine_d]):.0f} "
             f"| {median([d.seconds for d in mine_d]):.2f} s "
-            f"| {median([d.rate for d in mine_d]):.1f} "
-            f"| {median([d.cpu_s for d in mine_d]):.2f} s |"
+            f"| {rate:.1f} | {ratio(rate, rate_base)} "
+            f"| {cpu:.2f} s | {ratio(cpu, cpu_base)} |"
         )
     if restores:
         print(f"\nPITR restore of the same archive (medians of {args.rounds}):\n")
-        print("| restore | wall | segments replayed |\n|---|---|---|")
-        for case in ("pg_basebackup+cp", "pgkeeper"):
+        print("| restore | wall | vs pg_basebackup+cp | segments replayed |\n|---|---|---|---|")
+        wall_base = median([r.seconds for r in restores if r.case == "pg_basebackup+cp"])
+        for case in ("pg_basebackup+cp", "pgkeeper", "pgkeeper-age"):
             mine = [r for r in restores if r.case == case]
-            print(f"| {case} | {median([r.seconds for r in mine]):.2f} s | {mine[0].segments} |")
+            if not mine:
+                continue
+            wall = median([r.seconds for r in mine])
+            print(f"| {case} | {wall:.2f} s | {ratio(wall, wall_base)} | {mine[0].segments} |")
     BENCH.mkdir(exist_ok=True)
     (BENCH / "pitr-results.json").write_text(json.dumps(
         {"scale": args.scale, "rounds": args.rounds, "archive": [asdict(r) for r in runs],

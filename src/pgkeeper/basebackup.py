@@ -5,8 +5,9 @@ The procedure, in order (each step's safety reason beside it):
      tablespaces (pg_basebackup can stream only one tablespace as a single tar)
   2. hold the cluster's base-backup lock           -> two base backups never overlap
   3. remove incomplete base backups of this server, claim an id (``pending.json``)
-  4. stream ``pg_basebackup -D - -Ft -X none --manifest-checksums=SHA256`` -> zstd -> sha256
-     -> storage, while a second thread reads the same tar and hashes every file
+  4. stream ``pg_basebackup -D - -Ft -X none --manifest-checksums=SHA256`` -> zstd -> (age, to
+     BACKUP_ENCRYPTION_RECIPIENTS) -> sha256 -> storage, while a second thread reads the same
+     tar (in memory, never on disk) and hashes every file
   5. check the files against the ``backup_manifest`` pg_basebackup appended to the tar (its own
      checksum, then every file's size and SHA-256: pg_verifybackup's checks, in the stream)
   6. wait until every WAL segment from the backup's start to its end is in the archive
@@ -16,7 +17,9 @@ On any failure the partial objects are removed. WAL is not inside the tar (``-X 
 it comes from the archive, which step 6 proves holds it.
 
 Verification of a stored base backup (``verify``) re-reads the object and runs the same
-tar-against-``backup_manifest`` check, plus the WAL check of step 6.
+tar-against-``backup_manifest`` check, plus the WAL check of step 6. An encrypted one is
+decrypted first when an identity is at hand; without one (the backup host) only what needs no
+key is checked: sha256, the age header and length, and the WAL (recorded ``decrypted: false``).
 """
 
 from __future__ import annotations
@@ -30,16 +33,18 @@ import tarfile
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from pgkeeper import __version__, catalog, naming, postgres, wal
+from pgkeeper import __version__, catalog, crypto, naming, postgres, wal
 from pgkeeper.errors import (
     ArchiveError,
     BackupRunningError,
     ConfigError,
     DumpError,
+    IdentityError,
     StorageError,
     VerificationError,
 )
@@ -318,9 +323,7 @@ def run_base_backup(
     pg_basebackup fails, VerificationError when its output does not match its own
     backup_manifest, ArchiveError when its WAL does not reach the archive, StorageError.
     """
-    from pgkeeper.wal_async import refuse_plaintext
-
-    refuse_plaintext(settings, "a base backup")
+    recipients = crypto.recipients_of(settings)  # a bad key list fails before anything runs
     storages = storages if storages is not None else targets(settings)
     primary = storages[0]
     backup_name = naming.validate_name(name or settings.backup_base_name)
@@ -336,8 +339,9 @@ def run_base_backup(
         log.info("base backup %s of %s to %s started", backup_id, conn.server, primary.url)
         try:
             manifest = _take(
-                settings, primary, client, conn, server, backup_id, backup_name, started, progress
-            )
+                settings, primary, client, conn, server, backup_id, backup_name, started, progress,
+                recipients,
+            )  # fmt: skip
             manifest = manifest.model_copy(update={"trigger": trigger, "flow_run_id": flow_run_id})
             catalog.write_manifest(primary, manifest)
         except BaseException:
@@ -360,8 +364,9 @@ def _take(
     backup_name: str,
     started: datetime,
     progress: Progress | None,
+    recipients: crypto.Recipients | None = None,
 ) -> Manifest:
-    relative = naming.data_name(backup_id, FORMAT, COMPRESSION)
+    relative = naming.data_name(backup_id, FORMAT, COMPRESSION, encrypted=recipients is not None)
     argv = [
         client.argv0,
         "--pgdata=-",
@@ -385,8 +390,9 @@ def _take(
 
             with primary.open_write(naming.object_key(backup_id, relative)) as out:
                 result = compress_stream(
-                    read, out, COMPRESSION, LEVEL, settings.backup_compression_threads, progress
-                )
+                    read, out, COMPRESSION, LEVEL, settings.backup_compression_threads, progress,
+                    recipients,
+                )  # fmt: skip
                 if proc.wait() != 0:
                     raise DumpError(f"pg_basebackup failed: {proc.last_error()}")
                 check.finish()
@@ -430,6 +436,7 @@ def _take(
         options={"checkpoint": settings.backup_base_checkpoint, "wal_method": "none"},
         pgkeeper_version=__version__,
         base=info,
+        encryption=crypto.encryption_record(recipients),
     )
 
 
@@ -445,53 +452,80 @@ def _discard(storage: Storage, backup_id: str) -> None:
 
 
 def verify_base(
-    storage: Storage, manifest: Manifest, level: str = "full", progress: Progress | None = None
+    storage: Storage,
+    manifest: Manifest,
+    level: str = "full",
+    progress: Progress | None = None,
+    identity: crypto.Identity | None = None,
 ) -> Verification:
     """Re-read a stored base backup: objects, sha256, the zstd stream, the tar against its
-    backup_manifest (full level), and its WAL in the archive. Raises nothing for bad data."""
+    backup_manifest (full level), and its WAL in the archive. An encrypted one is decrypted
+    with ``identity``; without it, its age header and length are checked instead of the
+    stream. Raises nothing for bad data; IdentityError when ``identity`` cannot open it."""
     checks: list[CheckResult] = []
+    encrypted = manifest.encryption is not None
+    if not encrypted:
+        identity = None
+    decrypted = (identity is not None) if encrypted else None
     obj = manifest.objects[0]
     key = naming.object_key(manifest.id, obj.name)
     info = storage.stat(key)
     if info is None or info.size != obj.size:
         detail = "missing" if info is None else f"{info.size} bytes, manifest says {obj.size}"
         checks.append(CheckResult(name="objects", ok=False, detail=f"{obj.name}: {detail}"))
-        return Verification(ok=False, at=utcnow(), level=_level(level), checks=checks)
+        return Verification(ok=False, at=utcnow(), level=_level(level), checks=checks,
+                            decrypted=decrypted)  # fmt: skip
     checks.append(CheckResult(name="objects", ok=True, detail="1"))
     digest = hashlib.sha256()
+    shape = crypto.AgeShape() if encrypted and identity is None else None
     decoder = Decoder(manifest.compression)
-    check = TarCheck() if level == "full" else None
-    broken: str | None = None
+    check = TarCheck() if level == "full" and shape is None else None
+    broken: VerificationError | None = None
     try:
         with storage.open_read(key) as src:
-            while chunk := src.read(CHUNK):
+
+            def stored(n: int) -> bytes:
+                chunk = src.read(CHUNK)
                 digest.update(chunk)
-                if progress:
+                if shape is not None:
+                    shape.feed(chunk)
+                if progress and chunk:
                     progress(len(chunk))
-                if check is not None and broken is None:
-                    try:
-                        check.feed(decoder.decompress(chunk))
-                    except VerificationError as exc:
-                        broken = str(exc)
-        if check is not None and broken is None:
-            decoder.finish()
-    except VerificationError as exc:
-        broken = str(exc)
+                return chunk
+
+            broken = _decode_into(stored, decoder, check, identity)
+            while stored(CHUNK):  # what decoding left unread, for the checksum
+                pass
     except StorageError as exc:
         checks.append(CheckResult(name="objects", ok=False, detail=exc.message))
     finally:
         if check is not None:
             check.finish()
     if any(not c.ok for c in checks):
-        return Verification(ok=False, at=utcnow(), level=_level(level), checks=checks)
+        return Verification(ok=False, at=utcnow(), level=_level(level), checks=checks,
+                            decrypted=decrypted)  # fmt: skip
     if digest.hexdigest() != obj.sha256:
         checks.append(CheckResult(name="checksum", ok=False, detail=f"{obj.name} != manifest"))
-        return Verification(ok=False, at=utcnow(), level=_level(level), checks=checks)
+        return Verification(ok=False, at=utcnow(), level=_level(level), checks=checks,
+                            decrypted=decrypted)  # fmt: skip
     checks.append(CheckResult(name="checksum", ok=True, detail=obj.sha256))
-    if broken is not None:
-        checks.append(CheckResult(name="compression", ok=False, detail=broken))
-    elif check is not None:
-        checks.append(CheckResult(name="compression", ok=True, detail="decoded end to end"))
+    if shape is not None:
+        try:
+            shape.check(manifest.encryption.recipients if manifest.encryption else None)
+            checks.append(CheckResult(name="encryption", ok=True,
+                                      detail=f"{obj.name}: age header and length"))  # fmt: skip
+            checks.append(CheckResult(name="decryption", ok=True, detail=NOT_DECRYPTED))
+        except VerificationError as exc:
+            checks.append(CheckResult(name="encryption", ok=False, detail=f"{obj.name}: {exc}"))
+    elif broken is not None:
+        checks.append(CheckResult(name=broken.check or "compression", ok=False,
+                                  detail=str(broken)))  # fmt: skip
+    else:
+        if identity is not None:
+            checks.append(CheckResult(name="decryption", ok=True, detail="decrypted end to end"))
+        if check is not None:
+            checks.append(CheckResult(name="compression", ok=True, detail="decoded end to end"))
+    if check is not None and shape is None and broken is None:
         try:
             facts = check_against_manifest(check)
             checks.append(
@@ -518,7 +552,44 @@ def verify_base(
                 detail=f"{manifest.base.start_wal} .. {manifest.base.stop_wal} archived",
             ))  # fmt: skip
     ok = all(c.ok for c in checks)
-    return Verification(ok=ok, at=utcnow(), level=_level(level), checks=checks)
+    return Verification(ok=ok, at=utcnow(), level=_level(level), checks=checks,
+                        decrypted=decrypted)  # fmt: skip
+
+
+NOT_DECRYPTED = (
+    "not decrypted: no identity here (BACKUP_ENCRYPTION_IDENTITY_FILE), so the tar was not "
+    "checked against its backup_manifest; verify where the identity is to check it fully"
+)
+
+
+def _decode_into(
+    stored: Callable[[int], bytes],
+    decoder: Decoder,
+    check: TarCheck | None,
+    identity: crypto.Identity | None,
+) -> VerificationError | None:
+    """Read the stored stream through ``stored`` (decrypting it with ``identity``) and feed
+    the decoded tar to ``check`` (None: only read, for the checksum); return what was found
+    broken. Stops at the first damage: the caller reads the rest for the checksum. Raises
+    IdentityError when ``identity`` cannot open the file, StorageError from ``stored``."""
+    if check is None and identity is None:
+        return None
+    plain = crypto.DecryptingReader(stored, identity) if identity is not None else None
+    read = plain.read if plain is not None else stored
+    try:
+        while chunk := read(CHUNK):
+            if check is not None:
+                check.feed(decoder.decompress(chunk))
+        if check is not None:
+            decoder.finish()
+    except IdentityError:
+        raise
+    except VerificationError as exc:
+        return exc
+    finally:
+        if plain is not None:
+            plain.close()  # stops decrypting: the rest is read by the caller, in this thread
+    return None
 
 
 def _level(level: str) -> Any:

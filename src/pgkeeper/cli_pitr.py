@@ -5,7 +5,8 @@
 ``restore_command``), so their exit codes speak PostgreSQL's language: wal-push exits 0 only
 once the file is durably archived; wal-fetch exits 0 with the file in place, 1 (silently) for
 a file the archive does not have, which is how recovery finds the end of the archive, and 126
-for everything else (a gap, a damaged copy, an unreachable target, a bad setting), because
+for everything else (a gap, a damaged copy, an unreachable target, a bad setting, an encrypted
+file without an identity that opens it), because
 PostgreSQL aborts recovery for an exit code above 125 instead of ending it early and promoting
 a cluster that lacks data.
 """
@@ -20,6 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from pgkeeper.cli import (
+    IdentityOpt,
     JsonOpt,
     handle_errors,
     human_size,
@@ -63,13 +65,14 @@ def wal_push(
     system_id: SystemIdOpt = None,
 ) -> None:
     """Archive one WAL file (archive_command); exit 0 only once it is durably stored."""
-    from pgkeeper import wal, wal_async
+    from pgkeeper import crypto, wal, wal_async
 
     settings = settings_from_env()
     if system_id is not None:
-        wal_async.refuse_plaintext(settings, "archived WAL")
+        recipients = crypto.recipients_of(settings)
         primary = targets(settings)[0]
-        wal.push(primary, path, system_id=system_id, level=settings.backup_wal_compression_level)
+        wal.push(primary, path, system_id=system_id, level=settings.backup_wal_compression_level,
+                 recipients=recipients)  # fmt: skip
         return
     wal_async.archive(settings, path)
 
@@ -79,8 +82,9 @@ def wal_fetch(
     path: Annotated[Path, typer.Argument(help="Where to put it (%p in restore_command).")],
     system_id: SystemIdOpt = None,
 ) -> None:
-    """Restore one WAL file from the archive (restore_command)."""
-    from pgkeeper import wal
+    """Restore one WAL file from the archive (restore_command); an encrypted one is decrypted
+    with BACKUP_ENCRYPTION_IDENTITY_FILE."""
+    from pgkeeper import crypto, wal
     from pgkeeper.cli import _state
 
     try:
@@ -97,7 +101,9 @@ def wal_fetch(
             lock = Path(wal_spool.prefetch_of(path)) / wal_spool.FETCH_LOCK
             if not wal_spool.pusher_running_at(lock):
                 start_prefetcher(path, name, system_id)
-        wal.fetch(targets(settings), name, path, system_id=system_id)
+        # Read when an encrypted file is met; unreadable then: 126, saying why.
+        identity = crypto.identity_loader(settings)
+        wal.fetch(targets(settings), name, path, system_id=system_id, identity=identity)
     except WalMissingError:
         raise typer.Exit(1) from None  # the end of the archive: PostgreSQL asks, never an error
     except PgkeeperError as exc:
@@ -210,10 +216,12 @@ def pitr_restore(
             help="Keep archive_mode on in the restored cluster (it becomes a new primary).",
         ),
     ] = False,
+    identity: IdentityOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build a new data folder recovered to a moment (--time), a WAL position (--lsn) or the
-    end of the archive (--latest); --start also starts it."""
+    end of the archive (--latest); --start also starts it. An encrypted base backup or WAL is
+    decrypted with the identity, which the restored server's restore_command reads too."""
     from pgkeeper.pitr import Target, restore_pitr
 
     chosen = [flag for flag, given in (("--time", time), ("--lsn", lsn), ("--latest", latest))
@@ -228,7 +236,9 @@ def pitr_restore(
         latest=latest,
         timeline=timeline,
     )
-    settings = settings_from_env()
+    settings = settings_from_env(
+        backup_encryption_identity_file=identity.absolute() if identity else None
+    )
     result = restore_pitr(
         settings,
         target,

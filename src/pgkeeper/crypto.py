@@ -609,6 +609,22 @@ def configured_identity(settings: Settings) -> Identity | None:
     return None if path is None else Identity.load(path)
 
 
+def identity_loader(settings: Settings) -> Callable[[], Identity | None]:
+    """``configured_identity`` deferred to its first call (then kept): for readers that may
+    meet no encrypted file at all, such as a restore_command replaying unencrypted WAL, which
+    must not fail over a key file it never needed."""
+    loaded: list[Identity | None] = []
+    lock = threading.Lock()
+
+    def load() -> Identity | None:
+        with lock:
+            if not loaded:
+                loaded.append(configured_identity(settings))
+            return loaded[0]
+
+    return load
+
+
 def identity_for(settings: Settings, manifest: Manifest, what: str) -> Identity | None:
     """None for a backup that is not encrypted; else the configured identity, or IdentityError
     saying that ``what`` (e.g. 'restoring it') needs one."""

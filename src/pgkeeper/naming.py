@@ -167,7 +167,12 @@ def id_from_key(key: str) -> str | None:
 # WAL files live outside the backup-id key space ("wal" never has the shape of an id, so the
 # catalog, rotation's plan and incomplete-backup cleanup never take them for backups)::
 #
-#     wal/<system identifier>/<timeline>/<WAL file name>-<sha256 of its bytes>.zst
+#     wal/<system identifier>/<timeline>/<WAL file name>-<sha256 of its bytes>.zst[.age]
+#
+# ``.age`` marks a file encrypted to BACKUP_ENCRYPTION_RECIPIENTS; the sha256 is always of the
+# WAL file's own (plaintext) bytes, so an identical push is recognised without the private key
+# (age encryption is randomised: two encryptions of one file never match), as pgBackRest names
+# its encrypted WAL by the plaintext's checksum.
 #
 # The system identifier (decimal, from the cluster's pg_control) keeps two clusters' archives
 # apart: their segment names collide, their contents never match. The checksum is part of the
@@ -182,7 +187,7 @@ WAL_NAME_RE = re.compile(
 )
 _WAL_KEY_RE = re.compile(
     r"^wal/(?P<system>\d{1,20})/(?P<timeline>[0-9A-F]{8})/"
-    r"(?P<name>[0-9A-F][0-9A-Fa-z.]{7,40})-(?P<sha256>[0-9a-f]{64})\.zst\Z"
+    r"(?P<name>[0-9A-F][0-9A-Fa-z.]{7,40})-(?P<sha256>[0-9a-f]{64})\.zst(?:\.age)?\Z"
 )
 
 
@@ -218,11 +223,16 @@ def wal_name_prefix(system_id: int, name: str) -> str:
     return f"{wal_timeline_prefix(system_id, wal_timeline(name))}{name}-"
 
 
-def wal_key(system_id: int, name: str, sha256: str) -> str:
-    """The key of WAL file ``name`` whose bytes hash to ``sha256``."""
+def wal_key(system_id: int, name: str, sha256: str, encrypted: bool = False) -> str:
+    """The key of WAL file ``name`` whose bytes hash to ``sha256`` (``.age`` when encrypted)."""
     if not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise ValueError(f"not a sha256 hex digest: {sha256!r}")
-    return f"{wal_name_prefix(system_id, name)}{sha256}.zst"
+    return f"{wal_name_prefix(system_id, name)}{sha256}.zst" + (ENCRYPTED if encrypted else "")
+
+
+def wal_key_encrypted(key: str) -> bool:
+    """Whether an archive key names an encrypted (age) WAL file."""
+    return key.endswith(ENCRYPTED)
 
 
 def parse_wal_key(key: str) -> tuple[int, str, str] | None:

@@ -9,7 +9,8 @@ archive's state (recoverable window, gaps, lag) for ``pitr status`` and the moni
      -> a target outside the window, or behind a missing segment, is a one-line error
         naming the window or the segment, before anything is written
   3. choose the newest usable base backup that ends before the target (or ``--base``)
-  4. extract it from the first target holding a good copy, hashing the stored bytes
+  4. extract it from the first target holding a good copy, hashing the stored bytes (an
+     encrypted one is decrypted in the stream, with the identity)
      -> a copy failing its checksum is wiped and the next copy is tried
   5. write the recovery settings (``restore_command`` = wal-fetch, the target,
      ``recovery_target_action = promote``, ``archive_mode = off`` unless ``--archive``)
@@ -17,6 +18,12 @@ archive's state (recoverable window, gaps, lag) for ``pitr status`` and the moni
   6. with ``--start``: start the server and wait until recovery ended and it promoted;
      a server that stops (a FATAL in its log) is reported with that line
 A scratch restore (the PITR restore test) is the same procedure into a temporary folder.
+
+Encryption: an encrypted base backup, or an archive holding encrypted WAL, needs
+BACKUP_ENCRYPTION_IDENTITY_FILE (``--identity``); without it, or with a key that is not a
+recipient, step 2 stops with one line before anything is written. The restored server's
+``restore_command`` (wal-fetch) decrypts with the same file, so it is passed on to the server's
+environment and, when pgkeeper runs as root, checked to be readable by the server's user.
 
 When pgkeeper runs as root (PostgreSQL refuses to), the restored files are handed to
 ``BACKUP_PITR_OS_USER`` and the server binaries run as that user.
@@ -42,9 +49,10 @@ from typing import Any
 
 import zstandard
 
-from pgkeeper import catalog, naming, postgres, wal
+from pgkeeper import catalog, crypto, naming, postgres, wal
 from pgkeeper.errors import (
     BackupNotFoundError,
+    IdentityError,
     PgkeeperError,
     RestoreError,
     StorageError,
@@ -103,6 +111,11 @@ class ArchiveView:
     system_id: int
     archives: list[tuple[Storage, wal.Archive]]
     segment_size: int = wal.DEFAULT_SEGMENT_SIZE
+    identity: crypto.Identity | None = None  # opens encrypted WAL
+
+    def encrypted(self) -> int:
+        """How many archived files (over every target) are encrypted."""
+        return sum(a.encrypted() for _, a in self.archives)
 
     @property
     def names(self) -> set[str]:
@@ -117,7 +130,7 @@ class ArchiveView:
     def history(self, timeline: int) -> list[wal.TimelineSwitch]:
         for storage, archive in self.archives:
             if f"{timeline:08X}.history" in archive.files:
-                return wal.read_history(storage, archive, timeline)
+                return wal.read_history(storage, archive, timeline, self.identity)
         return []
 
     def modified(self, name: str) -> datetime | None:
@@ -128,7 +141,12 @@ class ArchiveView:
         return None
 
 
-def load_archive(storages: Sequence[Storage], system_id: int, segment_size: int) -> ArchiveView:
+def load_archive(
+    storages: Sequence[Storage],
+    system_id: int,
+    segment_size: int,
+    identity: crypto.Identity | None = None,
+) -> ArchiveView:
     """List every target's WAL of ``system_id`` (a target that cannot be listed is skipped)."""
     archives = []
     for storage in storages:
@@ -136,7 +154,7 @@ def load_archive(storages: Sequence[Storage], system_id: int, segment_size: int)
             archives.append((storage, wal.list_archive(storage, system_id)))
         except StorageError:
             continue
-    return ArchiveView(system_id, archives, segment_size)
+    return ArchiveView(system_id, archives, segment_size, identity)
 
 
 @dataclass(frozen=True)
@@ -236,7 +254,7 @@ def last_commit(
             if name not in view.names:
                 return None
             path = Path(tmp) / name
-            wal.fetch(storages, name, path, system_id=view.system_id)
+            wal.fetch(storages, name, path, system_id=view.system_id, identity=view.identity)
             out = subprocess.run(
                 [waldump.argv0, "--rmgr=Transaction", str(path)],
                 capture_output=True, text=True, env=env, timeout=120,
@@ -293,6 +311,7 @@ class Plan:
     timelines: list[int]
     reach: Reach
     end_time: datetime | None
+    identity: crypto.Identity | None = None  # opens the base backup and the WAL, if encrypted
 
 
 def plan(
@@ -300,7 +319,9 @@ def plan(
 ) -> Plan:
     """Choose the base backup and check the archive serves the target; see the module
     docstring. Raises UsageError (target outside the window), WalGapError (a missing segment
-    on the way), BackupNotFoundError (no base backup)."""
+    on the way), BackupNotFoundError (no base backup), IdentityError (encrypted WAL or base
+    backup without an identity that opens it)."""
+    identity = crypto.configured_identity(settings)
     bases = base_backups(storages)
     if base_id is not None:
         manifest, _ = catalog.find(storages, base_id)
@@ -327,7 +348,13 @@ def plan(
         )
     newest = bases[0]
     info = base_info(newest)
-    view = load_archive(storages, info.system_identifier, info.wal_segment_size)
+    view = load_archive(storages, info.system_identifier, info.wal_segment_size, identity)
+    if identity is None and view.encrypted():
+        raise IdentityError(
+            f"the WAL archive of database system {info.system_identifier} holds "
+            f"{view.encrypted()} encrypted (age) files: a point-in-time restore needs the "
+            "private key (set BACKUP_ENCRYPTION_IDENTITY_FILE or pass --identity FILE)"
+        )
     wanted = target.timeline_number()
 
     def reach_from(manifest: Manifest) -> tuple[list[int], Reach]:
@@ -372,7 +399,8 @@ def plan(
             continue
         if got.end_lsn <= wal.parse_lsn(base_info(manifest).stop_lsn):
             continue  # its own WAL is not (all) archived: it cannot become consistent
-        return Plan(manifest, target, view, timelines, got, end_time)
+        crypto.identity_for(settings, manifest, "a point-in-time restore from it")
+        return Plan(manifest, target, view, timelines, got, end_time, identity)
     if base_id is not None:
         raise UsageError(
             f"base backup {base_id} ends after {target.describe()} (or its WAL is not "
@@ -398,16 +426,28 @@ def _check_member(member: tarfile.TarInfo) -> str:
     return name
 
 
-def extract(storage: Storage, manifest: Manifest, dest: Path) -> None:
+def extract(
+    storage: Storage, manifest: Manifest, dest: Path, identity: crypto.Identity | None = None
+) -> None:
     """Extract a stored base backup into the empty folder ``dest``, checking the stored bytes'
-    sha256; raises VerificationError (and leaves ``dest`` empty) when they do not match."""
+    sha256 (and decrypting an encrypted one with ``identity``); raises VerificationError (and
+    leaves ``dest`` empty) when they do not match, IdentityError when ``identity`` is None or
+    cannot open an encrypted one (before anything is extracted)."""
     obj = manifest.objects[0]
     if manifest.compression != "zstd":
         raise VerificationError(f"base backup {manifest.id} is not zstd-compressed")
+    if manifest.encryption is not None and identity is None:
+        raise IdentityError(
+            f"base backup {manifest.id!r} is encrypted (age): restoring it needs its private key "
+            "(set BACKUP_ENCRYPTION_IDENTITY_FILE or pass --identity FILE)"
+        )
     with storage.open_read(naming.object_key(manifest.id, obj.name)) as src:
         reader = HashingReader.of(src, obj)
+        plain: crypto.DecryptingReader | None = None
+        if manifest.encryption is not None and identity is not None:
+            plain = crypto.DecryptingReader(reader.read, identity)
         stream = zstandard.ZstdDecompressor().stream_reader(
-            reader,  # type: ignore[arg-type]  # any object with read() will do
+            plain or reader,  # type: ignore[arg-type]  # any object with read() will do
             read_size=CHUNK,
             read_across_frames=True,
         )
@@ -417,16 +457,29 @@ def extract(storage: Storage, manifest: Manifest, dest: Path) -> None:
                     _extract_member(archive, member, dest)
             while stream.read(CHUNK):  # the tar's padding, to the end of the stored object
                 pass
+            _stop(plain)
             reader.drain()
             reader.check()
-        except (VerificationError, tarfile.TarError, zstandard.ZstdError, OSError) as exc:
+        except IdentityError:
+            _stop(plain)
             _empty(dest)
-            if isinstance(exc, VerificationError):
-                raise
+            raise
+        except (VerificationError, tarfile.TarError, zstandard.ZstdError, OSError) as exc:
+            _stop(plain)  # the stored bytes are read in this thread from here on
+            _empty(dest)
             reader.drain()
             reader.check()  # damaged stored bytes explain a broken stream: say so
+            if isinstance(exc, VerificationError):
+                raise
             raise VerificationError(f"the base backup's tar is unreadable ({exc})",
                                     check="structure") from exc  # fmt: skip
+        finally:
+            _stop(plain)
+
+
+def _stop(plain: crypto.DecryptingReader | None) -> None:
+    if plain is not None:
+        plain.close()  # idempotent: sets its stop flag and joins its thread
 
 
 def _extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
@@ -554,6 +607,11 @@ def server_env(settings: Settings) -> dict[str, str]:
         "GCS_BUCKET": settings.gcs_bucket,
         "GCS_KEYFILE": str(settings.gcs_keyfile) if settings.gcs_keyfile else None,
         "BACKUP_GCS_PREFIX": settings.backup_gcs_prefix,
+        # not a secret: the path of the key that decrypts encrypted WAL (wal-fetch)
+        "BACKUP_ENCRYPTION_IDENTITY_FILE": (
+            str(Path(settings.backup_encryption_identity_file).absolute())
+            if settings.backup_encryption_identity_file else None
+        ),
     }  # fmt: skip
     for name, value in values.items():
         if value:
@@ -761,11 +819,13 @@ def restore_pitr(
     started = time.monotonic()
     owner = server_user(settings) if start or os.geteuid() == 0 else None
     chosen = plan(settings, storages, target, base_id)
+    copies = _copies(storages, chosen.base.id)
+    _check_identity(chosen, copies, owner)
     folder = _prepare_folder(to)
     last_error: PgkeeperError | None = None
-    for copy_manifest, storage in _copies(storages, chosen.base.id):
+    for copy_manifest, storage in copies:
         try:
-            extract(storage, copy_manifest, folder)
+            extract(storage, copy_manifest, folder, chosen.identity)
             last_error = None
             break
         except (VerificationError, StorageError) as exc:
@@ -800,6 +860,34 @@ def restore_pitr(
         result.started = True
     result.duration_seconds = time.monotonic() - started
     return result
+
+
+def _check_identity(
+    chosen: Plan, copies: list[tuple[Manifest, Storage]], owner: str | None
+) -> None:
+    """Before anything is written: the identity opens the encrypted base backup (its header
+    and first chunk), and the server's user can read it when the WAL it replays is encrypted
+    (its restore_command decrypts with the same file). Raises IdentityError."""
+    identity = chosen.identity
+    if identity is None:
+        return  # plan() made sure nothing encrypted is needed
+    manifest, storage = copies[0]
+    if manifest.encryption is not None:
+        # A damaged or unreachable copy: extraction reports it, or takes the next copy.
+        with contextlib.suppress(VerificationError, StorageError):
+            crypto.check_identity(storage, manifest, identity)
+    if owner is not None and chosen.view.encrypted():
+        readable = subprocess.run(
+            ["runuser", "-u", owner, "--", "test", "-r", str(identity.path.absolute())],
+            capture_output=True, timeout=30,
+        )  # fmt: skip
+        if readable.returncode != 0:
+            raise IdentityError(
+                f"identity file {identity.path.absolute()} is not readable by {owner}, who runs "
+                "the restored server's restore_command (wal-fetch decrypts the WAL with it): "
+                f"let {owner} read it (e.g. chgrp {owner} FILE and chmod 640 FILE, with every "
+                "folder above it searchable) or give a copy that user can read"
+            )
 
 
 def _prefetch_first(settings: Settings, folder: Path, chosen: Plan, owner: str | None) -> None:

@@ -416,7 +416,7 @@ def check_backup(
     if manifest.kind == "base":  # a pg_basebackup tar: checked against its backup_manifest
         from pgkeeper.basebackup import verify_base
 
-        return verify_base(storage, manifest, level, progress)
+        return verify_base(storage, manifest, level, progress, identity)
     full = level == "full"
     encrypted = manifest.encryption is not None
     if not encrypted:

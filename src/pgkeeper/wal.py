@@ -1,7 +1,9 @@
 """The WAL archive of point-in-time recovery: push, fetch, list, and the arithmetic of WAL names.
 
-Keys are made by ``naming`` (``wal/<system id>/<timeline>/<name>-<sha256>.zst``); the sha256 is
-of the WAL file's own bytes, so it is recorded in the same atomic step that stores the object.
+Keys are made by ``naming`` (``wal/<system id>/<timeline>/<name>-<sha256>.zst``, plus ``.age``
+when encrypted); the sha256 is of the WAL file's own (plaintext) bytes, so it is recorded in
+the same atomic step that stores the object, and it is what makes a repeated push recognisable
+without the private key: age encryption is randomised, two encryptions of one file differ.
 
 push (``archive_command``)
     Hash and compress the file in one pass into a spool in memory (WAL compresses 5-30x), then
@@ -19,8 +21,16 @@ fetch (``restore_command``)
     same timeline has archived segments on both sides of it, or a file whose every copy is
     damaged, raises WalGapError: recovery must stop there rather than end early and promote.
 
-Encryption (issue 14) is not built yet: ``_encode`` is the one place where the compressed
-stream would be encrypted before it is stored, and ``_decode`` where it would be decrypted.
+Encryption (BACKUP_ENCRYPTION_RECIPIENTS, invariant 10)
+    ``push`` with ``recipients``: WAL bytes -> sha256 -> zstd -> age -> spool -> storage; the
+    object's key ends in ``.age`` and the stored bytes' own sha256 goes with it as metadata
+    (S3 and GCS check it on upload and keep it). Nothing that can decrypt is needed to push,
+    to refuse other bytes, or to copy offsite (``copy`` checks an encrypted copy's age header,
+    length and stored sha256). ``fetch`` decrypts with an identity, then decompresses and checks
+    the plaintext's sha256 against the name; an encrypted copy without an identity, or with one
+    that is not a recipient, raises IdentityError at once (recovery must stop, not end). One
+    archive may hold both kinds (encryption turned on or off on the way): each file is read as
+    its key says.
 """
 
 from __future__ import annotations
@@ -33,19 +43,21 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import zstandard
 
-from pgkeeper import naming
+from pgkeeper import crypto, naming
 from pgkeeper.errors import (
     ArchiveError,
+    IdentityError,
     StorageError,
     UsageError,
+    VerificationError,
     WalConflictError,
     WalGapError,
     WalMissingError,
@@ -179,33 +191,59 @@ def system_id_from_control(data_dir: Path) -> int:
 class PushResult:
     name: str
     key: str
-    sha256: str
+    sha256: str  # of the WAL file's bytes (the name's checksum)
     size: int  # bytes of the WAL file
-    stored: int  # bytes stored (compressed)
+    stored: int  # bytes stored (compressed, encrypted when ``key`` ends in .age)
     already: bool  # the same bytes were archived before
+    stored_sha256: str = ""  # of the stored bytes, when this push stored them
 
 
-def _encode(src: BinaryIO, level: int) -> tuple[str, int, BinaryIO]:
-    """Hash the WAL file's bytes and compress them in one pass, into a spool.
+@dataclass
+class _Encoded:
+    """A WAL file hashed, compressed (and encrypted) into a spool, ready to store."""
 
-    Returns (sha256 of the WAL bytes, their size, the spool rewound). Encryption (issue 14)
-    goes here, after compression: the spool would hold the encrypted stream.
-    """
+    sha256: str  # of the WAL file's bytes
+    size: int
+    spool: BinaryIO  # rewound
+    stored_sha256: str  # of the spool's bytes
+    stored: int
+
+
+def _encode(src: BinaryIO, level: int, recipients: crypto.Recipients | None = None) -> _Encoded:
+    """Hash the WAL file's bytes and compress them in one pass, into a spool; with
+    ``recipients`` the compressed stream goes through age on its way in, so the spool (in
+    memory, or a private temporary file past SPOOL_IN_MEMORY) never holds plaintext when
+    encryption is on."""
     digest = hashlib.sha256()
+    stored = hashlib.sha256()
     size = 0
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - returned
     compressor = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
-    try:
+
+    def compressed() -> Iterator[bytes]:
+        nonlocal size
         while chunk := src.read(CHUNK * 4):
             digest.update(chunk)
             size += len(chunk)
-            spool.write(compressor.compress(chunk))
-        spool.write(compressor.flush())
+            yield compressor.compress(chunk)
+        yield compressor.flush()
+
+    def keep(block: bytes) -> None:
+        stored.update(block)
+        spool.write(block)
+
+    try:
+        if recipients is None:
+            for block in compressed():
+                keep(block)
+        else:
+            crypto.encrypt_stream(crypto.blocks_reader(compressed()), keep, recipients)
+        length = spool.tell()
         spool.seek(0)
     except BaseException:
         spool.close()
         raise
-    return digest.hexdigest(), size, spool  # type: ignore[return-value]
+    return _Encoded(digest.hexdigest(), size, spool, stored.hexdigest(), length)  # type: ignore[arg-type]
 
 
 def archived_copies(storage: Storage, system_id: int, name: str) -> dict[str, str]:
@@ -224,8 +262,10 @@ def push(
     *,
     system_id: int | None = None,
     level: int = DEFAULT_LEVEL,
+    recipients: crypto.Recipients | None = None,
 ) -> PushResult:
-    """Archive one WAL file on ``storage``; see the module docstring.
+    """Archive one WAL file on ``storage`` (encrypted to ``recipients`` when given); see the
+    module docstring.
 
     ``system_id`` is required for history and backup files (segments carry their own); raises
     UsageError for a bad name, ArchiveError for a file that is not the segment its name says,
@@ -250,17 +290,18 @@ def push(
             handle.seek(0)
         elif system_id is None:
             raise UsageError(f"archiving {name} needs the system identifier (pass --system-id)")
-        sha, size, spool = _encode(handle, level)
+        encoded = _encode(handle, level, recipients)
         after = os.fstat(handle.fileno())
+    sha, size, spool, stored = encoded.sha256, encoded.size, encoded.spool, encoded.stored
     with spool:
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
             raise ArchiveError(f"{path} changed while it was read: not archived (retry)")
         copies = archived_copies(storage, system_id, name)
-        key = naming.wal_key(system_id, name, sha)
-        stored = spool.seek(0, os.SEEK_END)
-        spool.seek(0)
+        key = naming.wal_key(system_id, name, sha, encrypted=recipients is not None)
         if sha in copies:
-            return PushResult(name, key, sha, size, stored, already=True)
+            # The same bytes, archived before (encrypted or not: a file archived before
+            # encryption was turned on stays as it was stored, and still restores).
+            return PushResult(name, copies[sha], sha, size, stored, already=True)
         if copies:
             raise WalConflictError(
                 f"WAL file {name} is already archived in {storage.url} with other contents "
@@ -268,10 +309,14 @@ def push(
                 "replaced; is a second server archiving with the same system identifier? "
                 "(see 'pgkeeper pitr status')"
             )
-        with storage.open_write(key, size_hint=stored) as out:
+        # An encrypted object carries its stored bytes' sha256 (the backend checks it on
+        # upload), so an offsite copy can be proven without the key that decrypts it.
+        metadata = {"sha256": encoded.stored_sha256} if recipients is not None else None
+        with storage.open_write(key, size_hint=stored, metadata=metadata) as out:
             while chunk := spool.read(CHUNK):
                 out.write(chunk)
-    return PushResult(name, key, sha, size, stored, already=False)
+    return PushResult(name, key, sha, size, stored, already=False,
+                      stored_sha256=encoded.stored_sha256)  # fmt: skip
 
 
 # --- fetch ---------------------------------------------------------------------------------------
@@ -285,27 +330,88 @@ class FetchResult:
     size: int
 
 
-def _decode(src: BinaryIO, out: BinaryIO) -> tuple[str, int]:
-    """Decompress a stored WAL object into ``out``; return (sha256, size) of what was written.
+class _Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
 
-    Decryption (issue 14) goes here, before decompression. Raises zstandard.ZstdError for a
-    damaged stream."""
+
+class _Writable(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+def _decode(
+    src: BinaryIO, out: _Writable, identity: crypto.Identity | None = None
+) -> tuple[str, int]:
+    """Decompress a stored WAL object into ``out`` (decrypting it first with ``identity`` when
+    one is given: the caller knows from the key that it is encrypted); return (sha256, size)
+    of what was written.
+
+    Raises zstandard.ZstdError or VerificationError for a damaged stream, IdentityError when
+    no key of ``identity`` is a recipient (before any plaintext)."""
     digest = hashlib.sha256()
     size = 0
-    reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
-    while chunk := reader.read(CHUNK * 4):
-        digest.update(chunk)
-        out.write(chunk)
-        size += len(chunk)
+    if identity is None:
+        reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+        while chunk := reader.read(CHUNK * 4):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        return digest.hexdigest(), size
+    from pgkeeper.pipeline import Decoder  # the dumps' zstd decoder: frames, truncation
+
+    decoder = Decoder("zstd")
+
+    def plain(block: bytes) -> None:
+        nonlocal size
+        data = decoder.decompress(block)
+        digest.update(data)
+        out.write(data)
+        size += len(data)
+
+    crypto.decrypt_stream(src.read, plain, identity)
+    decoder.finish()
     return digest.hexdigest(), size
 
 
-def fetch(storages: Sequence[Storage], name: str, dest: Path, *, system_id: int) -> FetchResult:
-    """Restore WAL file ``name`` to ``dest`` from the first target with a good copy.
+IdentitySource = crypto.Identity | Callable[[], crypto.Identity | None] | None
+"""An identity, or a function that loads it the first time an encrypted file needs it (a
+restore_command of an archive without encrypted WAL then never reads the key file)."""
+
+
+def _resolve(identity: IdentitySource) -> crypto.Identity | None:
+    if identity is None or isinstance(identity, crypto.Identity):
+        return identity
+    return identity()
+
+
+def _identity_refused(name: str, url: str, identity: crypto.Identity | None) -> IdentityError:
+    """The one-line error for an encrypted WAL file the identity at hand cannot open."""
+    if identity is None:
+        return IdentityError(
+            f"WAL file {name} in {url} is encrypted (age): fetching it needs the private key "
+            "(set BACKUP_ENCRYPTION_IDENTITY_FILE to a key file the server's user can read)"
+        )
+    return IdentityError(
+        f"WAL file {name} in {url} is encrypted (age) and the identity {identity.describe()} "
+        "cannot decrypt it: none of its keys is a recipient (use the private key of one of "
+        "BACKUP_ENCRYPTION_RECIPIENTS)"
+    )
+
+
+def fetch(
+    storages: Sequence[Storage],
+    name: str,
+    dest: Path,
+    *,
+    system_id: int,
+    identity: IdentitySource = None,
+) -> FetchResult:
+    """Restore WAL file ``name`` to ``dest`` from the first target with a good copy, decrypting
+    an encrypted copy with ``identity`` (loaded then, if it is a loader).
 
     Raises WalMissingError when no target has it (the normal end of the archive), WalGapError
     when it is missing inside a timeline's archived range or every copy is damaged,
-    WalConflictError when a target holds two different copies under the name.
+    WalConflictError when a target holds two different copies under the name, IdentityError
+    when a copy is encrypted and ``identity`` is None or cannot open it (nothing is written).
     """
     naming.validate_wal_name(name)
     problems: list[str] = []
@@ -322,7 +428,7 @@ def fetch(storages: Sequence[Storage], name: str, dest: Path, *, system_id: int)
                 "(see 'pgkeeper pitr status')"
             )
         for sha, key in copies.items():
-            problem = _fetch_copy(storage, key, sha, dest)
+            problem = _fetch_copy(storage, key, sha, dest, identity)
             if problem is None:
                 return FetchResult(name, storage.url, sha, dest.stat().st_size)
             problems.append(f"{storage.url}: {problem}")
@@ -335,12 +441,22 @@ def fetch(storages: Sequence[Storage], name: str, dest: Path, *, system_id: int)
     raise WalMissingError(f"WAL file {name} is not in the archive")
 
 
-def _fetch_copy(storage: Storage, key: str, sha: str, dest: Path) -> str | None:
-    """Fetch one copy to ``dest`` (atomically); None when good, else what was wrong."""
+def _fetch_copy(
+    storage: Storage, key: str, sha: str, dest: Path, source: IdentitySource = None
+) -> str | None:
+    """Fetch one copy to ``dest`` (atomically); None when good, else what was wrong. Raises
+    IdentityError for an encrypted copy that the identity (None: none at hand) cannot open,
+    or when the identity file cannot be loaded."""
+    parsed = naming.parse_wal_key(key)
+    name = parsed[1] if parsed else key
+    encrypted = naming.wal_key_encrypted(key)
+    identity = _resolve(source) if encrypted else None
+    if encrypted and identity is None:
+        raise _identity_refused(name, storage.url, None)
     fd, temp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".pgkeeper", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as out, storage.open_read(key) as src:
-            got, _size = _decode(src, out)
+            got, _size = _decode(src, out, identity)
             out.flush()
             os.fsync(out.fileno())
         if got != sha:
@@ -348,7 +464,9 @@ def _fetch_copy(storage: Storage, key: str, sha: str, dest: Path) -> str | None:
         os.replace(temp, dest)
         temp = ""
         return None
-    except zstandard.ZstdError as exc:
+    except IdentityError:
+        raise _identity_refused(name, storage.url, identity) from None
+    except (zstandard.ZstdError, VerificationError) as exc:
         return f"the stored copy is damaged ({exc})"
     except StorageError as exc:
         return exc.message
@@ -396,14 +514,17 @@ class _HashSink:
         return len(data)
 
 
-def copy(source: Storage, dest: Storage, key: str) -> bool:
+def copy(source: Storage, dest: Storage, key: str, stored_sha256: str | None = None) -> bool:
     """Copy one archived WAL object from ``source`` to ``dest``; False when ``dest`` already
     holds these bytes under that name.
 
     The copy is proven before it is written: the stored bytes are read into a spool and
-    decoded, and they must decode to the checksum in the name. Raises WalConflictError when
-    ``dest`` holds other bytes under the name, ArchiveError for a damaged source copy,
-    StorageError subclasses when a target fails.
+    decoded, and they must decode to the checksum in the name. An encrypted object cannot be
+    decoded here (the backup host holds no key): its age header and length are checked, and
+    its bytes against their sha256 as ``stored_sha256`` (what the pusher stored) or the
+    source's provider recorded it; the destination is given that sha256 to check on upload.
+    Raises WalConflictError when ``dest`` holds other bytes under the name, ArchiveError for a
+    damaged source copy, StorageError subclasses when a target fails.
     """
     parsed = naming.parse_wal_key(key)
     if parsed is None:
@@ -425,20 +546,51 @@ def copy(source: Storage, dest: Storage, key: str) -> bool:
                 spool.write(chunk)
         size = spool.tell()
         spool.seek(0)
-        try:
-            got, _ = _decode(spool, _HashSink())  # type: ignore[arg-type]
-        except zstandard.ZstdError as exc:
-            raise ArchiveError(f"WAL file {name} in {source.url} is damaged ({exc})") from None
-        if got != sha:
-            raise ArchiveError(
-                f"WAL file {name} in {source.url} decodes to sha256 {got[:12]}..., not "
-                f"{sha[:12]}...: it is damaged; not copied"
-            )
+        if naming.wal_key_encrypted(key):
+            _check_sealed(source, key, name, spool, stored.hexdigest(), stored_sha256)
+        else:
+            try:
+                got, _ = _decode(spool, _HashSink())  # type: ignore[arg-type]
+            except zstandard.ZstdError as exc:
+                raise ArchiveError(
+                    f"WAL file {name} in {source.url} is damaged ({exc})"
+                ) from None
+            if got != sha:
+                raise ArchiveError(
+                    f"WAL file {name} in {source.url} decodes to sha256 {got[:12]}..., not "
+                    f"{sha[:12]}...: it is damaged; not copied"
+                )
         spool.seek(0)
         with dest.open_write(key, size_hint=size, metadata={"sha256": stored.hexdigest()}) as out:
             while chunk := spool.read(CHUNK):
                 out.write(chunk)
     return True
+
+
+def _check_sealed(
+    source: Storage,
+    key: str,
+    name: str,
+    spool: _Readable,
+    got: str,
+    expected: str | None,
+) -> None:
+    """What can be proven of an encrypted WAL object without its key: an age header, a
+    length age can produce, and (when known) the stored bytes' sha256. Raises ArchiveError."""
+    shape = crypto.AgeShape()
+    while chunk := spool.read(CHUNK):
+        shape.feed(chunk)
+    try:
+        shape.check(None)
+    except VerificationError as exc:
+        raise ArchiveError(f"WAL file {name} in {source.url} is damaged ({exc})") from None
+    if expected is None:
+        expected = source.remote_sha256(key)
+    if expected is not None and expected != got:
+        raise ArchiveError(
+            f"WAL file {name} in {source.url} has sha256 {got[:12]}..., stored as "
+            f"{expected[:12]}...: it is damaged; not copied"
+        )
 
 
 # --- the archive as a whole --------------------------------------------------------------------
@@ -447,10 +599,14 @@ def copy(source: Storage, dest: Storage, key: str) -> bool:
 @dataclass(frozen=True)
 class ArchivedFile:
     name: str
-    sha256: str
+    sha256: str  # of the WAL file's bytes
     key: str
     size: int
     modified: datetime | None
+
+    @property
+    def encrypted(self) -> bool:
+        return naming.wal_key_encrypted(self.key)
 
 
 @dataclass
@@ -479,6 +635,10 @@ class Archive:
 
     def conflicts(self) -> list[str]:
         return sorted(n for n, copies in self.files.items() if len(copies) > 1)
+
+    def encrypted(self) -> int:
+        """How many archived files are encrypted (age)."""
+        return sum(f.encrypted for copies in self.files.values() for f in copies)
 
     def newest(self, timeline: int) -> ArchivedFile | None:
         names = self.segments(timeline)
@@ -545,15 +705,18 @@ def parse_history(text: str) -> list[TimelineSwitch]:
     return switches
 
 
-def read_history(storage: Storage, archive: Archive, timeline: int) -> list[TimelineSwitch]:
-    """The switch points leading to ``timeline`` (empty for timeline 1 or a missing file)."""
+def read_history(
+    storage: Storage, archive: Archive, timeline: int, identity: IdentitySource = None
+) -> list[TimelineSwitch]:
+    """The switch points leading to ``timeline`` (empty for timeline 1 or a missing file).
+    Raises IdentityError for an encrypted history file ``identity`` cannot open."""
     name = f"{timeline:08X}.history"
     copies = archive.files.get(name)
     if not copies:
         return []
     with tempfile.TemporaryDirectory(prefix="pgkeeper-history-") as tmp:
         dest = Path(tmp) / name
-        problem = _fetch_copy(storage, copies[0].key, copies[0].sha256, dest)
+        problem = _fetch_copy(storage, copies[0].key, copies[0].sha256, dest, identity)
         if problem is not None:
             raise ArchiveError(f"history file {name} in {storage.url}: {problem}")
         return parse_history(dest.read_text(errors="replace"))

@@ -10,10 +10,15 @@ The pusher (``python -m pgkeeper.wal_async --pg-wal DIR``) holds the spool's loc
 whole life (a second one exits at once), opens the targets once, and loops: every ready file
 (``archive_status/*.ready``, history files first, then in name order) without a status file
 is archived by one of ``BACKUP_WAL_PUSH_WORKERS`` threads (zstd and sha256 release the GIL),
-at most ``AHEAD`` files in flight. Each archived file is then copied to the offsite targets
+at most ``AHEAD`` files in flight; with BACKUP_ENCRYPTION_RECIPIENTS set each is encrypted
+(age) there too, so ``wal-push`` itself never does more than before (the recipients are parsed
+once, when the pusher starts). Each archived file is then copied to the offsite targets
 (best effort: a failure is logged and ``pgkeeper upload`` or the upload flow makes the copy
 later; the acknowledgement never waits for it). The pusher exits after
 ``BACKUP_WAL_PUSHER_IDLE`` seconds without work, or at once when its pg_wal folder is gone.
+It also exits (after the files in flight) within a second of its ``--env-file`` changing: a
+busy server never leaves it idle, and a setting such as BACKUP_ENCRYPTION_RECIPIENTS must
+apply from the next file on, so the next ``wal-push`` starts a pusher with the new settings.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from pgkeeper import wal, wal_spool
-from pgkeeper.errors import ArchiveError, ConfigError, PgkeeperError
+from pgkeeper import crypto, wal, wal_spool
+from pgkeeper.errors import ArchiveError, PgkeeperError
 from pgkeeper.settings import Settings, env_file, load_settings, use_env_file
 from pgkeeper.storage import Storage, targets
 
@@ -39,22 +44,11 @@ AHEAD = 16  # files in flight at most: bounds memory (one compressed spool each)
 SCAN_PAUSE = 0.02  # seconds between looks at archive_status while there is work
 IDLE_PAUSE = 0.1
 SPAWN_EVERY = 1.0  # seconds between two attempts of one wal-push to start a pusher
+SETTINGS_CHECK = 1.0  # seconds between two looks at the env file for a change
 
 
 def _archive_status(pg_wal: Path) -> Path:
     return pg_wal / "archive_status"
-
-
-def refuse_plaintext(settings: Settings, what: str) -> None:
-    """Invariant 10 (no plaintext on a target when encryption is on): WAL archiving and base
-    backups do not encrypt yet, so with BACKUP_ENCRYPTION_RECIPIENTS set they refuse to run
-    (ConfigError) rather than store a readable copy of every row."""
-    if settings.backup_encryption_recipients:
-        raise ConfigError(
-            f"BACKUP_ENCRYPTION_RECIPIENTS is set, but {what} is not encrypted yet: refusing to "
-            "store it in plaintext (point-in-time recovery cannot be combined with encryption "
-            "yet; see the README's PITR section)"
-        )
 
 
 def archive(settings: Settings, path: Path) -> wal.PushResult | None:
@@ -63,19 +57,20 @@ def archive(settings: Settings, path: Path) -> wal.PushResult | None:
     Returns the push result when this process archived the file itself, None when the pusher
     did. Raises ArchiveError (with the pusher's message) or the push's own errors.
     """
-    refuse_plaintext(settings, "archived WAL")
     pg_wal = path.parent
     if _archive_status(pg_wal).is_dir():
         _mark_mode(pg_wal / wal_spool.SPOOL, settings.backup_wal_async)
         if settings.backup_wal_async:
             _through_pusher(settings, path)
             return None
+    recipients = crypto.recipients_of(settings)  # a bad key list fails before anything
     primary = targets(settings)[0]
     return wal.push(
         primary,
         path,
         system_id=_system_id_for(path),
         level=settings.backup_wal_compression_level,
+        recipients=recipients,
     )
 
 
@@ -125,12 +120,22 @@ def _through_pusher(settings: Settings, path: Path) -> None:
 class Pusher:
     """Archives a pg_wal folder's ready files ahead of PostgreSQL; see the module docstring."""
 
-    def __init__(self, settings: Settings, pg_wal: Path, storages: list[Storage]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pg_wal: Path,
+        storages: list[Storage],
+        env_file: Path | None = None,
+        env_seen: tuple[int, int, int] | None = None,
+    ) -> None:
         self.settings = settings
+        self.env_file = env_file  # what the settings were read from, as it was then
+        self._env_seen = env_seen if env_seen is not None else _signature(env_file)
         self.pg_wal = pg_wal
         self.spool = pg_wal / wal_spool.SPOOL
         self.primary = storages[0]
         self.offsite = storages[1:]
+        self.recipients = crypto.recipients_of(settings)  # parsed once, used by every thread
         self.data_dir = pg_wal.parent
         self.pool = ThreadPoolExecutor(
             max_workers=settings.backup_wal_push_workers, thread_name_prefix="pgkeeper-wal"
@@ -190,6 +195,7 @@ class Pusher:
                 path,
                 system_id=system_id,
                 level=self.settings.backup_wal_compression_level,
+                recipients=self.recipients,
             )
             if wal_spool.fingerprint(path) != before:
                 raise ArchiveError(f"{path} changed while it was archived (retry)")
@@ -211,7 +217,7 @@ class Pusher:
     def _copy_offsite(self, result: wal.PushResult) -> None:
         for dest in self.offsite:
             try:
-                wal.copy(self.primary, dest, result.key)
+                wal.copy(self.primary, dest, result.key, result.stored_sha256 or None)
             except PgkeeperError as exc:
                 log.warning(
                     "%s: copy to %s failed (%s); 'pgkeeper upload' copies it later",
@@ -232,10 +238,20 @@ class Pusher:
         for name in [n for n in self.archived if n not in ready]:
             del self.archived[name]
 
+    def settings_changed(self) -> bool:
+        """Whether the env file the settings came from was changed (or removed) since."""
+        return self.env_file is not None and _signature(self.env_file) != self._env_seen
+
     def run(self) -> None:
         idle_since = time.monotonic()
-        last_sweep = 0.0
+        last_sweep = last_check = 0.0
         while self.pg_wal.is_dir():
+            if time.monotonic() - last_check > SETTINGS_CHECK:
+                last_check = time.monotonic()
+                if self.settings_changed():
+                    log.info("%s changed: exiting, the next wal-push starts a pusher with it",
+                             self.env_file)  # fmt: skip
+                    break
             for name, future in list(self.in_flight.items()):
                 if future.done():
                     del self.in_flight[name]
@@ -275,14 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     except BlockingIOError:
         return 0  # another pusher serves this folder
     try:
+        seen = _signature(args.env_file)  # before reading it: a change while reading is seen
         if args.env_file is not None:
             use_env_file(args.env_file)
         settings = load_settings()
-        refuse_plaintext(settings, "archived WAL")
         _mark_mode(spool, settings.backup_wal_async)
         if not settings.backup_wal_async:
             return 0  # synchronous: each wal-push archives its own file (the marker says so)
-        pusher = Pusher(settings, args.pg_wal, targets(settings))
+        pusher = Pusher(settings, args.pg_wal, targets(settings), args.env_file, seen)
         log.info("pusher started for %s -> %s", args.pg_wal, pusher.primary.url)
         pusher.run()
         log.info("pusher idle: exiting")
@@ -295,6 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.close(lock_fd)
     return 0
+
+
+def _signature(path: Path | None) -> tuple[int, int, int] | None:
+    """What tells a changed file: inode (an editor's rename), size and modification time."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _ready_names(pg_wal: Path) -> list[str]:

@@ -3,12 +3,17 @@
 ``wal-fetch`` of a segment that is not prefetched fetches it itself and then starts this
 process (``start_prefetcher``), which fetches the next ``AHEAD`` segments of the same
 timeline into ``pg_wal/.pgkeeper/prefetch/`` with ``BACKUP_WAL_PUSH_WORKERS`` threads: each is
-decoded and checked against its checksum by ``wal.fetch`` into a temporary name, then renamed
-in, so the folder only ever holds verified segments. Recovery asks for segments in order; a
-``wal-fetch`` asking for one not yet there writes ``<name>.want`` and the prefetcher turns to
-it (a switch to a new timeline moves it there). A segment the archive lacks gets
-``<name>.missing`` and nothing past it is fetched (the end of the archive: ``wal-fetch`` then
-decides through the full path, which also tells a gap from the end).
+decrypted (an encrypted one, with BACKUP_ENCRYPTION_IDENTITY_FILE), decoded and checked
+against its checksum by ``wal.fetch`` into a temporary name, then renamed in, so the folder
+only ever holds verified segments (in the server's private pg_wal, as recovery would have
+them anyway). A file it cannot fetch gets ``<name>.error``: ``wal-fetch`` then tries itself
+and exits 126 with the reason (no identity, a wrong one, damage).
+
+Recovery asks for segments in order; a ``wal-fetch`` asking for one not yet there writes
+``<name>.want`` and the prefetcher turns to it (a switch to a new timeline moves it there).
+A segment the archive lacks gets ``<name>.missing`` and nothing past it is fetched (the end of
+the archive: ``wal-fetch`` then decides through the full path, which also tells a gap from
+the end).
 
 It exits after ``BACKUP_WAL_PUSHER_IDLE`` seconds without a request, removing what it
 fetched and nobody took, and at once when its pg_wal folder is gone.
@@ -26,7 +31,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from pgkeeper import naming, wal, wal_spool
+from pgkeeper import crypto, naming, wal, wal_spool
 from pgkeeper.errors import PgkeeperError, WalMissingError
 from pgkeeper.settings import Settings, env_file, load_settings, use_env_file
 from pgkeeper.storage import Storage, targets
@@ -89,6 +94,7 @@ class Prefetcher:
         self.folder = pg_wal / wal_spool.SPOOL / wal_spool.PREFETCH
         self.storages = storages
         self.system_id = system_id
+        self.identity = crypto.identity_loader(settings)
         self.pool = ThreadPoolExecutor(
             max_workers=settings.backup_wal_push_workers, thread_name_prefix="pgkeeper-prefetch"
         )
@@ -99,7 +105,8 @@ class Prefetcher:
     def fetch_one(self, name: str) -> None:
         temp = self.folder / f".{name}.part"
         try:
-            wal.fetch(self.storages, name, temp, system_id=self.system_id)
+            wal.fetch(self.storages, name, temp, system_id=self.system_id,
+                      identity=self.identity)  # fmt: skip
             os.replace(temp, self.folder / name)
             self.fetched.add(name)
         except WalMissingError:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pgkeeper import catalog, naming, wal, wal_spool
+from pgkeeper import catalog, crypto, naming, wal, wal_spool
 from pgkeeper.entry import fast_wal_fetch, fast_wal_push
 from pgkeeper.errors import (
     ArchiveError,
+    IdentityError,
     UsageError,
     WalConflictError,
     WalGapError,
@@ -330,18 +331,190 @@ def test_synchronous_mode_archives_in_the_wal_push_process(
     assert list(stored) == [result.sha256]
 
 
-def test_with_encryption_on_wal_is_never_archived_in_plaintext(
+# --- encryption (BACKUP_ENCRYPTION_RECIPIENTS) ----------------------------------------------------
+
+MARKER = b"PGK-WAL-MARKER-7f3c1e"  # planted in segment bodies: must never reach a target
+AGE_MAGIC = b"age-encryption.org/v1\n"
+
+
+def age_key(folder: Path, name: str = "key") -> tuple[crypto.Identity, crypto.Recipients]:
+    """An age key pair: the identity file (as age-keygen writes it) loaded, and its recipient."""
+    from pyrage import x25519
+
+    key = x25519.Identity.generate()
+    path = folder / f"{name}.txt"
+    path.write_text(f"# public key: {key.to_public()}\n{key}\n")
+    return crypto.Identity.load(path), crypto.Recipients.parse(str(key.to_public()))
+
+
+def marked_segment(folder: Path, segno: int, timeline: int = 1) -> Path:
+    body = (MARKER + b" row data, compressible " * 40) * 200 + os.urandom(2048)
+    return write_segment(folder, segno, body, timeline)
+
+
+def stored_bytes(storage: LocalStorage, key: str) -> bytes:
+    path = storage.local_path(key)
+    assert path is not None
+    return path.read_bytes()
+
+
+def test_encrypted_push_stores_an_age_file_that_only_the_identity_opens(
+    storage: LocalStorage, pg_wal: Path, tmp_path: Path
+) -> None:
+    """With recipients a segment is stored as an age file (key ending .zst.age, no plaintext:
+    the marker planted in it is nowhere in the stored bytes) under the plaintext's sha256;
+    fetch with the identity returns it byte-exact; without one, or with a key that is not a
+    recipient, fetch raises IdentityError and writes nothing."""
+    identity, recipients = age_key(tmp_path)
+    other, _ = age_key(tmp_path, "other")
+    path = marked_segment(pg_wal, 3)
+    result = wal.push(storage, path, recipients=recipients)
+    assert result.key.endswith(".zst.age") and not result.already
+    assert result.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    raw = stored_bytes(storage, result.key)
+    assert raw.startswith(AGE_MAGIC) and MARKER not in raw
+    assert hashlib.sha256(raw).hexdigest() == result.stored_sha256
+    (archived,) = wal.list_archive(storage, SYSTEM).files[path.name]
+    assert archived.encrypted and archived.sha256 == result.sha256
+    out = tmp_path / "RECOVERYXLOG"
+    for wrong, said in ((None, "needs the private key"), (other, "none of its keys")):
+        with pytest.raises(IdentityError, match=said):
+            wal.fetch([storage], path.name, out, system_id=SYSTEM, identity=wrong)
+        assert not out.exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".RECOVERY")] == []
+    got = wal.fetch([storage], path.name, out, system_id=SYSTEM, identity=identity)
+    assert out.read_bytes() == path.read_bytes() and got.sha256 == result.sha256
+
+
+def test_encrypted_same_bytes_twice_succeed_other_bytes_are_refused(
+    storage: LocalStorage, pg_wal: Path, tmp_path: Path
+) -> None:
+    """Age encryption is randomised (two encryptions of one segment differ), yet pushing the
+    same segment again succeeds without writing: the name records the plaintext's sha256.
+    Other bytes under the name are refused and the archived copy stays as it was."""
+    _, recipients = age_key(tmp_path)
+    path = marked_segment(pg_wal, 4)
+    first = wal.push(storage, path, recipients=recipients)
+    before = stored_bytes(storage, first.key)
+    again = wal.push(storage, path, recipients=recipients)
+    assert again.already and again.key == first.key
+    assert stored_bytes(storage, first.key) == before
+    write_segment(pg_wal, 4, b"other contents")
+    with pytest.raises(WalConflictError, match="other contents"):
+        wal.push(storage, path, recipients=recipients)
+    assert wal.archived_copies(storage, SYSTEM, path.name) == {first.sha256: first.key}
+
+
+def test_a_mixed_archive_restores_with_the_identity(
+    storage: LocalStorage, pg_wal: Path, tmp_path: Path
+) -> None:
+    """Encryption turned on mid-way: segments archived before stay plain, later ones (and the
+    history file) are age files; with the identity every one is fetched and the history read;
+    a plain segment needs no identity at all, even when the configured key file is unreadable
+    (it is loaded only for an encrypted file)."""
+    identity, recipients = age_key(tmp_path)
+    plain = [wal.push(storage, write_segment(pg_wal, n)) for n in (1, 2)]
+    history = pg_wal / "00000002.history"
+    history.write_text("1\t0/2000000\tno recovery target specified\n")
+    wal.push(storage, history, system_id=SYSTEM, recipients=recipients)
+    sealed = [wal.push(storage, marked_segment(pg_wal, n), recipients=recipients) for n in (3, 4)]
+    archive = wal.list_archive(storage, SYSTEM)
+    assert archive.encrypted() == 3 and not any(r.key.endswith(".age") for r in plain)
+    for n, result in zip((3, 4), sealed, strict=True):
+        out = tmp_path / f"seg{n}"
+        wal.fetch([storage], wal.segment_name(1, n), out, system_id=SYSTEM, identity=identity)
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == result.sha256
+    assert wal.read_history(storage, archive, 2, identity) == [wal.TimelineSwitch(1, 0x2000000)]
+
+    def unreadable() -> crypto.Identity | None:
+        return crypto.Identity.load(tmp_path / "no-such-key.txt")
+
+    out = tmp_path / "seg1"
+    wal.fetch([storage], wal.segment_name(1, 1), out, system_id=SYSTEM, identity=unreadable)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == plain[0].sha256
+    with pytest.raises(IdentityError, match="cannot be read"):
+        wal.fetch([storage], wal.segment_name(1, 3), out, system_id=SYSTEM, identity=unreadable)
+
+
+def test_a_plain_segment_pushed_again_with_encryption_on_is_already_archived(
+    storage: LocalStorage, pg_wal: Path, tmp_path: Path
+) -> None:
+    """The same bytes archived before encryption was turned on: a success, no second copy."""
+    _, recipients = age_key(tmp_path)
+    path = write_segment(pg_wal, 5)
+    first = wal.push(storage, path)
+    again = wal.push(storage, path, recipients=recipients)
+    assert again.already and again.key == first.key
+    assert list(wal.archived_copies(storage, SYSTEM, path.name).values()) == [first.key]
+
+
+def test_encrypted_wal_is_copied_offsite_without_the_key(
     tmp_path: Path, pg_wal: Path
 ) -> None:
-    """Invariant 10: WAL archiving does not encrypt yet, so with BACKUP_ENCRYPTION_RECIPIENTS
-    set wal-push refuses (a one-line ConfigError) and nothing reaches the target."""
+    """The backup host holds no identity, yet offsite copies of encrypted WAL are proven as far
+    as that goes: the stored sha256 the pusher recorded (or the source's provider keeps), the
+    age header and length. A damaged source is not copied; the copy fetched with the identity
+    is byte-exact."""
+    identity, recipients = age_key(tmp_path)
+    primary, offsite = LocalStorage(tmp_path / "a"), LocalStorage(tmp_path / "b")
+    good = marked_segment(pg_wal, 7)
+    result = wal.push(primary, good, recipients=recipients)
+    assert wal.copy(primary, offsite, result.key, result.stored_sha256) is True
+    assert stored_bytes(offsite, result.key) == stored_bytes(primary, result.key)
+    primary.delete(result.key)
+    out = tmp_path / "out"
+    wal.fetch([primary, offsite], good.name, out, system_id=SYSTEM, identity=identity)
+    assert out.read_bytes() == good.read_bytes()
+
+    bad = wal.push(primary, marked_segment(pg_wal, 8), recipients=recipients)
+    path = primary.local_path(bad.key)
+    assert path is not None
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # same length, same header: only the sha256 tells
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ArchiveError, match="damaged"):
+        wal.copy(primary, offsite, bad.key, bad.stored_sha256)
+    path.write_bytes(b"garbage" + bytes(damaged[7:]))  # without a sha256: the header tells
+    with pytest.raises(ArchiveError, match="age header"):
+        wal.copy(primary, offsite, bad.key)
+    assert wal.archived_copies(offsite, SYSTEM, wal.segment_name(1, 8)) == {}
+
+
+def test_with_encryption_on_the_full_path_archives_an_age_file(
+    tmp_path: Path, pg_wal: Path
+) -> None:
+    """Invariant 10: wal-push's own path (BACKUP_WAL_ASYNC=false, as the pusher does) encrypts
+    to BACKUP_ENCRYPTION_RECIPIENTS; the planted marker is nowhere on the target."""
     from pgkeeper import wal_async
-    from pgkeeper.errors import ConfigError
     from pgkeeper.settings import load_settings
 
-    path = write_segment(pg_wal, 8)
+    _, recipients = age_key(tmp_path)
+    path = marked_segment(pg_wal, 8)
     settings = load_settings(_env_file=None, backup_dir=str(tmp_path / "backups"),
-                             backup_encryption_recipients="age1" + "q" * 58)  # fmt: skip
-    with pytest.raises(ConfigError, match="not encrypted yet"):
-        wal_async.archive(settings, path)
-    assert not (tmp_path / "backups").exists()
+                             backup_wal_async=False,
+                             backup_encryption_recipients=recipients.keys[0].text)  # fmt: skip
+    result = wal_async.archive(settings, path)
+    assert result is not None and result.key.endswith(".age")
+    for stored in (tmp_path / "backups").rglob("*"):
+        if stored.is_file():
+            assert MARKER not in stored.read_bytes()
+
+
+def test_the_pusher_exits_when_its_env_file_changes(tmp_path: Path, pg_wal: Path) -> None:
+    """A busy server never leaves the pusher idle: a change of its env file (encryption turned
+    on, say) makes it exit, so the next wal-push starts one with the new settings."""
+    from pgkeeper import wal_async
+    from pgkeeper.settings import load_settings
+
+    env = tmp_path / "pgkeeper.env"
+    env.write_text(f"BACKUP_DIR={tmp_path / 'backups'}\n")
+    settings = load_settings(_env_file=env)
+    (pg_wal / "archive_status").mkdir()
+    pusher = wal_async.Pusher(settings, pg_wal, [LocalStorage(tmp_path / "backups")], env)
+    assert not pusher.settings_changed()
+    _, recipients = age_key(tmp_path)
+    env.write_text(env.read_text() + f"BACKUP_ENCRYPTION_RECIPIENTS={recipients.keys[0].text}\n")
+    assert pusher.settings_changed()
+    started = time.monotonic()
+    pusher.run()  # returns at once instead of serving until idle
+    assert time.monotonic() - started < settings.backup_wal_pusher_idle
