@@ -33,7 +33,7 @@ HEADER = """\
 #
 # Names end in "-pool" so they never collide with the deployments `pgkeeper serve` registers
 # (backup/backup-daily is served; backup/backup-daily-pool runs on the work pool). Use one way
-# per database. See "Prefect: schedules, flows and the UI" in the README.
+# per database. See docs/prefect.md.
 #
 #   prefect work-pool create pgkeeper --type process
 #   prefect deploy --all

@@ -264,7 +264,7 @@ def _inspect(connection: Any, conn: ConnInfo) -> _Server:
         raise ConfigError(
             f"{conn.server} does not archive WAL (archive_mode={setting('archive_mode')}): set "
             "archive_mode = on and archive_command = 'pgkeeper --env-file FILE wal-push %p' "
-            "(see the README's point-in-time recovery section)"
+            "(see docs/pitr.md)"
         )
     row = connection.execute(
         "SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')"

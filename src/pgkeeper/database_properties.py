@@ -202,7 +202,7 @@ def apply_properties(
         if missing:
             log.warning(
                 "database %s: %s skipped: role %s does not exist on this server (restore the "
-                "server's globals first, see 'Whole-server disaster' in the README)",
+                "server's globals first, see 'Whole-server disaster' in docs/disaster-recovery.md)",
                 dbname, item.statement.summary(4), ", ".join(missing),
             )  # fmt: skip
             continue

@@ -358,7 +358,7 @@ def check_restore_test(backups: Sequence[Manifest], expect: Expectations, now: d
     if all(m.kind == "globals" for m in backups):
         return Check(
             "restore-test", "skipped", "a server's globals are not restore-tested (roles are "
-            "server-wide): the whole-server procedure of the README proves them"
+            "server-wide): the whole-server procedure of docs/disaster-recovery.md proves them"
         )  # fmt: skip
     found = _newest_restore_test(backups)
     if found is None:

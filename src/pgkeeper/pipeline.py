@@ -34,7 +34,7 @@ Progress = Callable[[int], None]  # called with the number of new bytes handled
 
 # zstd 2: measured on realistic data (bench/), it keeps up with one server process's COPY on
 # one core and still stores ~10% less than pg_dump -Fc's gzip; zstd 3 falls behind the dump and
-# zstd 1 is only level with gzip's size. See the README's benchmark section.
+# zstd 1 is only level with gzip's size. See docs/benchmarks.md.
 DEFAULT_LEVEL = {"zstd": 2, "gzip": 6, "none": 0}
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"

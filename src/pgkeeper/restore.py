@@ -209,7 +209,7 @@ class MissingRoleError(RestoreError):
         )
         super().__init__(
             f"{failure} (restore the server's globals first, e.g. pgkeeper restore latest "
-            f"--database '*'; see 'Whole-server disaster' in the README{without})"
+            f"--database '*'; see 'Whole-server disaster' in docs/disaster-recovery.md{without})"
         )
 
     def with_options(self, options: str | None) -> MissingRoleError:

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 SCRATCH_PREFIX = "pgk_restoretest_"
 OWNERSHIP = "ownership and grants"  # the check saying whether they were restored (tested)
 BUILT_IN_CHECKS = ("restore", OWNERSHIP, "row counts")  # the others are the SQL check files
-# What to do about roles staging lacks (see 'Whole-server disaster' in the README).
+# What to do about roles staging lacks (see 'Whole-server disaster' in docs/disaster-recovery.md).
 GLOBALS_ADVICE = (
     "create the roles there, or restore the server's globals onto staging: pgkeeper restore "
     "latest -d '*' --target-url \"$STAGING_DATABASE_URL\""

@@ -714,5 +714,6 @@ def overrides_from_settings(settings: Settings) -> dict[str, str]:
     if raw is None or isinstance(raw, str | Mapping):
         return parse_target_overrides(raw)
     raise ConfigError(
-        "BACKUP_RETENTION_TARGETS must be a JSON object (see 'Per-target policies' in the README)"
+        "BACKUP_RETENTION_TARGETS must be a JSON object "
+        "(see 'Per-target policies' in docs/retention.md)"
     )

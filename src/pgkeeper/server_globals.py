@@ -678,7 +678,7 @@ def _too_large(manifest: Manifest, size: int) -> str:
     return (
         f"the globals of backup {manifest.id!r} are larger than {MAX_GLOBALS_BYTES >> 20} MiB "
         f"({size} bytes or more): pgkeeper reads globals whole before executing them; restore "
-        "it by hand (see the README's 'Whole-server disaster')"
+        "it by hand (see 'Whole-server disaster' in docs/disaster-recovery.md)"
     )
 
 

@@ -55,7 +55,7 @@ with warnings.catch_warnings():
 
 pytestmark = pytest.mark.integration
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+RECOVERY = Path(__file__).resolve().parents[2] / "docs" / "disaster-recovery.md"
 COMPRESS: dict[str, Callable[[bytes], bytes]] = {
     "none": lambda data: data,
     "gzip": gzip.compress,
@@ -344,7 +344,7 @@ def test_verify_fails_a_stored_cut_off_dump(
 
 def _readme_recipe() -> str:
     """The sh block of 'Restoring by hand' that starts with the '# 1. Look' step."""
-    section = README.read_text().split("## Restoring by hand, without pgkeeper", 1)[1]
+    section = RECOVERY.read_text().split("## Restoring by hand, without pgkeeper", 1)[1]
     blocks = re.findall(r"```sh\n(.*?)```", section.split("\n## ", 1)[0], re.S)
     recipe = next(b for b in blocks if b.startswith("# 1. Look"))
     assert "ID.sql.zst" in recipe and "app_new" in recipe

@@ -1,6 +1,7 @@
-"""The README's examples, run as written: a manual that lies is worse than none.
+"""The manual's examples (README.md and docs/), run as written: a manual that lies is worse
+than none.
 
-Code blocks are taken from README.md by section, so an edit to an example is what gets tested.
+Code blocks are taken from the files by section, so an edit to an example is what gets tested.
 The only substitutions are the ones a reader makes: their own database URL and backup folder
 for the quick start's placeholders, and the API's real port for `127.0.0.1:8080`.
 """
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
 
 def section(heading: str, path: Path = README) -> str:
@@ -47,6 +49,9 @@ def section(heading: str, path: Path = README) -> str:
             return rest[:offset]
         offset += len(line)
     return rest
+
+
+API_REFERENCE = section("# HTTP API", DOCS / "api.md")
 
 
 def code_blocks(text: str, languages: tuple[str, ...] = ("sh",)) -> list[str]:
@@ -88,7 +93,7 @@ def test_quick_start_first_backup_works_as_written(
 def _dry_run_examples() -> list[tuple[dict[str, str], list[str]]]:
     """(settings, the example's first output lines) of every `rotate --dry-run` example."""
     examples = []
-    for block in code_blocks(section("## Retention and rotation"), ("",)):
+    for block in code_blocks(section("# Retention and rotation", DOCS / "retention.md"), ("",)):
         command, _, output = block.partition("pgkeeper rotate --dry-run\n")
         if not command.startswith("$ "):
             continue
@@ -117,6 +122,25 @@ def test_rotation_dry_run_examples_match_the_tool(sample_db: str, tmp_path: Path
         ]
 
 
+def _one_line(command: str) -> str:
+    return " ".join(command.replace("\\\n", " ").split())
+
+
+def test_the_front_pages_endpoint_examples_are_the_reference_examples() -> None:
+    """Each curl of the README's endpoint table is, word for word, an example of docs/api.md,
+    which the next tests run; and the table has one row per endpoint of the reference."""
+    table = section("## HTTP API endpoints")
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    run = {_one_line(line) for block in code_blocks(API_REFERENCE) for line in
+           re.split(r"\n(?=curl )", block.replace("\\\n", " "))}  # fmt: skip
+    endpoints = set(re.findall(r"^## `([A-Z]+ [^`]+)`", API_REFERENCE, re.MULTILINE))
+    assert {row.split("`")[1] for row in rows} == endpoints
+    for row in rows:
+        example = row.rsplit("|", 2)[1].strip()
+        assert example.startswith("`curl ") and example.endswith("`"), row
+        assert _one_line(example[1:-1]) in run, example
+
+
 def test_http_api_examples_work_as_written(
     sample_db: str, tmp_path: Path, pg_cluster: PgCluster
 ) -> None:
@@ -125,7 +149,7 @@ def test_http_api_examples_work_as_written(
     one-liner without a Prefect server stops with the API's one-line error, no traceback."""
     backups = tmp_path / "backups"
     # The schedule examples need a Prefect server with deployments: the next test runs them.
-    blocks = [b for b in code_blocks(section("## HTTP API")) if "/api/schedule" not in b]
+    blocks = [b for b in code_blocks(API_REFERENCE) if "/api/schedule" not in b]
     copy = f"shop_copy_{uuid.uuid4().hex[:6]}"
     with live_api_server(tmp_path, backups, DATABASE_URL=sample_db) as server:
         env = reader_env(sample_db, backups, pg_cluster) | {
@@ -170,7 +194,7 @@ def test_http_api_schedule_examples_work_as_written(
     from pgkeeper.prefect_api import PrefectLink
     from tests.support.schedules import clear_pgkeeper, register_all
 
-    blocks = code_blocks(section("## HTTP API"))
+    blocks = code_blocks(API_REFERENCE)
     setup = next(b for b in blocks if b.startswith("API="))
     examples = [b for b in blocks if "/api/schedule" in b]
     assert [("-X PUT" in b) for b in examples] == [False, True]
@@ -198,7 +222,8 @@ def test_http_api_schedule_examples_work_as_written(
 def test_checking_a_backup_by_hand_works_as_written(sample_db: str, tmp_path: Path) -> None:
     """'Restoring by hand': the sha256sum recipe, run inside a directory backup's folder, says
     OK for every file, and FAILED for a file changed afterwards."""
-    block = next(b for b in code_blocks(section("## Restoring by hand, without pgkeeper"))
+    by_hand = section("## Restoring by hand, without pgkeeper", DOCS / "disaster-recovery.md")
+    block = next(b for b in code_blocks(by_hand)
                  if "sha256sum -c" in b)  # fmt: skip
     backups = tmp_path / "backups"
     settings = load_settings(_env_file=None, database_url=sample_db, backup_dir=str(backups),
@@ -221,7 +246,7 @@ def test_the_fleet_inventory_example_is_a_valid_inventory(
     variable given), with the overrides it shows."""
     from pgkeeper.inventory import load_inventory
 
-    block = code_blocks(section("## Many databases: the fleet"), ("yaml",))[0]
+    block = code_blocks(section("# Many databases: the fleet", DOCS / "fleet.md"), ("yaml",))[0]
     secret = tmp_path / "db1"
     secret.write_text("pw1\n")
     path = tmp_path / "inventory.yaml"
@@ -246,7 +271,8 @@ def test_restoring_an_encrypted_backup_by_hand_works_as_written(
 ) -> None:
     """'Restoring an encrypted backup by hand': Debian's age, zstd and pg_restore restore what
     pgkeeper encrypted (the reader's folder, id and key put in for the placeholders)."""
-    blocks = code_blocks(section("### Restoring an encrypted backup by hand"))
+    by_hand = section("## Restoring an encrypted backup by hand", DOCS / "encryption.md")
+    blocks = code_blocks(by_hand)
     block = blocks[0] if fmt == "custom" else blocks[1]
     key = tmp_path / "restore-key.txt"
     subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
