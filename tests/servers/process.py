@@ -77,6 +77,10 @@ class ServerProcess:
     def argv(self, port: int) -> list[str]:
         raise NotImplementedError
 
+    def environment(self) -> dict[str, str] | None:
+        """The server's environment (None: this process's)."""
+        return None
+
     def start(self) -> Self:
         """Start the server and wait until it answers; returns self."""
         if self._proc is not None:
@@ -93,6 +97,7 @@ class ServerProcess:
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
+                    env=self.environment(),
                 )
             try:
                 wait_http(f"{self.base_url}{self.ready_path}", self._proc, log, self.start_timeout)
