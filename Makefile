@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-runtime
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test system-deps test test-unit lint demo bench clean
+.PHONY: install install-test system-deps test test-unit lint demo bench bench-fleet clean
 
 install: system-deps $(STAMP)  ## .venv with the pgkeeper command (.venv/bin/pgkeeper)
 
@@ -40,6 +40,10 @@ demo: install  ## local Prefect server + sample PostgreSQL + every deployment se
 bench: install-test  ## speed and memory against pg_dump baselines measured in the same run
 	$(BIN)/python bench/bench_backup.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_upload.py $(UPLOAD_BENCH_ARGS)
+	$(BIN)/python bench/bench_fleet.py $(FLEET_BENCH_ARGS)
+
+bench-fleet: install-test  ## the fleet through Prefect vs a pg_dump | zstd loop, and its costs as it grows (~10 min on 2 cores; not part of make test)
+	$(BIN)/python bench/bench_fleet.py $(FLEET_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache .mypy_cache .ruff_cache

@@ -74,6 +74,11 @@ class ServerProcess:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's pid while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
     def argv(self, port: int) -> list[str]:
         raise NotImplementedError
 
