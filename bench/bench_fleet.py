@@ -39,7 +39,9 @@ run history.
 
 Catalog: a local target of N backups (copies of one real manifest): what a listing costs, which
 every backup (its incomplete folders), every rotation and every fleet artifact pays, since the
-databases of a target share its listing.
+databases of a target share its listing. Inventory: an inventory file of N databases with 7
+backups each: what reading it and computing every database's row (the fleet-inventory
+artifact, `pgkeeper inventory`, the monitor) costs.
 """
 
 from __future__ import annotations
