@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-runtime
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test system-deps test test-unit lint demo bench bench-pitr clean
+.PHONY: install install-test system-deps test test-unit lint demo bench bench-pitr bench-fleet clean
 
 install: system-deps $(STAMP)  ## .venv with the pgkeeper command (.venv/bin/pgkeeper)
 
@@ -42,10 +42,14 @@ bench: install-test  ## speed and memory against pg_dump baselines measured in t
 	$(BIN)/python bench/bench_upload.py $(UPLOAD_BENCH_ARGS)
 	PGKEEPER_BENCH_PITR=1 scripts/system-deps.sh
 	$(BIN)/python bench/bench_pitr.py $(PITR_BENCH_ARGS)
+	$(BIN)/python bench/bench_fleet.py $(FLEET_BENCH_ARGS)
 
 bench-pitr: install-test  ## WAL archiving vs cp / pgBackRest async, PITR restore vs pg_basebackup+cp
 	PGKEEPER_BENCH_PITR=1 scripts/system-deps.sh
 	$(BIN)/python bench/bench_pitr.py $(PITR_BENCH_ARGS)
+
+bench-fleet: install-test  ## the fleet through Prefect vs a pg_dump | zstd loop, and its costs as it grows (~10 min on 2 cores; not part of make test)
+	$(BIN)/python bench/bench_fleet.py $(FLEET_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache .mypy_cache .ruff_cache

@@ -12,6 +12,18 @@ editable under *Blocks* and *Automations* in the UI:
                                      so it fires with every pgkeeper process and worker dead
   automation pgkeeper-run-crashed    a pgkeeper flow run crashed (killed, out of memory): its
                                      own process could not tell anyone
+  automation pgkeeper-unresponsive-runs
+                                     Proactive: a pgkeeper flow run whose heartbeats stopped
+                                     (its worker's machine died, the process was SIGKILLed) is
+                                     marked Crashed, which frees its deployment's concurrency
+                                     slot and tells pgkeeper-run-crashed. Installed even without
+                                     BACKUP_NOTIFY_URLS: it needs no block
+
+Without that last automation nothing marks such a run: a process worker that dies with its flow
+run leaves it Running in the API for good (FIELD-NOTES), and the fleet run waiting on it waits
+until its timeout. Flow runs send a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds
+(Prefect's default 180); a run is unresponsive after three missed ones, as the installing
+process reads that setting: give it the value the workers have.
 
 The server must be able to import pgkeeper's block class (``deployments/blocks.py``): it can
 when it runs from pgkeeper's environment (``make demo``, ``prefect server start`` from the
@@ -23,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -38,6 +51,8 @@ from pgkeeper.settings import Settings
 BLOCK_NAME = "pgkeeper-alerts"
 DEAD_MAN = "pgkeeper-dead-man"
 CRASHED = "pgkeeper-run-crashed"
+UNRESPONSIVE = "pgkeeper-unresponsive-runs"
+MISSED_HEARTBEATS = 3  # heartbeats a run may miss before the server marks it Crashed
 TAG = "pgkeeper"  # every pgkeeper deployment carries it (deployments/serve.py, prefect.yaml)
 
 
@@ -57,6 +72,61 @@ def dead_man_age(settings: Settings) -> timedelta | None:
     """BACKUP_MAX_AGE, or the backup schedule's longest gap + 1 h; None: nothing scheduled."""
     interval = None if settings.backup_max_age else backup_interval(settings)
     return expectations(settings, interval).max_backup_age
+
+
+def unresponsive_after() -> timedelta | None:
+    """How long a pgkeeper flow run may send no heartbeat before it is marked Crashed: three
+    of Prefect's heartbeat periods, as this process's Prefect settings say; None when
+    heartbeats are off (PREFECT_FLOWS_HEARTBEAT_FREQUENCY unset to null)."""
+    from prefect.settings import get_current_settings
+
+    frequency: int | None = get_current_settings().flows.heartbeat_frequency
+    if frequency is None:
+        return None
+    return timedelta(seconds=max(frequency, 30) * MISSED_HEARTBEATS)  # Prefect's floor: 30 s
+
+
+def unresponsive_runs(after: timedelta) -> object:
+    """The automation that marks a silent pgkeeper flow run Crashed (Prefect's documented
+    zombie-flow pattern, limited to runs tagged ``pgkeeper``): after a heartbeat, the run must
+    send another one or end within ``after``."""
+    from prefect.automations import EventTrigger, Posture
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore as Automation
+
+    heartbeat = "prefect.flow-run.heartbeat"
+    ends = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
+    seconds = int(after.total_seconds())
+    return Automation(
+        name=UNRESPONSIVE,
+        description=(
+            f"A pgkeeper flow run that sent no heartbeat for {seconds} s is marked Crashed: "
+            "its process or machine died without telling anyone."
+        ),
+        trigger=EventTrigger(
+            after={heartbeat},
+            expect={heartbeat, *ends},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.id": f"prefect.tag.{TAG}"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=after,
+        ),
+        actions=[
+            ChangeFlowRunState(
+                name=None,
+                force=False,
+                state=StateType.CRASHED,
+                message=(
+                    f"no heartbeat for {seconds} s: the process running this flow run (or its "
+                    "machine) died; a backup it was writing has no manifest and is removed by "
+                    "the next backup of that database"
+                ),
+            )
+        ],
+    )
 
 
 def automations(settings: Settings, block_id: object) -> list[object]:
@@ -167,22 +237,57 @@ def _definition(automation: object) -> dict[str, object]:
     return data
 
 
+def _apply(client: Any, automation: object, report: InstallReport) -> None:
+    """Create ``automation``, update it in place, or leave an identical one alone."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    assert isinstance(automation, AutomationCore)  # noqa: S101 - built here
+    existing = client.read_automations_by_name(automation.name)
+    for extra in existing[1:]:  # an earlier race made two: keep one
+        client.delete_automation(extra.id)
+    if existing and _definition(existing[0]) == _definition(automation):
+        # Left alone, not rewritten: an update restarts a Proactive trigger's
+        # per-database buckets, and a database whose backups are broken would then
+        # never open one again (every restart of serve would blind the dead-man).
+        report.lines.append(f"automation {automation.name}: unchanged")
+    elif existing:
+        client.update_automation(existing[0].id, automation)
+        report.lines.append(f"automation {automation.name}: updated")
+    else:
+        client.create_automation(automation)
+        report.lines.append(f"automation {automation.name}: created")
+
+
 def install(settings: Settings) -> InstallReport:
     """Create or update the block and automations; see the module docstring."""
     channels = notify.channels(settings, secrets_of(settings))  # a bad URL: ConfigError now
     report = InstallReport()
-    if not channels:
-        report.problem = (
-            "BACKUP_NOTIFY_URLS is not set: nothing to deliver to (set it to one or more "
-            "Apprise URLs, e.g. mailtos://user:pass@smtp.example.com?to=ops@example.com)"
-        )
-        return report
+    no_channels = (
+        "BACKUP_NOTIFY_URLS is not set: nothing to deliver to (set it to one or more "
+        "Apprise URLs, e.g. mailtos://user:pass@smtp.example.com?to=ops@example.com)"
+    )
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
+    if not channels and not PREFECT_API_URL.value():
+        report.problem = no_channels  # no server to install crash detection on either
+        return report
     api = PREFECT_API_URL.value() or "(no PREFECT_API_URL)"
     with get_client(sync_client=True) as client:
+        silent = unresponsive_after()
+        if silent is not None:  # needs no block: installed with or without channels
+            _apply(client, unresponsive_runs(silent), report)
+        else:
+            for stale in client.read_automations_by_name(UNRESPONSIVE):
+                client.delete_automation(stale.id)
+            report.lines.append(
+                f"automation {UNRESPONSIVE}: not installed (flow run heartbeats are off: "
+                "set PREFECT_FLOWS_HEARTBEAT_FREQUENCY)"
+            )
+        if not channels:
+            report.problem = no_channels
+            return report
         try:
             client.read_block_type_by_slug(BLOCK_TYPE_SLUG)
         except ObjectNotFound:
@@ -190,7 +295,7 @@ def install(settings: Settings) -> InstallReport:
                 f"the Prefect server at {api} cannot load pgkeeper's notification block "
                 "(it runs where pgkeeper is not installed): start it from pgkeeper's "
                 "environment (.venv/bin/prefect server start), or rely on pgkeeper's own "
-                "delivery and BACKUP_HEARTBEAT_URL; nothing was installed"
+                "delivery and BACKUP_HEARTBEAT_URL; nothing else was installed"
             )
             return report
         raw = settings.backup_notify_urls.get_secret_value() if settings.backup_notify_urls else ""
@@ -199,24 +304,8 @@ def install(settings: Settings) -> InstallReport:
         report.lines.append(f"block {BLOCK_NAME}: {', '.join(channels.shown)}")
         wanted = automations(settings, block_id)
         names = {getattr(a, "name") for a in wanted}  # noqa: B009 - Automation objects
-        from prefect.events.schemas.automations import AutomationCore
-
         for automation in wanted:
-            assert isinstance(automation, AutomationCore)  # noqa: S101 - built above
-            existing = client.read_automations_by_name(automation.name)
-            for extra in existing[1:]:  # an earlier race made two: keep one
-                client.delete_automation(extra.id)
-            if existing and _definition(existing[0]) == _definition(automation):
-                # Left alone, not rewritten: an update restarts a Proactive trigger's
-                # per-database buckets, and a database whose backups are broken would then
-                # never open one again (every restart of serve would blind the dead-man).
-                report.lines.append(f"automation {automation.name}: unchanged")
-            elif existing:
-                client.update_automation(existing[0].id, automation)
-                report.lines.append(f"automation {automation.name}: updated")
-            else:
-                client.create_automation(automation)
-                report.lines.append(f"automation {automation.name}: created")
+            _apply(client, automation, report)
         if DEAD_MAN not in names:
             for stale in client.read_automations_by_name(DEAD_MAN):
                 client.delete_automation(stale.id)

@@ -109,9 +109,8 @@ def build_deployments(
 
 def install_alerts(settings: Settings) -> None:
     """``pgkeeper alerts install`` on start (idempotent); a problem is a warning, not a stop:
-    without the automations pgkeeper's processes deliver alerts themselves."""
-    if settings.backup_notify_urls is None:
-        return
+    without the automations pgkeeper's processes deliver alerts themselves. Without
+    BACKUP_NOTIFY_URLS it installs only the detection of unresponsive (crashed) runs."""
     from deployments.alerts import install
 
     try:
@@ -123,7 +122,7 @@ def install_alerts(settings: Settings) -> None:
         return
     for line in report.lines:
         print(f"alerts: {line}", file=sys.stderr)
-    if not report.ok:
+    if not report.ok and settings.backup_notify_urls is not None:
         print(f"warning: {report.problem}", file=sys.stderr)
 
 

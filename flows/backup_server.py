@@ -11,11 +11,13 @@ told in one evaluation.
 
 from __future__ import annotations
 
-import time
-from typing import Literal
+import queue
+from collections.abc import Callable
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.concurrency.sync import concurrency
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
@@ -31,6 +33,19 @@ from tasks.fleet import (
 )
 
 TIMEOUT_SECONDS = 6 * 3600
+# The slots are leased: Prefect renews the lease every 3/4 of it while the run lives, and a
+# run whose process died (its worker's machine lost) keeps them until the lease expires.
+# Prefect's default, 300 s, held the next fleet run's share of that server back ~3 min in the
+# scale-out test; its floor, 60 s, frees them before the dead run is even marked Crashed
+# (three missed heartbeats), for one renewal request per 45 s per server run.
+BACKUP_SLOT_LEASE = 60
+
+
+def _tell(finished: queue.SimpleQueue[str], key: str) -> Callable[[PrefectFuture[Any]], None]:
+    """A task run's done callback: put its database in ``finished``. (Not a poll of each
+    future's ``state``: that reads the task run from the API at each call, and polling it every
+    20 ms kept the Prefect server busy answering while it had task runs to record.)"""
+    return lambda _future: finished.put(key)
 
 
 @flow(
@@ -57,23 +72,28 @@ def backup_server(
     settings = load_settings()
     ensure_limits(settings, [server])  # 0. the concurrency limits exist
     lanes = min(settings.backup_server_concurrency, settings.backup_fleet_concurrency)
-    limits = concurrency(server_limit(server), occupy=1, strict=True)  # one share at a time
-    fleet_slots = concurrency(FLEET_LIMIT, occupy=lanes, strict=True)  # its dumps, of all
+    limits = concurrency(  # one share of this server at a time
+        server_limit(server), occupy=1, strict=True, lease_duration=BACKUP_SLOT_LEASE
+    )
+    fleet_slots = concurrency(  # its dumps, of the fleet's
+        FLEET_LIMIT, occupy=lanes, strict=True, lease_duration=BACKUP_SLOT_LEASE
+    )
     with limits, fleet_slots:
-        # 1. one task run per database, at most `lanes` (BACKUP_SERVER_CONCURRENCY) at once
-        pending, running, futures = list(databases), {}, {}
+        # 1. one task run per database, at most `lanes` (BACKUP_SERVER_CONCURRENCY) at once;
+        # each tells `finished` when it ends (see _tell)
+        pending, running, futures = list(databases), 0, {}
+        finished: queue.SimpleQueue[str] = queue.SimpleQueue()
         while pending or running:
-            while pending and len(running) < lanes:
+            while pending and running < lanes:
                 key = pending.pop(0)
-                running[key] = futures[key] = backup_in_fleet.with_options(
+                futures[key] = backup_in_fleet.with_options(
                     task_run_name=f"backup {key}",
                     tags=["pgkeeper", f"db:{key.partition('@')[0]}", f"server:{server}"],
                 ).submit(key, trigger, verify, upload)
-            for key, future in list(running.items()):
-                if future.state.is_final():
-                    del running[key]
-            if running and len(running) >= lanes:
-                time.sleep(0.02)
+                futures[key].add_done_callback(_tell(finished, key))
+                running += 1
+            finished.get()
+            running -= 1
         if globals:  # 2. the server's roles etc., after its databases
             key = f"*@{server}"
             futures[key] = globals_in_fleet.with_options(

@@ -74,8 +74,17 @@ class ServerProcess:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's pid while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
     def argv(self, port: int) -> list[str]:
         raise NotImplementedError
+
+    def environment(self) -> dict[str, str] | None:
+        """The server's environment (None: this process's)."""
+        return None
 
     def start(self) -> Self:
         """Start the server and wait until it answers; returns self."""
@@ -93,6 +102,7 @@ class ServerProcess:
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
+                    env=self.environment(),
                 )
             try:
                 wait_http(f"{self.base_url}{self.ready_path}", self._proc, log, self.start_timeout)
