@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import chain, zip_longest
 
 from pgkeeper import alerts, procedure
 from pgkeeper.backup import BackupOptions
@@ -246,6 +247,17 @@ def finish(
 # --- the whole run -------------------------------------------------------------------------------
 
 
+def across_servers(databases: Sequence[Database]) -> list[Database]:
+    """``databases`` in turns of their servers (a1 b1 a2 b2 a3 ...), each server's in its own
+    order: a pool of threads taking them in this order keeps every server busy at once,
+    where inventory order had every thread waiting on the first server's slot."""
+    by_server: dict[str, list[Database]] = {}
+    for database in databases:
+        by_server.setdefault(database.server, []).append(database)
+    turns = zip_longest(*by_server.values())
+    return [database for database in chain.from_iterable(turns) if database is not None]
+
+
 def backup_all(
     settings: Settings,
     inventory: Inventory,
@@ -287,7 +299,8 @@ def backup_all(
     servers = inventory.servers if with_globals else []
     workers = max(1, min(settings.backup_fleet_concurrency, len(chosen) + len(servers)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgkeeper-fleet") as pool:
-        futures = [pool.submit(one, d) for d in chosen]
+        started = {id(d): pool.submit(one, d) for d in across_servers(chosen)}
+        futures = [started[id(d)] for d in chosen]  # outcomes in the inventory's order
         futures += [pool.submit(server_globals, s) for s in servers]
         run.outcomes = [f.result() for f in futures]
     # Rotation and alerts once per set of targets (most fleets: one).
