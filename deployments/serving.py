@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
 from pgkeeper.prefect_api import PrefectLink, PrefectUnavailableError
+from tasks.alerts import prefect_link  # serve asks serving.prefect_link()
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -40,20 +41,6 @@ if TYPE_CHECKING:
 PAUSE_SECONDS = 10.0  # our own pause of the deployments, all calls together
 WATCHDOG_SECONDS = 15.0  # from the stop signal to the watchdog taking over
 KILL_GRACE_SECONDS = 8.0  # flow processes' time to clean up after SIGTERM before SIGKILL
-
-
-def prefect_link() -> PrefectLink:
-    """The Prefect server serve talks to, from Prefect's own settings (profile or environment)."""
-    from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL, PREFECT_UI_URL
-
-    link = PrefectLink.from_environment()
-    api = PREFECT_API_URL.value()
-    if api:
-        link.api_url = str(api).rstrip("/")
-        link.ui_url = str(PREFECT_UI_URL.value() or link.api_url.removesuffix("/api"))
-        if key := PREFECT_API_KEY.value():
-            link.headers["Authorization"] = f"Bearer {key.get_secret_value()}"
-    return link
 
 
 def say(line: str) -> None:
