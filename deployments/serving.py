@@ -69,7 +69,10 @@ class Watchdog:
     def _watch(self) -> None:
         if self._done.wait(self.seconds):
             return
-        handles = self.processes()
+        try:  # the runner may not have started: nothing of it must keep this from ending
+            handles = self.processes()
+        except Exception:
+            handles = []
         for handle in handles:
             _quietly(handle.graceful_kill)
         deadline = time.monotonic() + KILL_GRACE_SECONDS

@@ -53,7 +53,12 @@ def serve_once(link: PrefectLink, tmp_path: Path, **extra: str) -> str:
             assert time.monotonic() < deadline, out.read_text(errors="replace")
             time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                "serve did not stop within 60 s of SIGTERM:\n" + out.read_text(errors="replace")
+            ) from None
     finally:
         if proc.poll() is None:
             proc.kill()
